@@ -18,6 +18,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from detector.errors import UserError
+
 LEVEL_STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 LEVEL_STAGE = {"c2": 1, "c3": 2, "c4": 3, "c5": 4}  # the stage whose output is the level
 
@@ -38,7 +40,7 @@ _TORCHVISION_BUILDERS = {
 _CLASSIFIER_PREFIXES = ("fc.", "classifier.")
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError):
     """A backbone was asked for with a bad name, level list, norm or stage count."""
 
 

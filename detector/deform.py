@@ -81,7 +81,7 @@ class ModulatedDeformConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(N, C_in, H, W) -> (N, C_out, H, W); see the module docstring for precision handling."""
         device_type = x.device.type
-        autocast_on = torch.is_autocast_enabled(device_type)
+        autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
         if not autocast_on and x.dtype != torch.bfloat16:
             return self._deform(x)
         out_dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype

@@ -364,7 +364,7 @@ def _map_jobs(jobs: list, workers: int, progress: bool, desc: str) -> list:
     """`_write_one` over jobs, in order, on `workers` processes (fork) or in-process."""
     from tqdm import tqdm
 
-    bar = dict(total=len(jobs), desc=desc, disable=not progress, leave=False)
+    bar = dict(total=len(jobs), desc=desc, disable=None if progress else True, leave=False)  # None: tty only
     if workers <= 1 or len(jobs) < 32 or "fork" not in multiprocessing.get_all_start_methods():
         return [_write_one(job) for job in tqdm(jobs, **bar)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:

@@ -1,0 +1,184 @@
+"""The LSTM controller policy: one LSTM step per decision of a search space.
+
+At step ``t`` the LSTM reads the embedding of the token chosen at step ``t - 1`` (a learned start
+embedding at ``t = 0``) and a linear classifier for the kind of decision ``t`` (``input``,
+``fpn_op``, ``agg``, ``share``, ``head_op``) turns its output into logits sized by
+``space.max_choices()[kind]``.
+
+Embeddings: one shared table where every *decision* owns its own rows (row = offset of the decision
++ token). Per-decision rows tell the LSTM which step it is at, so that the per-kind classifiers need
+not infer the position by counting steps; they cost ``sum(num_choices) * hidden`` weights
+(a few hundred rows for the default space).
+
+Masking: a decision with fewer choices than its kind's classifier (input decisions of early blocks,
+whose pool is still small) has its surplus logits set to ``-inf`` before the softmax, so an index
+that does not exist yet has probability exactly 0 and can never be sampled.
+
+Logit shaping, applied before masking, in this order: divide by ``temperature``, then squash as
+``tanh_constant * tanh(logits / tanh_constant)`` (ENAS style: close to identity for small logits,
+bounded by +-tanh_constant so that the policy cannot collapse too early).
+
+Parameters are initialised uniform(-0.1, 0.1) from a caller-given generator; the global torch RNG
+is neither used nor advanced.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from search.space import SearchSpace
+
+INIT_RANGE = 0.1
+
+
+class ControllerPolicy(nn.Module):
+    """Autoregressive distribution over the token sequences of ``space``.
+
+    ``sample`` draws one sequence; ``log_prob`` scores many sequences at once (teacher forcing:
+    the inputs of every step are known, so the whole batch goes through the LSTM in one call).
+    Both use the same logits, so ``log_prob`` of a sampled sequence equals the value returned by
+    ``sample`` up to float rounding.
+    """
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        hidden: int = 100,
+        layers: int = 2,
+        temperature: float | None = None,
+        tanh_constant: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if hidden < 1 or layers < 1:
+            raise ValueError(f"policy: hidden ({hidden}) and layers ({layers}) must be at least 1")
+        if temperature is not None and temperature <= 0:
+            raise ValueError(f"policy: temperature must be positive or None, got {temperature}")
+        if tanh_constant is not None and tanh_constant <= 0:
+            raise ValueError(f"policy: tanh_constant must be positive or None, got {tanh_constant}")
+        self.space = space
+        self.hidden = hidden
+        self.layers = layers
+        self.temperature = temperature
+        self.tanh_constant = tanh_constant
+        decisions = space.decisions
+        self.num_steps = len(decisions)
+        self.kinds = tuple(dict.fromkeys(d.kind for d in decisions))  # in first-use order
+        self.kind_sizes = space.max_choices()
+        self.max_choices = max(self.kind_sizes.values())
+        self.step_kinds = tuple(d.kind for d in decisions)
+        self.step_sizes = tuple(d.num_choices for d in decisions)
+
+        # Row 0 is the start embedding; decision t owns rows offsets[t] .. offsets[t] + n_t - 1.
+        offsets, row = [], 1
+        for d in decisions:
+            offsets.append(row)
+            row += d.num_choices
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        # (T, C_max): True where a choice index does not exist at that step.
+        masked = torch.arange(self.max_choices)[None, :] >= torch.tensor(self.step_sizes)[:, None]
+        self.register_buffer("masked", masked, persistent=False)
+        self.kind_steps = {
+            kind: torch.tensor([t for t, k in enumerate(self.step_kinds) if k == kind], dtype=torch.long)
+            for kind in self.kinds
+        }
+
+        with torch.random.fork_rng(devices=[]):  # module constructors draw from the global RNG
+            self.embedding = nn.Embedding(row, hidden)
+            self.lstm = nn.LSTM(hidden, hidden, num_layers=layers, batch_first=True)
+            self.classifiers = nn.ModuleDict(
+                {kind: nn.Linear(hidden, self.kind_sizes[kind]) for kind in self.kinds}
+            )
+        with torch.no_grad():
+            for param in self.parameters():
+                param.uniform_(-INIT_RANGE, INIT_RANGE, generator=generator)
+
+    # ------------------------------------------------------------------ logits
+    def _shape(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature is not None:
+            logits = logits / self.temperature
+        if self.tanh_constant is not None:
+            logits = self.tanh_constant * torch.tanh(logits / self.tanh_constant)
+        return logits
+
+    def step_log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-step log-probabilities of every choice given the previous tokens.
+
+        ``tokens`` (N, T) long -> (N, T, C_max); masked choices hold ``-inf`` (probability 0).
+        """
+        n = tokens.shape[0]
+        prev = self.offsets[:-1] + tokens[:, :-1]  # (N, T-1) embedding rows of the previous tokens
+        start = torch.zeros(n, 1, dtype=torch.long, device=tokens.device)
+        inputs = self.embedding(torch.cat([start, prev], dim=1))  # (N, T, H)
+        out, _ = self.lstm(inputs)  # (N, T, H)
+        logits = out.new_full((n, self.num_steps, self.max_choices), float("-inf"))
+        for kind, steps in self.kind_steps.items():
+            kind_logits = self._shape(self.classifiers[kind](out[:, steps]))  # (N, S_kind, C_kind)
+            logits[:, steps, : kind_logits.shape[-1]] = kind_logits
+        logits = logits.masked_fill(self.masked, float("-inf"))  # (N, T, C_max)
+        return torch.log_softmax(logits, dim=-1)
+
+    # ------------------------------------------------------------------ public API
+    def log_prob(self, tokens: torch.Tensor | Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probability and summed per-step entropy of each sequence.
+
+        ``tokens`` (N, T) long tensor or N token sequences -> two (N,) tensors (differentiable).
+        """
+        tokens = self.as_tensor(tokens)
+        log_probs = self.step_log_probs(tokens)  # (N, T, C)
+        chosen = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
+        return chosen.sum(dim=1), _entropy(log_probs).sum(dim=1)
+
+    @torch.no_grad()
+    def sample(self, generator: torch.Generator | None = None) -> tuple[tuple[int, ...], float, float]:
+        """Draw one token sequence: (tokens, summed log-prob, summed entropy). Uses only ``generator``.
+
+        Runs the LSTM cell equations directly on the weights (the same maths as ``nn.LSTM``) and
+        draws each token by inverting the step's CDF with one uniform number; this keeps the
+        per-step overhead small. Choices past the step's pool size are cut off, i.e. never drawn.
+        """
+        cells = [
+            (getattr(self.lstm, f"weight_ih_l{i}"), getattr(self.lstm, f"weight_hh_l{i}"),
+             getattr(self.lstm, f"bias_ih_l{i}") + getattr(self.lstm, f"bias_hh_l{i}"))
+            for i in range(self.layers)
+        ]
+        h = [torch.zeros(self.hidden) for _ in range(self.layers)]
+        c = [torch.zeros(self.hidden) for _ in range(self.layers)]
+        uniforms = torch.rand(self.num_steps, generator=generator).tolist()
+        x = self.embedding.weight[0]  # (H,) start embedding
+        tokens: list[int] = []
+        log_prob = entropy = 0.0
+        for t in range(self.num_steps):
+            for i, (w_ih, w_hh, bias) in enumerate(cells):
+                gates = torch.addmv(torch.addmv(bias, w_ih, x), w_hh, h[i])  # (4H,) order i, f, g, o
+                in_gate, forget, cell, out_gate = gates.chunk(4)
+                c[i] = torch.sigmoid(forget) * c[i] + torch.sigmoid(in_gate) * torch.tanh(cell)
+                h[i] = x = torch.sigmoid(out_gate) * torch.tanh(c[i])
+            kind = self.classifiers[self.step_kinds[t]]
+            logits = self._shape(torch.addmv(kind.bias, kind.weight, x))[: self.step_sizes[t]]  # (n_t,)
+            step_lp = torch.log_softmax(logits, dim=0)
+            cdf = step_lp.exp().cumsum(0)
+            token = min(int(torch.searchsorted(cdf, cdf.new_tensor(uniforms[t]) * cdf[-1])),
+                        self.step_sizes[t] - 1)
+            tokens.append(token)
+            log_prob += float(step_lp[token])
+            entropy += float(_entropy(step_lp))
+            x = self.embedding.weight[self.offsets[t] + token]
+        return tuple(tokens), log_prob, entropy
+
+    def as_tensor(self, tokens: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+        """Token sequences as a (N, T) long tensor, checked against this policy's space."""
+        if not isinstance(tokens, torch.Tensor):
+            tokens = torch.tensor([list(seq) for seq in tokens], dtype=torch.long)
+        if tokens.dim() != 2 or tokens.shape[1] != self.num_steps:
+            raise ValueError(f"policy: expected tokens of shape (N, {self.num_steps}), got {tuple(tokens.shape)}")
+        return tokens.long()
+
+
+def _entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy over the last dimension; masked (-inf) entries contribute 0, not NaN."""
+    finite = torch.isfinite(log_probs)
+    safe = torch.where(finite, log_probs, torch.zeros_like(log_probs))
+    return -(safe.exp() * safe * finite).sum(dim=-1)
