@@ -23,8 +23,10 @@ is neither used nor advanced.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -76,6 +78,7 @@ class ControllerPolicy(nn.Module):
         for d in decisions:
             offsets.append(row)
             row += d.num_choices
+        self.offsets_list = tuple(offsets)
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
         # (T, C_max): True where a choice index does not exist at that step.
         masked = torch.arange(self.max_choices)[None, :] >= torch.tensor(self.step_sizes)[:, None]
@@ -135,38 +138,57 @@ class ControllerPolicy(nn.Module):
     def sample(self, generator: torch.Generator | None = None) -> tuple[tuple[int, ...], float, float]:
         """Draw one token sequence: (tokens, summed log-prob, summed entropy). Uses only ``generator``.
 
-        Runs the LSTM cell equations directly on the weights (the same maths as ``nn.LSTM``) and
-        draws each token by inverting the step's CDF with one uniform number; this keeps the
-        per-step overhead small. Choices past the step's pool size are cut off, i.e. never drawn.
+        The same maths as :meth:`step_log_probs`, run step by step in NumPy on a copy of the
+        weights (per-step torch dispatch would cost more than the arithmetic). Each token is drawn
+        by inverting the step's CDF with one uniform number from ``generator``; choices past the
+        step's pool size are cut off, so they are never drawn.
         """
-        cells = [
-            (getattr(self.lstm, f"weight_ih_l{i}"), getattr(self.lstm, f"weight_hh_l{i}"),
-             getattr(self.lstm, f"bias_ih_l{i}") + getattr(self.lstm, f"bias_hh_l{i}"))
-            for i in range(self.layers)
-        ]
-        h = [torch.zeros(self.hidden) for _ in range(self.layers)]
-        c = [torch.zeros(self.hidden) for _ in range(self.layers)]
-        uniforms = torch.rand(self.num_steps, generator=generator).tolist()
-        x = self.embedding.weight[0]  # (H,) start embedding
+        weights = self._numpy_weights()
+        hidden = self.hidden
+        h = [np.zeros(hidden, np.float32) for _ in range(self.layers)]
+        c = [np.zeros(hidden, np.float32) for _ in range(self.layers)]
+        uniforms = torch.rand(self.num_steps, dtype=torch.float64, generator=generator).tolist()
+        x = weights["embedding"][0]  # (H,) start embedding
         tokens: list[int] = []
         log_prob = entropy = 0.0
         for t in range(self.num_steps):
-            for i, (w_ih, w_hh, bias) in enumerate(cells):
-                gates = torch.addmv(torch.addmv(bias, w_ih, x), w_hh, h[i])  # (4H,) order i, f, g, o
-                in_gate, forget, cell, out_gate = gates.chunk(4)
-                c[i] = torch.sigmoid(forget) * c[i] + torch.sigmoid(in_gate) * torch.tanh(cell)
-                h[i] = x = torch.sigmoid(out_gate) * torch.tanh(c[i])
-            kind = self.classifiers[self.step_kinds[t]]
-            logits = self._shape(torch.addmv(kind.bias, kind.weight, x))[: self.step_sizes[t]]  # (n_t,)
-            step_lp = torch.log_softmax(logits, dim=0)
-            cdf = step_lp.exp().cumsum(0)
-            token = min(int(torch.searchsorted(cdf, cdf.new_tensor(uniforms[t]) * cdf[-1])),
+            for i, (w, b) in enumerate(weights["cells"]):
+                gates = w @ np.concatenate([x, h[i]]) + b  # (4H,): input, forget, cell, output
+                act = 0.5 + 0.5 * np.tanh(0.5 * gates)  # sigmoid, overflow-free
+                c[i] = act[hidden: 2 * hidden] * c[i] + act[:hidden] * np.tanh(gates[2 * hidden: 3 * hidden])
+                h[i] = x = act[3 * hidden:] * np.tanh(c[i])
+            w, b = weights["classifiers"][self.step_kinds[t]]
+            logits = self._shape_numpy(w @ x + b)[: self.step_sizes[t]].astype(np.float64)  # (n_t,)
+            logits -= logits.max()
+            step_lp = logits - math.log(np.exp(logits).sum())
+            probs = np.exp(step_lp)
+            token = min(int(np.searchsorted(np.cumsum(probs), uniforms[t] * probs.sum(), side="right")),
                         self.step_sizes[t] - 1)
             tokens.append(token)
             log_prob += float(step_lp[token])
-            entropy += float(_entropy(step_lp))
-            x = self.embedding.weight[self.offsets[t] + token]
+            entropy -= float((probs * step_lp).sum())
+            x = weights["embedding"][self.offsets_list[t] + token]
         return tuple(tokens), log_prob, entropy
+
+    def _numpy_weights(self) -> dict:
+        """Float32 NumPy copies of the weights, laid out for :meth:`sample`."""
+        lstm = self.lstm
+        cells = []
+        for i in range(self.layers):
+            w = torch.cat([getattr(lstm, f"weight_ih_l{i}"), getattr(lstm, f"weight_hh_l{i}")], dim=1)  # (4H, 2H)
+            b = getattr(lstm, f"bias_ih_l{i}") + getattr(lstm, f"bias_hh_l{i}")  # (4H,)
+            cells.append((w.float().numpy().copy(), b.float().numpy().copy()))
+        classifiers = {k: (m.weight.float().numpy().copy(), m.bias.float().numpy().copy())
+                       for k, m in self.classifiers.items()}
+        return {"embedding": self.embedding.weight.float().numpy().copy(), "cells": cells,
+                "classifiers": classifiers}
+
+    def _shape_numpy(self, logits: np.ndarray) -> np.ndarray:
+        if self.temperature is not None:
+            logits = logits / np.float32(self.temperature)
+        if self.tanh_constant is not None:
+            logits = np.float32(self.tanh_constant) * np.tanh(logits / np.float32(self.tanh_constant))
+        return logits
 
     def as_tensor(self, tokens: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
         """Token sequences as a (N, T) long tensor, checked against this policy's space."""

@@ -16,18 +16,17 @@ recipe's losses; without a recipe they follow the authors' (``exp_scale``, ``cls
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
+from detector import fcos_head, standard_fpn
 from detector.arch import Arch, FCOSHead, SearchedFPN, SearchedHead, StandardFPN
+from detector.backbone import Backbone, ShapeSpec, build_backbone
+from detector.fcos import FCOS
+from detector.recipe import Recipe
 from detector.searched_fpn import SearchedFPNModule
 from detector.searched_head import SearchedHeadModule
-
-if TYPE_CHECKING:  # pragma: no cover
-    from detector.backbone import Backbone, ShapeSpec
-    from detector.fcos import FCOS
-    from detector.recipe import Recipe
 
 DEFAULT_LEVELS = ("c3", "c4", "c5")
 NUM_PYRAMID_LEVELS = 5  # P3-P7
@@ -44,29 +43,25 @@ def backbone_levels(arch: Arch, levels: Sequence[str] | None = None) -> tuple[st
     return tuple(sorted(wanted))
 
 
-def _head_settings(recipe: "Recipe | None") -> tuple[str, str]:
+def _head_settings(recipe: Recipe | None) -> tuple[str, str]:
     if recipe is None:
         return AUTHORS_BOX_ACTIVATION, AUTHORS_CENTERNESS_ON
     return recipe.box_activation, recipe.centerness_on
 
 
-def build_fpn(arch: Arch, in_shapes: Mapping[str, "ShapeSpec"], width: int = 256) -> nn.Module:
+def build_fpn(arch: Arch, in_shapes: Mapping[str, ShapeSpec], width: int = 256) -> nn.Module:
     """The FPN module of ``arch``: backbone features dict -> [P3, P4, P5, P6, P7]."""
     if isinstance(arch.fpn, StandardFPN):
-        from detector import standard_fpn
-
         return standard_fpn.StandardFPN(in_shapes, width)
     if isinstance(arch.fpn, SearchedFPN):
         return SearchedFPNModule(arch.fpn, in_shapes, width)
     raise TypeError(f"unknown FPN part {type(arch.fpn).__name__}")
 
 
-def build_head(arch: Arch, num_classes: int, recipe: "Recipe | None" = None, width: int = 256) -> nn.Module:
+def build_head(arch: Arch, num_classes: int, recipe: Recipe | None = None, width: int = 256) -> nn.Module:
     """The head module of ``arch``: [P3..P7] -> {"cls_logits", "bbox_reg", "centerness"}."""
     box_activation, centerness_on = _head_settings(recipe)
     if isinstance(arch.head, FCOSHead):
-        from detector import fcos_head
-
         return fcos_head.FCOSHead(
             width,
             num_classes,
@@ -89,9 +84,9 @@ def build_head(arch: Arch, num_classes: int, recipe: "Recipe | None" = None, wid
 
 def build_decoder(
     arch: Arch,
-    in_shapes: Mapping[str, "ShapeSpec"],
+    in_shapes: Mapping[str, ShapeSpec],
     num_classes: int,
-    recipe: "Recipe | None",
+    recipe: Recipe | None,
     width: int = 256,
 ) -> tuple[nn.Module, nn.Module]:
     """(fpn, head) for ``arch`` over backbone outputs declared by ``in_shapes``.
@@ -106,17 +101,15 @@ def build_decoder(
 def build_parts(
     arch: Arch,
     num_classes: int,
-    recipe: "Recipe | None",
+    recipe: Recipe | None,
     backbone_name: str,
     backbone_weights: str = "none",
     width: int = 256,
     frozen_stages: int = 1,
     levels: Sequence[str] | None = None,
     norm: str = "frozen_bn",
-) -> tuple["Backbone", nn.Module, nn.Module]:
+) -> tuple[Backbone, nn.Module, nn.Module]:
     """(backbone, fpn, head): the backbone returns ``backbone_levels(arch, levels)``."""
-    from detector.backbone import build_backbone
-
     backbone = build_backbone(
         backbone_name,
         weights=backbone_weights,
@@ -131,35 +124,31 @@ def build_parts(
 def build_detector(
     arch: Arch,
     num_classes: int,
-    recipe: "Recipe",
+    recipe: Recipe,
     backbone_name: str,
     backbone_weights: str = "none",
     width: int = 256,
     frozen_stages: int = 1,
     levels: Sequence[str] | None = None,
     norm: str = "frozen_bn",
-) -> "FCOS":
+) -> FCOS:
     """A full FCOS detector for ``arch``. ``backbone_weights``: ``none``, ``imagenet`` or a file.
 
     ``levels``: backbone levels to return beyond what the arch needs (default c3-c5; c2 is added
     when the FPN reads it).
     """
-    from detector.fcos import FCOS
-
     backbone, fpn, head = build_parts(
         arch, num_classes, recipe, backbone_name, backbone_weights, width, frozen_stages, levels, norm
     )
     return FCOS(backbone, fpn, head, num_classes, recipe)
 
 
-def build_detector_from_cfg(cfg: Any, arch: Arch) -> "FCOS":
+def build_detector_from_cfg(cfg: Any, arch: Arch) -> FCOS:
     """A full FCOS detector for ``arch`` from the config contract.
 
     Reads ``cfg.backbone.{name, weights, frozen_stages, norm}`` (and ``levels`` if present),
     ``cfg.recipe`` (:meth:`Recipe.from_cfg`), ``cfg.data.num_classes`` and ``cfg.model.width``.
     """
-    from detector.recipe import Recipe
-
     backbone_cfg = cfg.backbone
     levels = backbone_cfg.get("levels") if hasattr(backbone_cfg, "get") else None
     weights = backbone_cfg.weights if backbone_cfg.weights is not None else "none"

@@ -16,19 +16,18 @@ All resizing is ``F.interpolate(mode="bilinear", align_corners=False)``, as in t
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detector.arch import FPNBlock, SearchedFPN
+from detector.backbone import ShapeSpec
 from detector.errors import UserError
 from detector.ops import build_aggregation, build_fpn_op
 
-if TYPE_CHECKING:  # pragma: no cover
-    from detector.backbone import ShapeSpec
-
 OUTPUT_SIZE_LEVELS = ("c5", "c4", "c3")  # P5, P4, P3 take the sizes of these backbone levels
+OUTPUT_STRIDES = (8, 16, 32, 64, 128)  # P3..P7
 
 
 def resize_to(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -72,7 +71,7 @@ class SearchedFPNModule(nn.Module):
         width: decoder width (channels of every block and of P3-P7).
     """
 
-    def __init__(self, fpn_code: SearchedFPN, in_shapes: Mapping[str, "ShapeSpec"], width: int = 256) -> None:
+    def __init__(self, fpn_code: SearchedFPN, in_shapes: Mapping[str, ShapeSpec], width: int = 256) -> None:
         super().__init__()
         if not isinstance(fpn_code, SearchedFPN):
             raise TypeError(f"SearchedFPNModule needs a SearchedFPN code, got {type(fpn_code).__name__}")
@@ -96,6 +95,10 @@ class SearchedFPNModule(nn.Module):
         for conv in (self.p6, self.p7):
             nn.init.kaiming_uniform_(conv.weight, a=1)
             nn.init.zeros_(conv.bias)
+
+    def output_shapes(self) -> list[ShapeSpec]:
+        """Channels and stride of P3..P7."""
+        return [ShapeSpec(self.width, stride) for stride in OUTPUT_STRIDES]
 
     def forward(self, features: Mapping[str, Tensor]) -> list[Tensor]:
         """{"c3": (N, C3, H/8, W/8), "c4": ..., "c5": ...} -> [P3, P4, P5, P6, P7], each (N, width, H_l, W_l).

@@ -28,7 +28,8 @@ Bad input (also in README_BAD_INPUT.md). Checked when the dataset is built, befo
   (naming how many and one example)
 - boxes with zero or negative width/height, or wholly outside their image -> skipped, counted
   in `CocoDetection.box_report` and reported in one logging.warning per dataset; boxes partly
-  outside are clipped to the image (counted as "clipped")
+  outside are clipped to the image (counted as "clipped", logged at info level when nothing
+  was skipped)
 - data.num_classes disagreeing with the annotation file's categories -> DataError
 
 Checked when an image is loaded (in DataLoader workers): an unreadable file (corrupt or
@@ -231,8 +232,9 @@ class CocoDetection(Dataset):
         return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64)
 
     def _warn_skipped(self) -> None:
+        """One warning when boxes were skipped; clipping alone (common in real COCO) is only logged."""
         report = self.box_report
-        if report["degenerate"] or report["outside"] or report["clipped"]:
+        if report["degenerate"] or report["outside"]:
             log.warning(
                 "%s: skipped %d boxes with zero/negative size (first: annotation id %s) and %d wholly "
                 "outside their image (first: annotation id %s); clipped %d partly outside",
@@ -243,6 +245,8 @@ class CocoDetection(Dataset):
                 self._first_skipped.get("outside"),
                 report["clipped"],
             )
+        elif report["clipped"]:
+            log.info("%s: clipped %d boxes partly outside their image", self.ann_file, report["clipped"])
 
     def load_image(self, index: int) -> Image.Image:
         """The RGB PIL image of sample `index`; DataError naming the file when it cannot be used."""

@@ -2,7 +2,8 @@
 
 Anything wrong with the user's data or data config (a missing folder, a malformed annotation
 file, an unreadable image, ...) raises `DataError` with one line saying what is wrong and how to
-fix it. CLIs turn it into that line on stderr and exit code 2.
+fix it. It is a `detector.errors.UserError` (hence a ValueError), which the CLIs turn into that
+line on stderr and exit code 2.
 
 A `DataError` raised inside a DataLoader worker process reaches the main process as a
 `DataError` again, still one line: torch re-raises worker exceptions as
@@ -11,6 +12,8 @@ constructor below keeps only the original line from that text.
 """
 
 from __future__ import annotations
+
+from detector.errors import UserError
 
 _MARKER = "DataError: "
 
@@ -24,7 +27,7 @@ def _original_line(worker_text: str) -> str:
     return worker_text
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data or data config; the message is one line: what is wrong and how to fix it."""
 
     message: str = "bad input data"  # class default; torch's worker re-raise keys on this name

@@ -1,0 +1,208 @@
+"""Fused Triton kernels for the two sampling steps of :mod:`detector.fast_deform`.
+
+Same contract as the torch sampler there (its tested reference), one kernel each:
+
+- ``sample_columns``: reads the offsets / masks of a block of output pixels for one
+  (offset group, tap), computes the four bilinear corners once in float32 (float64 for float64
+  inputs), gathers those corners from the NHWC input for all channels of the group and writes the
+  modulated columns in the compute dtype -- one pass, nothing but the columns is written;
+- ``sample_columns_backward``: the same walk over the column gradient; scatters it to the
+  input gradient with atomics (contiguous channels, float32/float64 accumulator) and reduces the
+  per-corner channel sums in registers into the offset and mask gradients (no atomics there).
+
+Layouts: input ``(n, H, W, C)``; columns ``(n*L, Gw, K, Cw)``; offsets ``(n, 2*G*K, Ho, Wo)`` and
+masks ``(n, G*K, Ho, Wo)`` contiguous, in the coordinate dtype. One program handles
+``BLOCK_ROWS`` output pixels of one (group, tap) and loops over the group's channels.
+Runs on CUDA; with ``TRITON_INTERPRET=1`` Triton's interpreter runs it on CPU tensors (tests).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# (rows per program, channels per step, warps) per kernel; experiments/bench_dcn.py sweeps these.
+KERNEL_CONFIGS = {"forward": (64, 64, 4), "backward": (32, 64, 4)}
+
+
+@triton.jit
+def _sampling_point(
+    offset_ptr, mask_ptr, rows, row_ok, gk, pixels, out_width, height, width,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    GROUPS: tl.constexpr, TAPS: tl.constexpr, KERNEL_W: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    """Bilinear corner data of the sampling points of ``rows`` (flat n*L + l) for tap/group ``gk``."""
+    tap = gk % TAPS
+    image = rows // pixels
+    pixel = rows - image * pixels
+    out_y = pixel // out_width
+    out_x = pixel - out_y * out_width
+    offset_index = (image * (2 * GROUPS * TAPS) + 2 * gk).to(tl.int64) * pixels + pixel
+    dy = tl.load(offset_ptr + offset_index, mask=row_ok, other=0.0)
+    dx = tl.load(offset_ptr + offset_index + pixels, mask=row_ok, other=0.0)
+    y = dy + (out_y * stride_h - pad_h + (tap // KERNEL_W) * dil_h)
+    x = dx + (out_x * stride_w - pad_w + (tap % KERNEL_W) * dil_w)
+    y = tl.minimum(tl.maximum(y, -2.0), height + 1.0)  # finite integer casts; only all-invalid samples move
+    x = tl.minimum(tl.maximum(x, -2.0), width + 1.0)
+    y0f = tl.floor(y)
+    x0f = tl.floor(x)
+    frac_y = y - y0f
+    frac_x = x - x0f
+    y0 = y0f.to(tl.int32)
+    x0 = x0f.to(tl.int32)
+    mask_index = (image * (GROUPS * TAPS) + gk).to(tl.int64) * pixels + pixel
+    if HAS_MASK:
+        modulation = tl.load(mask_ptr + mask_index, mask=row_ok, other=0.0)
+    else:
+        modulation = frac_y * 0.0 + 1.0
+    row0 = (y0 >= 0) & (y0 < height) & row_ok
+    row1 = (y0 + 1 >= 0) & (y0 + 1 < height) & row_ok
+    col0 = (x0 >= 0) & (x0 < width)
+    col1 = (x0 + 1 >= 0) & (x0 + 1 < width)
+    pixel00 = (image.to(tl.int64) * height + y0) * width + x0
+    return (offset_index, mask_index, modulation, frac_y, frac_x,
+            row0 & col0, row0 & col1, row1 & col0, row1 & col1, pixel00)
+
+
+@triton.jit
+def _sample_columns_kernel(
+    x_ptr, offset_ptr, mask_ptr, columns_ptr,
+    num_rows, pixels, out_width, height, width, channels,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    GROUPS: tl.constexpr, TAPS: tl.constexpr, KERNEL_W: tl.constexpr,
+    GROUP_CHANNELS: tl.constexpr, WEIGHT_GROUP_CHANNELS: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    gk = tl.program_id(1)
+    row_ok = rows < num_rows
+    (_, _, modulation, fy, fx, ok00, ok01, ok10, ok11, pixel00) = _sampling_point(
+        offset_ptr, mask_ptr, rows, row_ok, gk, pixels, out_width, height, width,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, GROUPS, TAPS, KERNEL_W, HAS_MASK)
+    group = gk // TAPS
+    tap = gk % TAPS
+    w00 = tl.where(ok00, (1.0 - fy) * (1.0 - fx) * modulation, 0.0)[:, None]
+    w01 = tl.where(ok01, (1.0 - fy) * fx * modulation, 0.0)[:, None]
+    w10 = tl.where(ok10, fy * (1.0 - fx) * modulation, 0.0)[:, None]
+    w11 = tl.where(ok11, fy * fx * modulation, 0.0)[:, None]
+    a00 = (pixel00 * channels)[:, None]
+    a01 = a00 + channels
+    a10 = a00 + width * channels
+    a11 = a10 + channels
+    column_row = (rows.to(tl.int64) * (TAPS * channels))[:, None]
+    for c0 in range(0, GROUP_CHANNELS, BLOCK_CHANNELS):
+        c = c0 + tl.arange(0, BLOCK_CHANNELS)
+        c_ok = (c < GROUP_CHANNELS)[None, :]
+        channel = group * GROUP_CHANNELS + c
+        column = ((channel // WEIGHT_GROUP_CHANNELS) * (TAPS * WEIGHT_GROUP_CHANNELS)
+                  + tap * WEIGHT_GROUP_CHANNELS + channel % WEIGHT_GROUP_CHANNELS)[None, :]
+        source = x_ptr + channel[None, :]
+        acc = w00 * tl.load(source + a00, mask=ok00[:, None] & c_ok, other=0.0).to(fy.dtype)
+        acc += w01 * tl.load(source + a01, mask=ok01[:, None] & c_ok, other=0.0).to(fy.dtype)
+        acc += w10 * tl.load(source + a10, mask=ok10[:, None] & c_ok, other=0.0).to(fy.dtype)
+        acc += w11 * tl.load(source + a11, mask=ok11[:, None] & c_ok, other=0.0).to(fy.dtype)
+        tl.store(columns_ptr + column_row + column, acc.to(columns_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & c_ok)
+
+
+@triton.jit
+def _sample_columns_backward_kernel(
+    grad_columns_ptr, x_ptr, offset_ptr, mask_ptr, grad_x_ptr, grad_offset_ptr, grad_mask_ptr,
+    num_rows, pixels, out_width, height, width, channels,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    GROUPS: tl.constexpr, TAPS: tl.constexpr, KERNEL_W: tl.constexpr,
+    GROUP_CHANNELS: tl.constexpr, WEIGHT_GROUP_CHANNELS: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    gk = tl.program_id(1)
+    row_ok = rows < num_rows
+    (offset_index, mask_index, modulation, fy, fx, ok00, ok01, ok10, ok11, pixel00) = _sampling_point(
+        offset_ptr, mask_ptr, rows, row_ok, gk, pixels, out_width, height, width,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, GROUPS, TAPS, KERNEL_W, HAS_MASK)
+    group = gk // TAPS
+    tap = gk % TAPS
+    w00 = tl.where(ok00, (1.0 - fy) * (1.0 - fx) * modulation, 0.0)[:, None]
+    w01 = tl.where(ok01, (1.0 - fy) * fx * modulation, 0.0)[:, None]
+    w10 = tl.where(ok10, fy * (1.0 - fx) * modulation, 0.0)[:, None]
+    w11 = tl.where(ok11, fy * fx * modulation, 0.0)[:, None]
+    a00 = (pixel00 * channels)[:, None]
+    a01 = a00 + channels
+    a10 = a00 + width * channels
+    a11 = a10 + channels
+    column_row = (rows.to(tl.int64) * (TAPS * channels))[:, None]
+    s00 = tl.zeros((BLOCK_ROWS,), dtype=fy.dtype)  # per corner: sum over channels of grad * input
+    s01 = tl.zeros((BLOCK_ROWS,), dtype=fy.dtype)
+    s10 = tl.zeros((BLOCK_ROWS,), dtype=fy.dtype)
+    s11 = tl.zeros((BLOCK_ROWS,), dtype=fy.dtype)
+    for c0 in range(0, GROUP_CHANNELS, BLOCK_CHANNELS):
+        c = c0 + tl.arange(0, BLOCK_CHANNELS)
+        c_ok = (c < GROUP_CHANNELS)[None, :]
+        channel = group * GROUP_CHANNELS + c
+        column = ((channel // WEIGHT_GROUP_CHANNELS) * (TAPS * WEIGHT_GROUP_CHANNELS)
+                  + tap * WEIGHT_GROUP_CHANNELS + channel % WEIGHT_GROUP_CHANNELS)[None, :]
+        grad = tl.load(grad_columns_ptr + column_row + column, mask=row_ok[:, None] & c_ok, other=0.0).to(fy.dtype)
+        source = x_ptr + channel[None, :]
+        target = grad_x_ptr + channel[None, :]
+        m00 = ok00[:, None] & c_ok
+        m01 = ok01[:, None] & c_ok
+        m10 = ok10[:, None] & c_ok
+        m11 = ok11[:, None] & c_ok
+        s00 += tl.sum(grad * tl.load(source + a00, mask=m00, other=0.0).to(fy.dtype), axis=1)
+        s01 += tl.sum(grad * tl.load(source + a01, mask=m01, other=0.0).to(fy.dtype), axis=1)
+        s10 += tl.sum(grad * tl.load(source + a10, mask=m10, other=0.0).to(fy.dtype), axis=1)
+        s11 += tl.sum(grad * tl.load(source + a11, mask=m11, other=0.0).to(fy.dtype), axis=1)
+        tl.atomic_add(target + a00, grad * w00, mask=m00, sem="relaxed")
+        tl.atomic_add(target + a01, grad * w01, mask=m01, sem="relaxed")
+        tl.atomic_add(target + a10, grad * w10, mask=m10, sem="relaxed")
+        tl.atomic_add(target + a11, grad * w11, mask=m11, sem="relaxed")
+    grad_y = ((s10 - s00) * (1.0 - fx) + (s11 - s01) * fx) * modulation
+    grad_x = ((s01 - s00) * (1.0 - fy) + (s11 - s10) * fy) * modulation
+    tl.store(grad_offset_ptr + offset_index, grad_y, mask=row_ok)
+    tl.store(grad_offset_ptr + offset_index + pixels, grad_x, mask=row_ok)
+    if HAS_MASK:
+        sampled = (s00 * (1.0 - fy) * (1.0 - fx) + s01 * (1.0 - fy) * fx
+                   + s10 * fy * (1.0 - fx) + s11 * fy * fx)
+        tl.store(grad_mask_ptr + mask_index, sampled, mask=row_ok)
+
+
+def _launch_args(x_nhwc: Tensor, geo, kernel: str) -> tuple[tuple, dict, tuple]:
+    n, height, width, channels = x_nhwc.shape
+    block_rows, block_channels, num_warps = KERNEL_CONFIGS[kernel]
+    group_channels = channels // geo.offset_groups
+    block_channels = min(block_channels, triton.next_power_of_2(group_channels))
+    num_rows = n * geo.out_pixels
+    scalars = (num_rows, geo.out_pixels, geo.out_width, height, width, channels,
+               *geo.stride, *geo.padding, *geo.dilation)
+    meta = dict(
+        GROUPS=geo.offset_groups, TAPS=geo.taps, KERNEL_W=geo.kernel_w, GROUP_CHANNELS=group_channels,
+        WEIGHT_GROUP_CHANNELS=channels // geo.weight_groups, BLOCK_ROWS=block_rows,
+        BLOCK_CHANNELS=block_channels, num_warps=num_warps,
+    )
+    grid = (triton.cdiv(num_rows, block_rows), geo.offset_groups * geo.taps)
+    return scalars, meta, grid
+
+
+def sample_columns(x_nhwc: Tensor, offset: Tensor, mask: Tensor | None, geo) -> Tensor:
+    """Modulated bilinear columns (n*L, Gw, K, Cw) in x's dtype from x (n, H, W, C)."""
+    n, _, _, channels = x_nhwc.shape
+    columns = x_nhwc.new_empty(n * geo.out_pixels, geo.weight_groups, geo.taps, channels // geo.weight_groups)
+    scalars, meta, grid = _launch_args(x_nhwc, geo, "forward")
+    _sample_columns_kernel[grid](
+        x_nhwc, offset, offset if mask is None else mask, columns, *scalars, HAS_MASK=mask is not None, **meta
+    )
+    return columns
+
+
+def sample_columns_backward(
+    grad_columns: Tensor, x_nhwc: Tensor, offset: Tensor, mask: Tensor | None, geo,
+    grad_x_nhwc: Tensor, grad_offset: Tensor, grad_mask: Tensor | None,
+) -> None:
+    """Accumulate into grad_x_nhwc (n, H, W, C) and write grad_offset / grad_mask (offset's dtype)."""
+    if mask is not None and grad_mask is None:
+        grad_mask = offset.new_empty(mask.shape)
+    scalars, meta, grid = _launch_args(x_nhwc, geo, "backward")
+    _sample_columns_backward_kernel[grid](
+        grad_columns, x_nhwc, offset, offset if mask is None else mask, grad_x_nhwc, grad_offset,
+        grad_offset if grad_mask is None else grad_mask, *scalars, HAS_MASK=mask is not None, **meta,
+    )

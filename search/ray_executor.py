@@ -1,0 +1,192 @@
+"""``executor=ray``: run a stage's trials as Ray Tune trials, the searcher driving Tune.
+
+Only this module imports Ray (the GPU machine has none; ``executor=local`` never imports it).
+
+- :class:`StageSearcher` wraps a :class:`~search.loop.StageRun` as a ``ray.tune.search.Searcher``:
+  ``suggest`` hands out the stage's next request (``FINISHED`` once the stage has nothing more
+  to start), ``on_trial_complete`` records the result (history line, ``tell``, searcher save).
+  Both run in the Tune driver loop of this process, so the logger and the progress bar stay in
+  the driver; workers never log.
+- :func:`trial_trainable` is the function trainable. A worker builds the evaluator once per
+  process from the plain config dict and the feature cache's path, and keeps it (with the
+  features it loaded) for the next trials: Tune reuses the trial actors (``reuse_actors``).
+  It runs the trial with in-process retries of ``error`` results
+  (:func:`search.local_executor.run_trial`) and reports the :class:`TrialResult` as JSON.
+- A worker that crashes (process killed, segfault, lost node) is restarted by Tune up to
+  ``search.retries`` times (``FailureConfig(max_failures=...)``); a trial that still fails is
+  recorded with status ``error`` and the floor reward, and the search goes on.
+- Concurrency is ``search.workers`` (``max_concurrent_trials``); each trial asks for
+  ``ray.cpus_per_trial`` CPUs and ``ray.gpus_per_trial`` GPUs (fractions allowed).
+- ``ray.address: null`` starts a private local Ray (dashboard off, worker logs not forwarded);
+  ``auto`` or ``host:port`` joins a running cluster, whose nodes must have this project
+  importable (``pip install -e .`` on each node) and the feature cache at the same path
+  (a shared ``cache_dir``). If Ray is already initialised in this process it is used as is.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no per-trial csv/json/tensorboard files
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours verbose=0
+os.environ.setdefault("TUNE_WARN_INSUFFICENT_RESOURCE_THRESHOLD_S", "60")
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.search import Searcher  # noqa: E402
+
+from detector.errors import UserError  # noqa: E402
+from proxy_eval.result import TrialResult  # noqa: E402
+from search.local_executor import run_trial  # noqa: E402
+from search.loop import StageRun, TrialRequest  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+_QUIET_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air", "ray.data")
+_WORKER_EVALUATORS: dict[str, Any] = {}  # per worker process: setup key -> evaluator
+
+
+# ---------------------------------------------------------------------- worker side
+def _worker_evaluator(setup: dict[str, Any]) -> Any:
+    evaluator = _WORKER_EVALUATORS.get(setup["key"])
+    if evaluator is None:
+        from omegaconf import OmegaConf
+
+        from proxy_eval.build import build_evaluator
+
+        evaluator = build_evaluator(OmegaConf.create(setup["cfg"]), cache=setup["cache"])
+        _WORKER_EVALUATORS[setup["key"]] = evaluator
+    return evaluator
+
+
+def trial_trainable(config: dict[str, Any], setup: dict[str, Any]) -> None:
+    """One Tune trial: evaluate ``config["code"]`` and report the result once."""
+    try:
+        evaluator = _worker_evaluator(setup)
+    except Exception as err:  # noqa: BLE001 - e.g. a cache that cannot be opened on this node
+        result, attempts = TrialResult.failure("error", f"worker setup failed: {type(err).__name__}: {err}"), 1
+    else:
+        result, attempts = run_trial(evaluator, config["code"], setup["seed"], setup["retries"])
+    tune.report({"reward": result.reward, "attempts": attempts, "trial_result": json.dumps(result.to_dict())})
+
+
+def _trial_name(trial: Any) -> str:
+    return f"trial-{trial.trial_id}"
+
+
+# ---------------------------------------------------------------------- driver side
+class StageSearcher(Searcher):
+    """The stage's searcher as seen by Ray Tune (see the module docstring)."""
+
+    def __init__(self, stage: StageRun, retries: int) -> None:
+        super().__init__(metric="reward", mode="max")
+        self.stage = stage
+        self.retries = retries
+        self.requests: dict[str, TrialRequest] = {}
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        request = self.stage.next_request()
+        if request is None:
+            return Searcher.FINISHED if self.stage.exhausted else None
+        self.requests[trial_id] = request
+        return {"code": request.code, "key": request.key}
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        request = self.requests.pop(trial_id, None)
+        if request is None:
+            return
+        if not error and result and "trial_result" in result:
+            trial_result = TrialResult.from_dict(json.loads(result["trial_result"]))
+            attempts = int(result.get("attempts", 1))
+        else:
+            trial_result = TrialResult.failure(
+                "error", f"the Ray worker running this trial failed {self.retries + 1} time(s) "
+                         "(crash or lost node; see the Ray logs)")
+            attempts = self.retries + 1
+        self.stage.complete(request, trial_result, attempts)
+
+    # Tune may try to checkpoint its search algorithm; the run dir already holds everything.
+    def save(self, checkpoint_path: str) -> None:
+        pass
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
+
+class RayExecutor:
+    """Runs each stage as one Ray Tune experiment under ``<run_dir>/ray``."""
+
+    def __init__(self, cfg_container: dict[str, Any], cache_path: str | None, run_dir: Path, *, seed: int,
+                 retries: int, workers: int, address: str | None, cpus_per_trial: float,
+                 gpus_per_trial: float) -> None:
+        if cpus_per_trial <= 0 or gpus_per_trial < 0:
+            raise UserError(f"ray.cpus_per_trial={cpus_per_trial} must be > 0 and ray.gpus_per_trial="
+                            f"{gpus_per_trial} >= 0")
+        self.workers, self.retries = int(workers), int(retries)
+        self.resources = {"cpu": float(cpus_per_trial), "gpu": float(gpus_per_trial)}
+        self.storage = str(Path(run_dir).resolve() / "ray")
+        key = hashlib.sha256(json.dumps([cfg_container, cache_path], sort_keys=True, default=str).encode()).hexdigest()
+        self.setup = {"cfg": cfg_container, "cache": cache_path, "seed": int(seed), "retries": self.retries,
+                      "key": key[:16]}
+        self.owns_ray = False
+        self._connect(address)
+
+    def _connect(self, address: str | None) -> None:
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        if not ray.is_initialized():
+            start = time.perf_counter()
+            kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
+                                          configure_logging=True, logging_level=logging.ERROR)
+            if address in (None, "", "local"):
+                needed = int(-(-self.workers * self.resources["cpu"] // 1))
+                kwargs["num_cpus"] = max(os.cpu_count() or 1, needed)
+                try:
+                    ray.init(**kwargs)
+                except Exception as err:  # noqa: BLE001 - report why Ray could not start, in one line
+                    raise UserError(f"executor=ray: could not start a local Ray ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0] if str(err) else ''}); use executor=local") from None
+            else:
+                try:
+                    ray.init(address=str(address), **kwargs)
+                except ConnectionError as err:
+                    raise UserError(f"ray.address={address}: no Ray cluster there ({err}); start one with "
+                                    "`ray start --head` or use ray.address=null for a local Ray") from None
+            self.owns_ray = True
+            log.info("Ray started in %.1f s", time.perf_counter() - start)
+        available = ray.cluster_resources()
+        for key, name in (("cpu", "CPU"), ("gpu", "GPU")):
+            if self.resources[key] > available.get(name, 0.0):
+                raise UserError(f"ray.{key}s_per_trial={self.resources[key]:g} but the Ray cluster has "
+                                f"{available.get(name, 0.0):g} {name}(s); lower it (fractions are allowed)")
+
+    def run_stage(self, stage: StageRun) -> None:
+        trainable = tune.with_resources(tune.with_parameters(trial_trainable, setup=self.setup), self.resources)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=StageSearcher(stage, self.retries),
+                num_samples=-1,
+                max_concurrent_trials=self.workers,
+                reuse_actors=True,
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=f"stage{stage.index}-{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=self.storage,
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=self.retries),
+            ),
+        )
+        tuner.fit()
+
+    def close(self) -> None:
+        if self.owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self.owns_ray = False

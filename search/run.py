@@ -1,0 +1,254 @@
+"""``python -m search run [resume=<run_dir>] key=value ...``: prepare, run the stages, report.
+
+:func:`run_search` does the work and returns the run directory; :func:`run_command` (the CLI
+entry) runs it and then writes the report. Phases:
+
+1. The run directory is created (or, with ``resume=``, reopened) and locked; its
+   ``config.yaml`` is the resolved configuration.
+2. With ``proxy_eval=cached`` the feature cache is prepared once, in this process (reused if
+   it exists), before any trial; workers reopen it from its path.
+3. The stages run in order (:mod:`search.loop`) on the executor (``executor=ray`` or ``local``),
+   with a progress bar and, with ``logger=wandb``, one log entry per finished trial, both from
+   this driver process only.
+
+Resuming. The run's saved config defines the search. Only the runtime keys
+``executor``, ``search.workers``, ``search.retries``, ``search.top_k``, ``ray``, ``device`` and
+``logger`` may change on resume, and only when given with a value other than their default;
+other overrides are ignored with a warning. A finished run resumed does nothing and says so.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from detector.errors import UserError
+from search.history import History, best_row
+from search.loop import SearchRecord, check_search_settings, run_stages, stage_names
+from search.run_dir import RunDir, create_run_dir, open_run_dir
+
+log = logging.getLogger(__name__)
+
+RUNTIME_KEYS = ("executor", "search.workers", "search.retries", "search.top_k", "ray", "device", "logger")
+EXECUTORS = ("ray", "local")
+
+
+# ---------------------------------------------------------------------- configuration
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def _container(cfg: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def resume_config(cfg: Any, saved: Any) -> Any:
+    """The saved config with the runtime keys the user set on the resume command line."""
+    from omegaconf import OmegaConf
+
+    from detector.cli import compose
+
+    default, current, old = (_flatten(_container(c)) for c in (compose("search", []), cfg, saved))
+    merged = OmegaConf.create(_container(saved))
+    changed, ignored = [], []
+    for key, value in current.items():
+        if key in ("resume", "run") or value == default.get(key, object()) or value == old.get(key, object()):
+            continue
+        if any(key == k or key.startswith(k + ".") for k in RUNTIME_KEYS):
+            OmegaConf.update(merged, key, value, merge=False, force_add=True)
+            changed.append(f"{key}={value}")
+        else:
+            ignored.append(key)
+    if changed:
+        log.info("resume: using %s from the command line", ", ".join(changed))
+    if ignored:
+        log.warning("resume: ignoring %s: the saved config.yaml of the run defines the search",
+                    ", ".join(sorted(ignored)))
+    return merged
+
+
+def _open_run(cfg: Any) -> tuple[RunDir, Any, bool]:
+    """The locked run dir, the config to run with, and whether this is a resume."""
+    from omegaconf import OmegaConf
+
+    if cfg.get("resume"):
+        run_dir = open_run_dir(cfg.resume)
+        try:
+            run_cfg = resume_config(cfg, run_dir.read_config())
+            _check(run_cfg)
+        except Exception:
+            run_dir.unlock()
+            raise
+        return run_dir, run_cfg, True
+    _check(cfg)
+    run_dir = create_run_dir(cfg.search.get("run_dir"))
+    run_cfg = OmegaConf.create(_container(cfg))
+    OmegaConf.update(run_cfg, "search.run_dir", str(run_dir.path), merge=False)
+    run_dir.write_config(_container(run_cfg))
+    return run_dir, run_cfg, False
+
+
+def _check(cfg: Any) -> None:
+    check_search_settings(cfg)
+    name = cfg.executor.get("name") if cfg.get("executor") else None
+    if name not in EXECUTORS:
+        raise UserError(f"executor={name}: choose one of {', '.join(EXECUTORS)}")
+
+
+# ---------------------------------------------------------------------- executors
+def _make_executor(cfg: Any, run_dir: RunDir, cache: Any) -> Any:
+    retries, workers, seed = int(cfg.search.retries), int(cfg.search.workers), int(cfg.seed)
+    if cfg.executor.name == "local":
+        from proxy_eval.build import build_evaluator
+        from search.local_executor import LocalExecutor
+
+        return LocalExecutor(lambda: build_evaluator(cfg, cache=cache), seed=seed, retries=retries, workers=workers)
+    try:
+        from search.ray_executor import RayExecutor
+    except ImportError as err:
+        raise UserError(f"executor=ray needs Ray Tune ({err}); pip install 'ray[tune]' or use executor=local") from None
+    cache_path = None if cache is None else str(getattr(cache, "path", cache))
+    return RayExecutor(_container(cfg), cache_path, run_dir.path, seed=seed, retries=retries, workers=workers,
+                       address=cfg.ray.get("address"), cpus_per_trial=float(cfg.ray.cpus_per_trial),
+                       gpus_per_trial=float(cfg.ray.gpus_per_trial))
+
+
+def _prepare(cfg: Any) -> Any:
+    """The feature cache for ``proxy_eval=cached`` (built once here, before any trial), else None."""
+    if str(cfg.proxy_eval.get("name", "cached")) != "cached":
+        return None
+    from proxy_eval.prepare import prepare
+
+    start = time.perf_counter()
+    cache = prepare(cfg)
+    log.info("feature cache ready in %.1f s: %s", time.perf_counter() - start, getattr(cache, "path", cache))
+    return cache
+
+
+# ---------------------------------------------------------------------- observers
+class ProgressBar:
+    """tqdm bar over trained trials of all stages: done/total, best reward, stage, elapsed."""
+
+    def __init__(self, record: SearchRecord) -> None:
+        from tqdm import tqdm
+
+        total = record.budget * len(record.stages)
+        done = sum(min(record.budget, sum(not r["reused"] for r in record.history.stage_rows(i)))
+                   for i in range(len(record.stages)))
+        self.bar = tqdm(total=total, initial=done, desc="search", unit="trial", dynamic_ncols=True)
+        self._postfix(record)
+
+    def _postfix(self, record: SearchRecord) -> None:
+        best = "-" if record.best is None else f"{record.best['reward']:.4f}"
+        stage = record.current.name if record.current else "-"
+        self.bar.set_postfix_str(f"stage={stage} best={best}")
+
+    def __call__(self, row: dict[str, Any], record: SearchRecord) -> None:
+        if not row["reused"]:
+            self.bar.update(1)
+        self._postfix(record)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class LoggerObserver:
+    """Logs every history row through the run logger (``<run_dir>/log.jsonl``, and wandb with
+    ``logger=wandb``), from the driver only: numbers go to wandb, text fields to the file only."""
+
+    def __init__(self, cfg: Any, run_dir: Path) -> None:
+        from detector.loggers import build_logger
+
+        self.logger = build_logger(cfg, run_dir, arch_code="", name=f"search-{Path(run_dir).name}")
+
+    def __call__(self, row: dict[str, Any], record: SearchRecord) -> None:
+        self.logger.log({
+            "reward": row["reward"], "best_reward": record.best["reward"] if record.best else None,
+            "ok": int(row["status"] == "ok"), "reused": int(bool(row["reused"])), "stage_index": row["stage_index"],
+            "ap": row.get("ap"), "seconds": row.get("seconds"),
+            "status": row["status"], "stage": row["stage"], "code": row["code"],  # text: log.jsonl only
+        }, step=int(row["trial"]))
+
+    def finish(self, record: SearchRecord) -> None:
+        best = record.best
+        self.logger.log_summary({"trials": len(record.history), "trained": record.trained_count(),
+                                 "best_reward": best["reward"] if best else None,
+                                 "best_code": best["code"] if best else None})
+        self.logger.finish()
+
+
+# ---------------------------------------------------------------------- entry points
+def run_search(cfg: Any) -> Path:
+    """Run (or resume) a search; returns its run directory. Bad settings raise UserError."""
+    run_dir, run_cfg, resumed = _open_run(cfg)
+    logger = None
+    progress = None
+    executor = None
+    try:
+        from controller.build import build_searcher
+
+        history = History(run_dir.history_path)
+        record = SearchRecord(run_dir, history, stage_names(run_cfg), int(run_cfg.search.budget))
+        if resumed:
+            state = run_dir.read_state()
+            if state.get("status") == "finished":
+                _say_complete(run_dir, record)
+                return run_dir.path
+            log.info("resuming %s: %d trials in history", run_dir.path, len(history))
+        else:
+            log.info("search run dir: %s", run_dir.path)
+        start = time.perf_counter()
+        cache = _prepare(run_cfg)
+        executor = _make_executor(run_cfg, run_dir, cache)
+        progress = ProgressBar(record)
+        record.observers.append(progress)
+        logger = LoggerObserver(run_cfg, run_dir.path)
+        record.observers.append(logger)
+        worked = run_stages(run_cfg, record, executor,
+                            lambda space, seed: build_searcher(run_cfg.controller, space, seed))
+        progress.close()
+        progress = None
+        if logger is not None:
+            logger.finish(record)
+            logger = None
+        if not worked:
+            _say_complete(run_dir, record)
+        else:
+            _say_summary(run_dir, record, time.perf_counter() - start)
+        return run_dir.path
+    finally:
+        if progress is not None:
+            progress.close()
+        if executor is not None:
+            executor.close()
+        run_dir.unlock()
+
+
+def _say_complete(run_dir: RunDir, record: SearchRecord) -> None:
+    print(f"run {run_dir.path} is already complete ({len(record.history)} trials in history); nothing to do")
+
+
+def _say_summary(run_dir: RunDir, record: SearchRecord, seconds: float) -> None:
+    rows = record.history.rows
+    failed = sum(r["status"] != "ok" and not r["reused"] for r in rows)
+    best = best_row(rows)
+    print(f"search finished in {seconds:.0f} s: {record.trained_count()} trials trained "
+          f"({failed} failed), {sum(bool(r['reused']) for r in rows)} reused; run dir {run_dir.path}")
+    if best is not None:
+        print(f"best reward {best['reward']:.4f}: {best['code']}")
+
+
+def run_command(cfg: Any) -> None:
+    """``python -m search run``: the search, then its report (report.md, plots, retrain command)."""
+    from search.report import write_report
+
+    run_path = run_search(cfg)
+    write_report(run_path, top_k=int(cfg.search.top_k))

@@ -1,0 +1,186 @@
+"""A search run directory: creation, resumption, the lock, and the small files it holds.
+
+Layout (``runs/search/<YYYYmmdd-HHMMSS>/`` unless ``search.run_dir`` says otherwise)::
+
+    config.yaml                 the resolved configuration of the run (what a resume uses)
+    history.jsonl               one line per finished trial (search.history), the source of truth
+    searcher-<i>-<stage>.pt     the searcher of stage i (controller weights, optimizer, baseline,
+                                RNG, pending proposals), saved atomically after every ask and tell
+    state.json                  loop state for humans and tools: stage, pending trials, counts
+    best.txt                    the best code so far (``python -m detector train arch=<run_dir>``)
+    report.md, *.png            written by ``python -m search report run=<run_dir>``
+    ray/                        Ray Tune's own experiment folders (executor=ray only)
+    .lock                       held (fcntl.flock) by the search using the directory
+
+The lock is an exclusive ``flock`` on ``.lock``, held for as long as the search process lives;
+the kernel releases it when the process exits or is killed (even with SIGKILL), so a stale lock
+cannot outlive its owner. A second search on the same directory is refused with a
+:class:`UserError` naming the owner's pid.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from detector.errors import UserError
+from detector.zoo import BEST_FILE
+
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "state.json"
+LOCK_FILE = ".lock"
+DEFAULT_ROOT = Path("runs") / "search"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a fsync'ed temporary file and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+class RunDir:
+    """An open (and locked) run directory. Use :func:`create_run_dir` or :func:`open_run_dir`."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------ lock
+    def lock(self) -> "RunDir":
+        """Take the directory's exclusive lock; :class:`UserError` if another search holds it."""
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"run dir '{self.path}' is in use by another search (pid {owner}); wait for it to "
+                "finish or stop it, or use another run dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        return self
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unlock()
+
+    # ------------------------------------------------------------------ files
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def history_path(self) -> Path:
+        from search.history import HISTORY_FILE
+
+        return self.path / HISTORY_FILE
+
+    @property
+    def best_path(self) -> Path:
+        return self.path / BEST_FILE
+
+    def searcher_path(self, stage_index: int, stage: str) -> Path:
+        return self.path / f"searcher-{stage_index}-{stage}.pt"
+
+    def write_config(self, container: dict[str, Any]) -> None:
+        from omegaconf import OmegaConf
+
+        atomic_write_text(self.config_path, OmegaConf.to_yaml(OmegaConf.create(container)))
+
+    def read_config(self):
+        from omegaconf import OmegaConf
+
+        try:
+            return OmegaConf.load(self.config_path)
+        except Exception as err:  # noqa: BLE001 - yaml and omegaconf errors alike
+            raise UserError(f"{self.config_path}: unreadable ({type(err).__name__}); restore the run's "
+                            "config.yaml") from None
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        atomic_write_text(self.path / STATE_FILE, json.dumps(state, indent=1) + "\n")
+
+    def read_state(self) -> dict[str, Any]:
+        path = self.path / STATE_FILE
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}  # a mirror of history + searcher state; never needed to resume
+
+    def write_best(self, code: str) -> None:
+        atomic_write_text(self.best_path, code + "\n")
+
+
+def _fresh_path(root: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = root / stamp, 1
+    while path.exists():
+        path, n = root / f"{stamp}-{n}", n + 1
+    return path
+
+
+def create_run_dir(run_dir: str | os.PathLike | None) -> RunDir:
+    """Create and lock a new run directory (``runs/search/<time>`` when ``run_dir`` is None).
+
+    An explicit directory may exist only if it holds no run yet; otherwise :class:`UserError`
+    suggests ``resume=``.
+    """
+    if run_dir is None or str(run_dir).strip() == "":
+        path = _fresh_path(DEFAULT_ROOT)
+    else:
+        path = Path(str(run_dir)).expanduser()
+        if path.exists() and not path.is_dir():
+            raise UserError(f"search.run_dir: '{path}' is a file; give a directory path")
+    path.mkdir(parents=True, exist_ok=True)
+    run = RunDir(path).lock()
+    if run.config_path.exists():
+        run.unlock()
+        raise UserError(
+            f"search.run_dir: '{path}' already holds a search run; continue it with resume={path} "
+            "or choose another search.run_dir"
+        )
+    return run
+
+
+def open_run_dir(path: str | os.PathLike) -> RunDir:
+    """Open and lock an existing run directory for resuming; :class:`UserError` if it is not one."""
+    path = Path(str(path)).expanduser()
+    if not path.is_dir():
+        raise UserError(f"resume: '{path}' is not a directory; give the run directory of a search "
+                        "(e.g. runs/search/<time>)")
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"resume: '{path}' has no {CONFIG_FILE}, so it is not a search run directory; "
+                        "give the directory that `python -m search run` created")
+    return RunDir(path).lock()
+
+
+def check_run_dir(path: str | os.PathLike | None, key: str = "run") -> Path:
+    """The path of an existing run directory to read (report); :class:`UserError` otherwise."""
+    if path is None or str(path).strip() == "":
+        raise UserError(f"{key}: give a search run directory, e.g. {key}=runs/search/<time>")
+    path = Path(str(path)).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{key}: '{path}' is not a directory; give a search run directory")
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"{key}: '{path}' has no {CONFIG_FILE}; it is not a search run directory")
+    return path
