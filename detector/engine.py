@@ -222,6 +222,7 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(params, clip)
         scaler.step(optimizer)
         scaler.update()
+        lr = optimizer.param_groups[0]["lr"]  # the weights' lr used by this step
         scheduler.step()
         done = iteration + 1
         train_seconds += time.perf_counter() - step_start
@@ -239,7 +240,7 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
             window_start, window_iters = time.perf_counter(), 0
             last_losses = values
             if logger is not None:
-                logger.log({**values, "lr": optimizer.param_groups[0]["lr"], "images_per_s": speed}, step=done)
+                logger.log({**values, "lr": lr, "images_per_s": speed}, step=done)
             bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{speed:.1f}", refresh=False)
         if eval_every > 0 and done % eval_every == 0 and done < total:
             run_eval(done)

@@ -65,12 +65,25 @@ def _sampling_point(
 
 
 @triton.jit
+def _column_index(channel, tap, channels, TAPS: tl.constexpr, WEIGHT_GROUP_CHANNELS: tl.constexpr,
+                  ONE_WEIGHT_GROUP: tl.constexpr):
+    """Column of (tap, channel) in the (Gw, K, Cw) layout, as a (1, BLOCK_CHANNELS) row."""
+    if ONE_WEIGHT_GROUP:
+        column = tap * channels + channel  # plain form keeps the channel contiguity visible (vector stores)
+    else:
+        column = ((channel // WEIGHT_GROUP_CHANNELS) * (TAPS * WEIGHT_GROUP_CHANNELS)
+                  + tap * WEIGHT_GROUP_CHANNELS + channel % WEIGHT_GROUP_CHANNELS)
+    return column[None, :]
+
+
+@triton.jit
 def _sample_columns_kernel(
     x_ptr, offset_ptr, mask_ptr, columns_ptr,
     num_rows, pixels, out_width, height, width, channels,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     GROUPS: tl.constexpr, TAPS: tl.constexpr, KERNEL_W: tl.constexpr,
-    GROUP_CHANNELS: tl.constexpr, WEIGHT_GROUP_CHANNELS: tl.constexpr, HAS_MASK: tl.constexpr,
+    GROUP_CHANNELS: tl.constexpr, WEIGHT_GROUP_CHANNELS: tl.constexpr, ONE_WEIGHT_GROUP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -94,8 +107,7 @@ def _sample_columns_kernel(
         c = c0 + tl.arange(0, BLOCK_CHANNELS)
         c_ok = (c < GROUP_CHANNELS)[None, :]
         channel = group * GROUP_CHANNELS + c
-        column = ((channel // WEIGHT_GROUP_CHANNELS) * (TAPS * WEIGHT_GROUP_CHANNELS)
-                  + tap * WEIGHT_GROUP_CHANNELS + channel % WEIGHT_GROUP_CHANNELS)[None, :]
+        column = _column_index(channel, tap, channels, TAPS, WEIGHT_GROUP_CHANNELS, ONE_WEIGHT_GROUP)
         source = x_ptr + channel[None, :]
         acc = w00 * tl.load(source + a00, mask=ok00[:, None] & c_ok, other=0.0).to(fy.dtype)
         acc += w01 * tl.load(source + a01, mask=ok01[:, None] & c_ok, other=0.0).to(fy.dtype)
@@ -111,7 +123,8 @@ def _sample_columns_backward_kernel(
     num_rows, pixels, out_width, height, width, channels,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     GROUPS: tl.constexpr, TAPS: tl.constexpr, KERNEL_W: tl.constexpr,
-    GROUP_CHANNELS: tl.constexpr, WEIGHT_GROUP_CHANNELS: tl.constexpr, HAS_MASK: tl.constexpr,
+    GROUP_CHANNELS: tl.constexpr, WEIGHT_GROUP_CHANNELS: tl.constexpr, ONE_WEIGHT_GROUP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -139,8 +152,7 @@ def _sample_columns_backward_kernel(
         c = c0 + tl.arange(0, BLOCK_CHANNELS)
         c_ok = (c < GROUP_CHANNELS)[None, :]
         channel = group * GROUP_CHANNELS + c
-        column = ((channel // WEIGHT_GROUP_CHANNELS) * (TAPS * WEIGHT_GROUP_CHANNELS)
-                  + tap * WEIGHT_GROUP_CHANNELS + channel % WEIGHT_GROUP_CHANNELS)[None, :]
+        column = _column_index(channel, tap, channels, TAPS, WEIGHT_GROUP_CHANNELS, ONE_WEIGHT_GROUP)
         grad = tl.load(grad_columns_ptr + column_row + column, mask=row_ok[:, None] & c_ok, other=0.0).to(fy.dtype)
         source = x_ptr + channel[None, :]
         target = grad_x_ptr + channel[None, :]
@@ -176,7 +188,8 @@ def _launch_args(x_nhwc: Tensor, geo, kernel: str) -> tuple[tuple, dict, tuple]:
                *geo.stride, *geo.padding, *geo.dilation)
     meta = dict(
         GROUPS=geo.offset_groups, TAPS=geo.taps, KERNEL_W=geo.kernel_w, GROUP_CHANNELS=group_channels,
-        WEIGHT_GROUP_CHANNELS=channels // geo.weight_groups, BLOCK_ROWS=block_rows,
+        WEIGHT_GROUP_CHANNELS=channels // geo.weight_groups, ONE_WEIGHT_GROUP=geo.weight_groups == 1,
+        BLOCK_ROWS=block_rows,
         BLOCK_CHANNELS=block_channels, num_warps=num_warps,
     )
     grid = (triton.cdiv(num_rows, block_rows), geo.offset_groups * geo.taps)

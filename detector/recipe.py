@@ -18,6 +18,7 @@ class RecipeError(UserError):
     """A recipe config has a missing, unknown or out-of-range field."""
 
 
+NUM_PYRAMID_LEVELS = 5  # P3..P7
 _CHOICES = {
     "box_coding": ("pixels", "linear_by_size"),
     "box_activation": ("exp_scale", "relu"),
@@ -70,6 +71,9 @@ class Recipe:
         if self.center_sampling_radius is not None and self.center_sampling_radius < 0:
             raise RecipeError(f"recipe.center_sampling_radius={self.center_sampling_radius}: "
                               "expected a positive number, or null/0 for no center sampling")
+        if len(self.size_ranges) != NUM_PYRAMID_LEVELS:
+            raise RecipeError(f"recipe.size_ranges has {len(self.size_ranges)} ranges; give one [low, high] "
+                              f"per pyramid level P3..P7 ({NUM_PYRAMID_LEVELS})")
         for low, high in self.size_ranges:
             if not 0 <= low < high:
                 raise RecipeError(f"recipe.size_ranges: range [{low}, {high}] must satisfy 0 <= low < high")

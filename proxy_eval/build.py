@@ -162,15 +162,18 @@ class ToyProxy:
 
     The toy space follows the candidate: a searched FPN with a fixed head is scored in the ``fpn``
     stage's space, a searched head on a fixed FPN in the ``head`` stage's, both searched in
-    ``joint``. The trial ``seed`` offsets the toy's noise seed. ``fail_prob`` gives ``error`` and
+    ``joint``. The trial ``seed`` offsets the toy's noise seed. ``sleep_s`` makes each trial take
+    that long (tests that kill a search mid-trial). ``fail_prob`` gives ``error`` and
     ``inject_nan`` (not null) gives ``diverged``, as with the cached evaluator.
     """
 
     def __init__(self, space_cfg: Any, target_seed: int = 0, noise: float = 0.0, seed: int = 0,
-                 weight_spread: float = 0.0, fail_prob: float = 0.0, inject_nan: int | None = None) -> None:
+                 weight_spread: float = 0.0, fail_prob: float = 0.0, inject_nan: int | None = None,
+                 sleep_s: float = 0.0) -> None:
         self.space_cfg = dict(space_cfg)
         self.target_seed, self.noise, self.seed = int(target_seed), float(noise), int(seed)
         self.weight_spread, self.fail_prob, self.inject_nan = float(weight_spread), float(fail_prob), inject_nan
+        self.sleep_s = float(sleep_s)
         self._toys: dict[tuple[str, int], Any] = {}
 
     @classmethod
@@ -181,7 +184,8 @@ class ToyProxy:
         space_cfg = OmegaConf.to_container(cfg.space, resolve=True) if OmegaConf.is_config(cfg.space) else cfg.space
         return cls(space_cfg, target_seed=int(proxy.get("target_seed", 0)), noise=float(proxy.get("noise", 0.0)),
                    seed=int(proxy.get("seed", 0)), weight_spread=float(proxy.get("weight_spread", 0.0)),
-                   fail_prob=float(proxy.get("fail_prob", 0.0)), inject_nan=_inject_nan(proxy.get("inject_nan", None)))
+                   fail_prob=float(proxy.get("fail_prob", 0.0)), inject_nan=_inject_nan(proxy.get("inject_nan", None)),
+                   sleep_s=float(proxy.get("sleep_s", 0.0)))
 
     def _toy(self, arch: Arch, seed: int) -> Any:
         from proxy_eval.toy import ToyEvaluator
@@ -206,6 +210,8 @@ class ToyProxy:
         from proxy_eval.trial import injected_failure
 
         start = time.perf_counter()
+        if self.sleep_s > 0:
+            time.sleep(self.sleep_s)
         try:
             if isinstance(arch, str):
                 arch = resolve_arch(arch, num_blocks=None, num_head_layers=None)

@@ -15,14 +15,14 @@ different noise. ``reward = ap = ap50 = clip(score + noise, 0, 1)``, ``loss = 1 
 and ``gflops`` are 0 (no network exists) and ``seconds`` is the measured evaluation time.
 
 The evaluator is plain Python (picklable, torch-free) and works with any stage's space; an
-architecture outside the space gives an ``error`` result, never an exception.
+architecture outside the space gives an ``error`` result, never an exception. The
+``proxy_eval=toy`` config is read in :mod:`proxy_eval.build`, which wraps this class.
 """
 from __future__ import annotations
 
 import hashlib
 import random
 import time
-from typing import Any
 
 from detector.arch import Arch, ArchError, parse
 from detector.errors import UserError
@@ -78,8 +78,3 @@ class ToyEvaluator:
 
     __call__ = evaluate
 
-
-def toy_evaluator_from_cfg(cfg: Any, space: SearchSpace) -> ToyEvaluator:
-    """Build from the ``proxy_eval=toy`` config group (keys: target_seed, noise, seed, weight_spread)."""
-    return ToyEvaluator(space, target_seed=int(cfg.get("target_seed", 0)), noise=float(cfg.get("noise", 0.0)),
-                        seed=int(cfg.get("seed", 0)), weight_spread=float(cfg.get("weight_spread", 0.0)))

@@ -18,7 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable
 
 from proxy_eval.result import TrialResult
-from search.loop import StageRun, TrialRequest, parse_code
+from search.loop import StageRun, StageSequence, TrialRequest, parse_code
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,10 @@ class LocalExecutor:
 
     def _run(self, request: TrialRequest) -> tuple[TrialResult, int]:
         return run_trial(self._evaluator(), request.code, self.seed, self.retries)
+
+    def run(self, stages: StageSequence) -> None:
+        while (stage := stages.next_stage()) is not None:
+            self.run_stage(stage)
 
     def run_stage(self, stage: StageRun) -> None:
         if self.workers == 1:

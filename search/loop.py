@@ -5,7 +5,8 @@ own search space (:func:`stage_space`: ``fpn`` fixes the head, ``head`` fixes th
 found so far, ``joint`` fixes nothing), its own searcher (saved to ``searcher-<i>-<stage>.pt``
 after every ask and every tell) and a budget of ``search.budget`` *trained* trials.
 
-An executor drives one :class:`StageRun` at a time with two calls::
+An executor takes the stages from a :class:`StageSequence` (``next_stage()`` until None) and
+drives one :class:`StageRun` at a time with two calls::
 
     request = stage.next_request()     # a TrialRequest to run now, or None: nothing to start now
     stage.complete(request, result)    # when its TrialResult is known (any order, any thread*)
@@ -66,10 +67,10 @@ class TrialRequest:
 
 
 class Executor(Protocol):
-    """Runs every trial of a stage: until ``stage.finished``, start what ``next_request`` gives and
-    hand each result to ``complete``."""
+    """Runs every stage of ``stages.next_stage()``: until the stage is finished, start what its
+    ``next_request`` gives and hand each result to its ``complete``."""
 
-    def run_stage(self, stage: "StageRun") -> None: ...
+    def run(self, stages: "StageSequence") -> None: ...
 
     def close(self) -> None: ...
 
@@ -328,37 +329,66 @@ class StageRun:
 
 
 # ---------------------------------------------------------------------- all stages
-def run_stages(cfg: Any, record: SearchRecord, executor: Executor,
-               make_searcher: Callable[[SearchSpace, int], Any]) -> int:
-    """Run every unfinished stage in order with ``executor``; returns how many stages had work.
+class StageSequence:
+    """The stages of a run in order, each built only when the previous one is finished (the
+    head stage fixes the best FPN found before it). Finished stages are skipped.
 
     ``make_searcher(space, seed)`` builds a fresh searcher; a stage whose searcher file exists
     continues from it. Stage ``i`` uses the seed ``cfg.seed + i``.
     """
-    worked = 0
-    for index, name in enumerate(record.stages):
-        rows_before = [row for row in record.history.rows if row["stage_index"] < index]
-        space = stage_space(cfg, name, rows_before)
-        path = record.run_dir.searcher_path(index, name)
-        searcher = make_searcher(space, int(cfg.seed) + index)
+
+    def __init__(self, cfg: Any, record: SearchRecord, make_searcher: Callable[[SearchSpace, int], Any]) -> None:
+        self.cfg = cfg
+        self.record = record
+        self.make_searcher = make_searcher
+        self.position = 0
+        self.worked = 0  # stages that had something to do
+        self.done = False
+
+    def next_stage(self) -> StageRun | None:
+        """The next unfinished stage, or None when every stage is finished."""
+        current = self.record.current
+        if current is not None and not current.finished:
+            raise RuntimeError(f"stage '{current.name}' is not finished: {len(current.in_flight)} trial(s) in flight, "
+                               f"{current.trained}/{current.budget} trained")
+        while self.position < len(self.record.stages):
+            stage = self._build(self.position)
+            self.position += 1
+            self.record.current = stage
+            if stage.finished:
+                continue
+            self.worked += 1
+            log.info("stage %d/%d '%s': %d of %d trials done%s", stage.index + 1, len(self.record.stages),
+                     stage.name, stage.trained, stage.budget,
+                     f"; FPN fixed to {stage.space.fixed_fpn}" if stage.name == "head" else "")
+            self.record.write_state()
+            return stage
+        self.record.current = None
+        self.done = True
+        return None
+
+    def _build(self, index: int) -> StageRun:
+        name = self.record.stages[index]
+        rows_before = [row for row in self.record.history.rows if row["stage_index"] < index]
+        space = stage_space(self.cfg, name, rows_before)
+        path = self.record.run_dir.searcher_path(index, name)
+        searcher = self.make_searcher(space, int(self.cfg.seed) + index)
         if path.exists():
             searcher.load(path)
-        stage = StageRun(record, index, name, space, searcher, path, record.budget)
-        record.current = stage
-        if stage.finished:
-            continue
-        worked += 1
-        log.info("stage %d/%d '%s': %d of %d trials done%s", index + 1, len(record.stages), name,
-                 stage.trained, stage.budget,
-                 f"; FPN fixed to {space.fixed_fpn}" if name == "head" else "")
-        record.write_state()
-        executor.run_stage(stage)
-        if not stage.finished:
-            raise RuntimeError(f"stage '{name}' ended with {len(stage.in_flight)} trial(s) unfinished "
-                               f"and {stage.trained}/{stage.budget} trained; resume the run to continue")
-    record.current = None
+        return StageRun(self.record, index, name, space, searcher, path, self.record.budget)
+
+
+def run_stages(cfg: Any, record: SearchRecord, executor: Executor,
+               make_searcher: Callable[[SearchSpace, int], Any]) -> int:
+    """Run every unfinished stage in order with ``executor``; returns how many stages had work."""
+    stages = StageSequence(cfg, record, make_searcher)
+    executor.run(stages)
+    if not stages.done:
+        current = record.current
+        raise RuntimeError(f"the search stopped in stage '{current.name if current else '?'}' before the "
+                           "budget was spent; resume the run to continue")
     record.write_state("finished")
-    return worked
+    return stages.worked
 
 
 def parse_code(code: str) -> Arch:

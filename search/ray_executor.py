@@ -1,10 +1,11 @@
-"""``executor=ray``: run a stage's trials as Ray Tune trials, the searcher driving Tune.
+"""``executor=ray``: run the search's trials as Ray Tune trials, the searchers driving Tune.
 
 Only this module imports Ray (the GPU machine has none; ``executor=local`` never imports it).
 
-- :class:`StageSearcher` wraps a :class:`~search.loop.StageRun` as a ``ray.tune.search.Searcher``:
-  ``suggest`` hands out the stage's next request (``FINISHED`` once the stage has nothing more
-  to start), ``on_trial_complete`` records the result (history line, ``tell``, searcher save).
+- :class:`StageSearcher` wraps the stages (:class:`~search.loop.StageSequence`) as one
+  ``ray.tune.search.Searcher``: ``suggest`` hands out the current stage's next request (None
+  while the stage waits for its last trials, ``FINISHED`` after the last stage),
+  ``on_trial_complete`` records the result (history line, ``tell``, searcher save).
   Both run in the Tune driver loop of this process, so the logger and the progress bar stay in
   the driver; workers never log.
 - :func:`trial_trainable` is the function trainable. A worker builds the evaluator once per
@@ -43,7 +44,7 @@ from ray.tune.search import Searcher  # noqa: E402
 from detector.errors import UserError  # noqa: E402
 from proxy_eval.result import TrialResult  # noqa: E402
 from search.local_executor import run_trial  # noqa: E402
-from search.loop import StageRun, TrialRequest  # noqa: E402
+from search.loop import StageRun, StageSequence, TrialRequest  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -81,23 +82,33 @@ def _trial_name(trial: Any) -> str:
 
 # ---------------------------------------------------------------------- driver side
 class StageSearcher(Searcher):
-    """The stage's searcher as seen by Ray Tune (see the module docstring)."""
+    """The search's stages as one Ray Tune search algorithm (see the module docstring).
 
-    def __init__(self, stage: StageRun, retries: int) -> None:
+    All stages run in one Tune experiment, so trial actors (and the evaluators and features
+    they hold) are started once per search: when the current stage has handed out everything,
+    ``suggest`` returns None until its last trial is in, then moves to the next stage.
+    """
+
+    def __init__(self, stages: StageSequence, first: StageRun, retries: int) -> None:
         super().__init__(metric="reward", mode="max")
-        self.stage = stage
+        self.stages = stages
+        self.stage: StageRun | None = first
         self.retries = retries
-        self.requests: dict[str, TrialRequest] = {}
+        self.requests: dict[str, tuple[StageRun, TrialRequest]] = {}
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        request = self.stage.next_request()
-        if request is None:
-            return Searcher.FINISHED if self.stage.exhausted else None
-        self.requests[trial_id] = request
-        return {"code": request.code, "key": request.key}
+        while self.stage is not None:
+            request = self.stage.next_request()
+            if request is not None:
+                self.requests[trial_id] = (self.stage, request)
+                return {"code": request.code, "key": request.key}
+            if not self.stage.finished:
+                return None  # trials of this stage still running; the next stage needs their results
+            self.stage = self.stages.next_stage()
+        return Searcher.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        request = self.requests.pop(trial_id, None)
+        stage, request = self.requests.pop(trial_id, (None, None))
         if request is None:
             return
         if not error and result and "trial_result" in result:
@@ -108,7 +119,7 @@ class StageSearcher(Searcher):
                 "error", f"the Ray worker running this trial failed {self.retries + 1} time(s) "
                          "(crash or lost node; see the Ray logs)")
             attempts = self.retries + 1
-        self.stage.complete(request, trial_result, attempts)
+        stage.complete(request, trial_result, attempts)
 
     # Tune may try to checkpoint its search algorithm; the run dir already holds everything.
     def save(self, checkpoint_path: str) -> None:
@@ -119,7 +130,7 @@ class StageSearcher(Searcher):
 
 
 class RayExecutor:
-    """Runs each stage as one Ray Tune experiment under ``<run_dir>/ray``."""
+    """Runs the stages as one Ray Tune experiment under ``<run_dir>/ray``."""
 
     def __init__(self, cfg_container: dict[str, Any], cache_path: str | None, run_dir: Path, *, seed: int,
                  retries: int, workers: int, address: str | None, cpus_per_trial: float,
@@ -165,12 +176,15 @@ class RayExecutor:
                 raise UserError(f"ray.{key}s_per_trial={self.resources[key]:g} but the Ray cluster has "
                                 f"{available.get(name, 0.0):g} {name}(s); lower it (fractions are allowed)")
 
-    def run_stage(self, stage: StageRun) -> None:
+    def run(self, stages: StageSequence) -> None:
+        first = stages.next_stage()
+        if first is None:
+            return
         trainable = tune.with_resources(tune.with_parameters(trial_trainable, setup=self.setup), self.resources)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=StageSearcher(stage, self.retries),
+                search_alg=StageSearcher(stages, first, self.retries),
                 num_samples=-1,
                 max_concurrent_trials=self.workers,
                 reuse_actors=True,
@@ -178,7 +192,7 @@ class RayExecutor:
                 trial_dirname_creator=_trial_name,
             ),
             run_config=tune.RunConfig(
-                name=f"stage{stage.index}-{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=self.storage,
                 verbose=0,
                 failure_config=tune.FailureConfig(max_failures=self.retries),

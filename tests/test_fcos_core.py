@@ -63,6 +63,8 @@ def test_recipe_rejects_bad_fields():
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "nasfcos.yaml"))
     with pytest.raises(RecipeError, match="box_loss"):
         Recipe.from_cfg({**cfg, "box_loss": "l1"})
+    with pytest.raises(RecipeError, match="one \\[low, high\\] per pyramid level"):
+        Recipe.from_cfg({**cfg, "size_ranges": [[0, 64], [64, 1e8]]})
     with pytest.raises(RecipeError, match="unknown fields"):
         Recipe.from_cfg({**cfg, "extra": 1})
 

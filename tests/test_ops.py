@@ -19,6 +19,15 @@ from detector.ops import (
 WIDTH = 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # Tiny tensors: one thread is as fast, and avoids OpenMP oversubscription on a busy 2-core box.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
