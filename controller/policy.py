@@ -18,8 +18,11 @@ Logit shaping, applied before masking, in this order: divide by ``temperature``,
 ``tanh_constant * tanh(logits / tanh_constant)`` (ENAS style: close to identity for small logits,
 bounded by +-tanh_constant so that the policy cannot collapse too early).
 
-Parameters are initialised uniform(-0.1, 0.1) from a caller-given generator; the global torch RNG
-is neither used nor advanced.
+Initialisation, from a caller-given generator (the global torch RNG is neither used nor advanced):
+embeddings N(0, 1) (PyTorch's default for embeddings), every other parameter uniform(-0.1, 0.1)
+(ENAS). Unit-scale embeddings give each step a distinct, strong input, so step-specific
+preferences are quick to learn; with uniform(-0.1, 0.1) embeddings REINFORCE reached a markedly
+lower reward on the toy task after 300 samples (see experiments/controller_study.md).
 """
 from __future__ import annotations
 
@@ -97,6 +100,7 @@ class ControllerPolicy(nn.Module):
         with torch.no_grad():
             for param in self.parameters():
                 param.uniform_(-INIT_RANGE, INIT_RANGE, generator=generator)
+            self.embedding.weight.normal_(0.0, 1.0, generator=generator)
 
     # ------------------------------------------------------------------ logits
     def _shape(self, logits: torch.Tensor) -> torch.Tensor:

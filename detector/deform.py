@@ -17,9 +17,12 @@ whole DCN -- offset predictor included, so the sampling positions keep full prec
 float32 with autocast disabled locally, and casts the result back to the autocast dtype (or the
 input's dtype). Outside autocast, float32/float16/float64 inputs run natively.
 
-This module is the single place a faster deformable-convolution kernel would plug in (the DCN is
-10-17x slower than a plain conv of the same shape on an H100; DESIGN section 10): keep its
-constructor and ``forward`` contract and swap the body behind a flag.
+Kernel choice: :func:`set_deform_impl` picks the function every ``ModulatedDeformConv`` calls
+(read at forward time): ``torchvision`` (default, ``torchvision.ops.deform_conv2d`` with the
+float32 handling above), or ``fast`` / ``auto`` from :mod:`detector.fast_deform` (same values and
+gradients; they run in the autocast dtype, bfloat16 included, so no float32 detour is taken and
+the offset predictor runs in the autocast dtype too, as any conv would).
+The DCN is 10-17x slower than a plain conv of the same shape on an H100 (DESIGN section 10).
 """
 from __future__ import annotations
 
@@ -28,6 +31,21 @@ import math
 import torch
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
+
+DEFORM_IMPLS = ("torchvision", "fast", "auto")
+_deform_impl = "torchvision"
+
+
+def set_deform_impl(impl: str) -> None:
+    """Select the deformable-convolution kernel of every ModulatedDeformConv: one of DEFORM_IMPLS."""
+    global _deform_impl
+    if impl not in DEFORM_IMPLS:
+        raise ValueError(f"deform impl '{impl}' is unknown; choose one of {', '.join(DEFORM_IMPLS)}")
+    _deform_impl = impl
+
+
+def get_deform_impl() -> str:
+    return _deform_impl
 
 
 class ModulatedDeformConv(nn.Module):
@@ -67,19 +85,23 @@ class ModulatedDeformConv(nn.Module):
         nn.init.zeros_(self.offset_mask.weight)
         nn.init.zeros_(self.offset_mask.bias)
 
-    def _deform(self, x: Tensor) -> Tensor:
+    def _deform(self, x: Tensor, deform_fn=deform_conv2d) -> Tensor:
         # Parameters follow x's dtype (a no-op unless a bf16-cast module runs its float32 path).
         offset_mask = nn.functional.conv2d(
             x, self.offset_mask.weight.to(x.dtype), self.offset_mask.bias.to(x.dtype), padding=self.padding
         )  # (N, 3*G*K*K, H, W)
         offset = offset_mask[:, : self.num_offsets]  # (N, 2*G*K*K, H, W)
         mask = offset_mask[:, self.num_offsets:].sigmoid()  # (N, G*K*K, H, W)
-        return deform_conv2d(
+        return deform_fn(
             x, offset, self.weight.to(x.dtype), self.bias.to(x.dtype), padding=(self.padding, self.padding), mask=mask
         )  # (N, C_out, H, W)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C_in, H, W) -> (N, C_out, H, W); see the module docstring for precision handling."""
+        if _deform_impl != "torchvision":
+            from detector.fast_deform import select_deform_conv2d
+
+            return self._deform(x, select_deform_conv2d(_deform_impl))
         device_type = x.device.type
         autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
         if not autocast_on and x.dtype != torch.bfloat16:

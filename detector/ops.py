@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from detector.deform import ModulatedDeformConv
+from detector.errors import UserError
 
 GN_GROUPS = 32
 
@@ -45,7 +46,8 @@ def batch_norm(width: int) -> nn.Module:
 
 def group_norm(width: int) -> nn.Module:
     if width % GN_GROUPS != 0:
-        raise ValueError(f"GroupNorm({GN_GROUPS}) needs a width divisible by {GN_GROUPS}, got {width}")
+        raise UserError(f"GroupNorm({GN_GROUPS}) needs a width divisible by {GN_GROUPS}, got {width}; "
+                        "set model.width to a multiple of 32")
     return nn.GroupNorm(GN_GROUPS, width)
 
 

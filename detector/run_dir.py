@@ -103,7 +103,6 @@ def prepare_check(path: Path, resume: bool) -> Path:
         state = "a finished run" if is_finished(path) else "an unfinished run"
         raise RunDirError(f"out_dir={path} already holds {state}; pass resume=true to continue it, "
                           "or another out_dir (nothing was overwritten)")
-    ensure_writable(path)
     return path
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from detector.arch import SearchedHead
+from detector.errors import UserError
 from detector.ops import GN_GROUPS, build_head_op
 
 BOX_ACTIVATIONS = ("exp_scale", "relu")
@@ -85,7 +86,8 @@ class SearchedHeadModule(nn.Module):
         if not isinstance(head_code, SearchedHead):
             raise TypeError(f"SearchedHeadModule needs a SearchedHead code, got {type(head_code).__name__}")
         if width % GN_GROUPS != 0:
-            raise ValueError(f"searched head: width {width} must be divisible by {GN_GROUPS} (GroupNorm groups)")
+            raise UserError(f"searched head: width {width} must be divisible by {GN_GROUPS} (GroupNorm groups); "
+                            "set model.width to a multiple of 32")
         if num_classes < 1 or num_levels < 1:
             raise ValueError(f"searched head: num_classes ({num_classes}) and num_levels ({num_levels}) must be >= 1")
         if box_activation not in BOX_ACTIVATIONS:

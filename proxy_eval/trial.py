@@ -223,7 +223,9 @@ class CachedEvaluator:
     def _loaded(self) -> dict[str, Any]:
         if self._state is None:
             data = load_features(self.cache_path)
-            device = torch.device(self.settings.device)
+            from proxy_eval.build import resolve_device
+
+            device = torch.device(resolve_device(self.settings.device))
             self._state = {
                 "data": data,
                 "device": device,

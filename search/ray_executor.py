@@ -121,7 +121,11 @@ class StageSearcher(Searcher):
             attempts = self.retries + 1
         stage.complete(request, trial_result, attempts)
 
-    # Tune may try to checkpoint its search algorithm; the run dir already holds everything.
+    # Tune pickles its configuration (tuner.pkl) and may checkpoint its search algorithm; the run
+    # dir already holds everything needed to resume, so the live driver state is left out.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "stages": None, "stage": None, "requests": {}}
+
     def save(self, checkpoint_path: str) -> None:
         pass
 

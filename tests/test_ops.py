@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detector.arch import AGGREGATIONS, FPN_OPS, HEAD_OPS
-from detector.deform import ModulatedDeformConv
+from detector.deform import ModulatedDeformConv, get_deform_impl, set_deform_impl
 from detector.ops import (
     AGGREGATION_TABLE,
     FPN_OP_TABLE,
@@ -198,6 +198,27 @@ def test_dcn_accepts_bfloat16_modules_and_inputs():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert dcn.weight.grad is not None and dcn.weight.grad.dtype == torch.bfloat16
+
+
+def test_the_fast_deform_kernel_can_replace_torchvision_behind_the_switch():
+    torch.manual_seed(0)
+    dcn = ModulatedDeformConv(WIDTH, WIDTH, 3)
+    with torch.no_grad():
+        dcn.offset_mask.weight.normal_(std=0.05)
+    x = torch.randn(2, WIDTH, 7, 9, requires_grad=True)
+    assert get_deform_impl() == "torchvision"
+    reference = dcn(x)
+    (reference_grad,) = torch.autograd.grad(reference.square().sum(), x)
+    set_deform_impl("fast")
+    try:
+        fast = dcn(x)
+        (fast_grad,) = torch.autograd.grad(fast.square().sum(), x)
+    finally:
+        set_deform_impl("torchvision")
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_grad, reference_grad, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown"):
+        set_deform_impl("cuda_v3")
 
 
 def test_unknown_op_names_and_bad_group_norm_widths_are_refused_clearly():

@@ -143,8 +143,8 @@ def test_tiny_real_search_on_cached_features(tmp_path):
         f"cache_dir={tmp_path / 'cache'}", "backbone.weights=none", "device=cpu",
         "data.num_train=12", "data.num_val=2", "data.image_min_side=64", "data.image_max_side=96",
         "data.large_every=0", "data.max_objects=3",
-        "proxy_eval.train_images=8", "proxy_eval.val_images=4", "proxy_eval.resolution=64",
-        "proxy_eval.width=32", "proxy_eval.adapt_iters=0", "proxy_eval.iters=2", "proxy_eval.batch_size=4",
+        "proxy_eval.train_images=8", "proxy_eval.val_images=4", "proxy_eval.resolution=128",
+        "proxy_eval.width=64", "proxy_eval.adapt_iters=0", "proxy_eval.iters=2", "proxy_eval.batch_size=4",
         "proxy_eval.warmup_iters=0",
         "space.fpn_ops=[sep3,skip]", "space.head_ops=[conv1,sep3,skip]",
     ])

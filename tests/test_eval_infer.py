@@ -1,0 +1,122 @@
+"""``python -m detector eval`` and ``infer`` on a checkpoint of a tiny training run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detector.checkpoint import CheckpointError
+from detector.cli import compose
+from detector.coco_eval import METRIC_NAMES
+from detector.engine import train
+from detector.evaluate import checked_checkpoint
+from detector.infer import InferError, class_colour, draw_detections, infer_command
+
+ROOT = Path(__file__).resolve().parents[1]
+# score_thresh 0.001: a barely trained model still yields candidate boxes to evaluate and draw
+TINY = ["experiment=synthetic_tiny", "device=cpu", "recipe.score_thresh=0.001", "schedule.iterations=2"]
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "detector", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    cache = tmp_path_factory.getbasetemp() / "nasfcos-cache"
+    run = tmp_path_factory.mktemp("eval") / "run"
+    metrics = train(compose("train", [*TINY, f"cache_dir={cache}", f"out_dir={run}"]))
+    return {"cache": cache, "run": run, "metrics": metrics}
+
+
+def test_eval_cli_prints_and_saves_the_metrics_training_reported(trained, tmp_path):
+    out = tmp_path / "eval"
+    result = _cli("eval", *TINY, f"cache_dir={trained['cache']}", f"ckpt={trained['run'] / 'last.pt'}",
+                  f"out={out}", "arch=fcos", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "AP50" in result.stdout
+    saved = json.loads((out / "eval_metrics.json").read_text())
+    assert set(METRIC_NAMES) <= set(saved)
+    assert all(saved[name] == pytest.approx(trained["metrics"][name], abs=1e-9) for name in METRIC_NAMES)
+    detections = json.loads((out / "eval_detections.json").read_text())
+    assert detections and {"image_id", "category_id", "bbox", "score"} <= set(detections[0])
+
+
+def test_training_wrote_coco_detections_and_metrics(trained):
+    run = trained["run"]
+    detections = json.loads((run / "detections_val.json").read_text())
+    assert detections and all(len(d["bbox"]) == 4 for d in detections)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["arch"] == "fpn:standard+head:fcos" and metrics["iterations"] == 2
+    assert set(METRIC_NAMES) <= set(metrics)
+
+
+def test_eval_cli_refuses_a_checkpoint_of_another_arch(trained, tmp_path):
+    result = _cli("eval", *TINY, f"cache_dir={trained['cache']}", f"ckpt={trained['run'] / 'last.pt'}",
+                  "arch=nasfcos", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds arch 'fpn:standard+head:fcos'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_refuses_damaged_and_missing_checkpoints(trained, tmp_path):
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes((trained["run"] / "last.pt").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="damaged"):
+        checked_checkpoint(compose("train", [f"ckpt={damaged}"]), argv=[])
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checked_checkpoint(compose("train", [f"ckpt={tmp_path / 'none.pt'}"]), argv=[])
+    assert checked_checkpoint(compose("train", [f"ckpt={trained['run'] / 'final.pt'}"]), argv=["arch=fcos"])
+
+
+def test_infer_cli_draws_boxes_and_writes_json(trained, tmp_path):
+    source = next((trained["cache"] / "synthetic").glob("*/val"))
+    images = sorted(source.glob("*.jpg"))[:2]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+    out = tmp_path / "out"
+    result = _cli("infer", f"ckpt={trained['run'] / 'final.pt'}", f"images={folder}", f"out={out}",
+                  "score_thresh=0", "device=cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = json.loads((out / "detections.json").read_text())
+    assert [r["file"] for r in records] == [p.name for p in images]
+    for record, image in zip(records, images):
+        assert record["detections"], "score_thresh=0 keeps every candidate"
+        first = record["detections"][0]
+        assert first["class_name"] in ("circle", "rectangle", "triangle", "star", "ring", "cross")
+        drawn = np.asarray(Image.open(out / f"{image.stem}.png").convert("RGB"))
+        original = np.asarray(Image.open(image).convert("RGB"))
+        assert drawn.shape == original.shape and (drawn != original).any()
+
+    again = _cli("infer", f"ckpt={trained['run'] / 'final.pt'}", f"images={folder}", f"out={out}", cwd=tmp_path)
+    assert again.returncode == 2 and "nothing was overwritten" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_infer_bad_images_are_one_line_errors(trained, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    base = [f"ckpt={trained['run'] / 'final.pt'}", "device=cpu"]
+    with pytest.raises(InferError, match="cannot read image"):
+        infer_command(compose("train", [*base, f"images={bad}", f"out={tmp_path / 'o1'}"]))
+    with pytest.raises(InferError, match="does not exist"):
+        infer_command(compose("train", [*base, f"images={tmp_path / 'nothing'}", f"out={tmp_path / 'o2'}"]))
+    with pytest.raises(InferError, match="out is not set"):
+        infer_command(compose("train", [*base, f"images={bad}"]))
+
+
+def test_draw_detections_outlines_the_box_in_the_class_colour():
+    image = Image.new("RGB", (64, 64), (0, 0, 0))
+    drawn = np.asarray(draw_detections(image, [{"box": [10, 20, 50, 60], "score": 0.9, "label": 2,
+                                                "class_name": "triangle"}]))
+    assert tuple(drawn[40, 10]) == class_colour(2)  # left edge
+    assert tuple(drawn[59, 30]) == class_colour(2)  # bottom edge
+    assert tuple(drawn[40, 30]) == (0, 0, 0)  # inside stays untouched
