@@ -297,21 +297,42 @@ def _weight_columns(weight: Tensor, geo: DeformGeometry) -> Tensor:
 
 
 def _columns_times_weight(columns: Tensor, weight_cols: Tensor, out: Tensor) -> None:
-    """out (rows, Cout) = columns (rows, Gw, K, Cw) x weight_cols (Gw, Cout/Gw, K*Cw), per group."""
-    rows, groups = columns.shape[:2]
-    flat = columns.view(rows, groups, -1)
-    per_group = weight_cols.shape[1]
+    """out (n, Cout, L) = weight_cols (Gw, Cout/Gw, K*Cw) x columns (n*L, Gw, K, Cw)^T per image and group.
+
+    Batched GEMMs with the columns read transposed: the result lands in NCHW directly.
+    """
+    n, groups, per_group = out.shape[0], weight_cols.shape[0], weight_cols.shape[1]
+    per_image = columns.view(n, -1, groups, weight_cols.shape[2])  # (n, L, Gw, K*Cw)
     for g in range(groups):
-        torch.mm(flat[:, g], weight_cols[g].t(), out=out[:, g * per_group:(g + 1) * per_group])
+        weight = weight_cols[g].expand(n, -1, -1)  # (n, Cout/Gw, K*Cw), stride 0 over images
+        if groups == 1:
+            torch.bmm(weight, per_image[:, :, 0].transpose(1, 2), out=out)
+        else:
+            out[:, g * per_group:(g + 1) * per_group] = torch.bmm(weight, per_image[:, :, g].transpose(1, 2))
 
 
-def _grad_columns(grad_rows: Tensor, weight_cols: Tensor, taps: int) -> Tensor:
-    """grad_rows (rows, Cout) x weight_cols (Gw, Cout/Gw, K*Cw) -> column gradient (rows, Gw, K, Cw)."""
+def _grad_columns(grad_out: Tensor, weight_cols: Tensor, taps: int) -> Tensor:
+    """grad_out (n, Cout, L) x weight_cols (Gw, Cout/Gw, K*Cw) -> column gradient (n*L, Gw, K, Cw)."""
+    n, _, pixels = grad_out.shape
     groups, per_group, width = weight_cols.shape
-    grad = grad_rows.new_empty(grad_rows.shape[0], groups, width)
+    grad = grad_out.new_empty(n, pixels, groups, width)
     for g in range(groups):
-        torch.mm(grad_rows[:, g * per_group:(g + 1) * per_group], weight_cols[g], out=grad[:, g])
-    return grad.view(grad_rows.shape[0], groups, taps, -1)
+        grad_g = grad_out[:, g * per_group:(g + 1) * per_group].transpose(1, 2)  # (n, L, Cout/Gw)
+        if groups == 1:
+            torch.bmm(grad_g, weight_cols[0].expand(n, -1, -1), out=grad.view(n, pixels, width))
+        else:
+            grad[:, :, g] = torch.bmm(grad_g, weight_cols[g].expand(n, -1, -1))
+    return grad.view(n * pixels, groups, taps, -1)
+
+
+def _accumulate_grad_weight(grad_out: Tensor, columns: Tensor, grad_weight_cols: Tensor) -> None:
+    """grad_weight_cols (Gw, Cout/Gw, K*Cw) += sum over images of grad_out (n, Cout, L) x columns (n, L, K*Cw)."""
+    n = grad_out.shape[0]
+    groups, per_group, width = grad_weight_cols.shape
+    per_image = columns.view(n, -1, groups, width)
+    for g in range(groups):
+        products = torch.bmm(grad_out[:, g * per_group:(g + 1) * per_group], per_image[:, :, g])  # (n, Cout/Gw, K*Cw)
+        grad_weight_cols[g] += products.sum(0, dtype=grad_weight_cols.dtype)
 
 
 class _DeformConvColumns(torch.autograd.Function):
@@ -319,68 +340,63 @@ class _DeformConvColumns(torch.autograd.Function):
     def forward(ctx, x, offset, mask, weight, bias, geo, sampler, images_per_chunk):
         # x (N, C, H, W) compute dtype; offset (N, 2GK, Ho, Wo) / mask (N, GK, Ho, Wo) coord dtype
         batch = x.shape[0]
-        x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C)
+        x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C); free if x is channels_last
         weight_cols = _weight_columns(weight, geo)
-        rows_per_image = geo.out_pixels
-        out = x.new_empty(batch * rows_per_image, weight.shape[0])  # (N*L, Cout)
+        out = x.new_empty(batch, weight.shape[0], geo.out_pixels)  # (N, Cout, L)
         for start in range(0, batch, images_per_chunk):
             stop = min(start + images_per_chunk, batch)
             columns = sampler.sample(x_nhwc[start:stop], offset[start:stop],
                                      None if mask is None else mask[start:stop], geo)
-            _columns_times_weight(columns, weight_cols, out[start * rows_per_image:stop * rows_per_image])
+            _columns_times_weight(columns, weight_cols, out[start:stop])
             del columns
         if bias is not None:
-            out += bias
-        ctx.save_for_backward(x, offset, mask, weight, bias)
+            out += bias.view(1, -1, 1)
+        # x_nhwc, not x: backward needs this layout, and keeping it saves a copy there
+        ctx.save_for_backward(x_nhwc, offset, mask, weight, bias)
         ctx.geo, ctx.sampler, ctx.images_per_chunk = geo, sampler, images_per_chunk
-        out = out.view(batch, geo.out_height, geo.out_width, -1)
-        return out.permute(0, 3, 1, 2).contiguous()  # (N, Cout, Ho, Wo)
+        return out.view(batch, -1, geo.out_height, geo.out_width)  # (N, Cout, Ho, Wo)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, offset, mask, weight, bias = ctx.saved_tensors
+        x_nhwc, offset, mask, weight, bias = ctx.saved_tensors
         geo, sampler, chunk = ctx.geo, ctx.sampler, ctx.images_per_chunk
         need_x, need_offset, need_mask, need_weight, need_bias = ctx.needs_input_grad[:5]
-        with torch.autocast(x.device.type, enabled=False):
-            batch, rows_per_image = x.shape[0], geo.out_pixels
-            grad_rows = grad_out.permute(0, 2, 3, 1).to(x.dtype).contiguous().view(batch * rows_per_image, -1)
-            x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+        with torch.autocast(x_nhwc.device.type, enabled=False):
+            batch = x_nhwc.shape[0]
+            grad_out = grad_out.to(x_nhwc.dtype).contiguous().view(batch, -1, geo.out_pixels)  # (N, Cout, L)
             weight_cols = _weight_columns(weight, geo)  # (Gw, Cout/Gw, K*Cw)
-            groups, out_per_group = weight_cols.shape[:2]
             acc_dtype = offset.dtype
-            grad_weight_cols = torch.zeros(weight_cols.shape, device=x.device, dtype=acc_dtype) if need_weight else None
+            grad_weight_cols = torch.zeros(weight_cols.shape, device=x_nhwc.device, dtype=acc_dtype) if need_weight else None
             need_columns_grad = need_x or need_offset or need_mask
-            grad_x_nhwc = torch.zeros(x_nhwc.shape, device=x.device, dtype=acc_dtype) if need_columns_grad else None
+            grad_x_nhwc = torch.zeros(x_nhwc.shape, device=x_nhwc.device, dtype=acc_dtype) if need_columns_grad else None
             grad_offset = torch.empty_like(offset) if need_columns_grad else None
             grad_mask = torch.empty_like(mask) if need_columns_grad and mask is not None else None
             for start in range(0, batch, chunk):
                 stop = min(start + chunk, batch)
-                rows = grad_rows[start * rows_per_image:stop * rows_per_image]  # (n*L, Cout)
                 mask_chunk = None if mask is None else mask[start:stop]
                 if need_weight:
                     columns = sampler.sample(x_nhwc[start:stop], offset[start:stop], mask_chunk, geo)
-                    flat = columns.view(columns.shape[0], groups, -1)
-                    for g in range(groups):
-                        grad_g = rows[:, g * out_per_group:(g + 1) * out_per_group]
-                        grad_weight_cols[g] += (grad_g.t() @ flat[:, g]).to(acc_dtype)
-                    del columns, flat
+                    _accumulate_grad_weight(grad_out[start:stop], columns, grad_weight_cols)
+                    del columns
                 if need_columns_grad:
-                    grad_columns = _grad_columns(rows, weight_cols, geo.taps)  # (n*L, Gw, K, Cw)
+                    grad_columns = _grad_columns(grad_out[start:stop], weight_cols, geo.taps)  # (n*L, Gw, K, Cw)
                     sampler.backward(
                         grad_columns, x_nhwc[start:stop], offset[start:stop], mask_chunk, geo,
                         grad_x_nhwc[start:stop], grad_offset[start:stop],
                         None if grad_mask is None else grad_mask[start:stop],
                     )
                     del grad_columns
-            grad_x = grad_x_nhwc.permute(0, 3, 1, 2).to(x.dtype).contiguous() if need_x else None
+            grad_x = None
+            if need_x:  # one pass: NHWC accumulator -> NCHW in the input dtype
+                grad_x = x_nhwc.new_empty(x_nhwc.permute(0, 3, 1, 2).shape).copy_(grad_x_nhwc.permute(0, 3, 1, 2))
             grad_weight = None
             if need_weight:
-                out_channels, group_channels = weight.shape[:2]
+                groups, out_per_group = weight_cols.shape[:2]
                 grad_weight = (
-                    grad_weight_cols.view(groups, out_per_group, geo.taps, group_channels)
+                    grad_weight_cols.view(groups, out_per_group, geo.taps, weight.shape[1])
                     .transpose(2, 3).reshape(weight.shape).to(weight.dtype)
                 )
-            grad_bias = grad_rows.sum(0, dtype=acc_dtype).to(bias.dtype) if need_bias else None
+            grad_bias = grad_out.sum((0, 2), dtype=acc_dtype).to(bias.dtype) if need_bias else None
         return (grad_x, grad_offset if need_offset else None, grad_mask if need_mask else None,
                 grad_weight, grad_bias, None, None, None)
 

@@ -12,7 +12,8 @@ Same contract as the torch sampler there (its tested reference), one kernel each
 
 Layouts: input ``(n, H, W, C)``; columns ``(n*L, Gw, K, Cw)``; offsets ``(n, 2*G*K, Ho, Wo)`` and
 masks ``(n, G*K, Ho, Wo)`` contiguous, in the coordinate dtype. One program handles
-``BLOCK_ROWS`` output pixels of one (group, tap) and loops over the group's channels.
+``BLOCK_ROWS`` output pixels of one (group, tap) and loops over the group's channels; the
+program ids enumerate (row block, group, tap) with the tap fastest.
 Runs on CUDA; with ``TRITON_INTERPRET=1`` Triton's interpreter runs it on CPU tensors (tests).
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ import triton.language as tl
 from torch import Tensor
 
 # (rows per program, channels per step, warps) per kernel; experiments/bench_dcn.py sweeps these.
-KERNEL_CONFIGS = {"forward": (64, 64, 4), "backward": (32, 64, 4)}
+# Defaults: the fastest of experiments/bench_dcn.py --sweep on an H100 (bf16, DESIGN shape).
+KERNEL_CONFIGS = {"forward": (32, 128, 4), "backward": (32, 128, 4)}
 
 
 @triton.jit
@@ -86,8 +88,11 @@ def _sample_columns_kernel(
     HAS_MASK: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    gk = tl.program_id(1)
+    # gk varies fastest over the program ids: the G*K programs of one row block run together and
+    # share its input pixels (and, backward, its gradient atomics) in L2 instead of re-reading
+    # the whole input once per tap.
+    gk = tl.program_id(0) % (GROUPS * TAPS)
+    rows = (tl.program_id(0) // (GROUPS * TAPS)) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < num_rows
     (_, _, modulation, fy, fx, ok00, ok01, ok10, ok11, pixel00) = _sampling_point(
         offset_ptr, mask_ptr, rows, row_ok, gk, pixels, out_width, height, width,
@@ -127,8 +132,11 @@ def _sample_columns_backward_kernel(
     HAS_MASK: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    gk = tl.program_id(1)
+    # gk varies fastest over the program ids: the G*K programs of one row block run together and
+    # share its input pixels (and, backward, its gradient atomics) in L2 instead of re-reading
+    # the whole input once per tap.
+    gk = tl.program_id(0) % (GROUPS * TAPS)
+    rows = (tl.program_id(0) // (GROUPS * TAPS)) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < num_rows
     (offset_index, mask_index, modulation, fy, fx, ok00, ok01, ok10, ok11, pixel00) = _sampling_point(
         offset_ptr, mask_ptr, rows, row_ok, gk, pixels, out_width, height, width,
@@ -192,7 +200,7 @@ def _launch_args(x_nhwc: Tensor, geo, kernel: str) -> tuple[tuple, dict, tuple]:
         BLOCK_ROWS=block_rows,
         BLOCK_CHANNELS=block_channels, num_warps=num_warps,
     )
-    grid = (triton.cdiv(num_rows, block_rows), geo.offset_groups * geo.taps)
+    grid = (triton.cdiv(num_rows, block_rows) * geo.offset_groups * geo.taps,)
     return scalars, meta, grid
 
 

@@ -255,28 +255,32 @@ def breakdown(shape: Shape, device: torch.device, args: argparse.Namespace) -> N
     offset, mask = offset_mask[:, :split].contiguous(), offset_mask[:, split:].sigmoid().contiguous()
     geo = fast_deform.describe_deform_conv(x, offset, layer["weight"], None, mask, 1, 1, 1)
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
-    weight2d = fast_deform._weight_columns(layer["weight"].detach(), geo)[0]  # (Cout, K*C)
+    weight_cols = fast_deform._weight_columns(layer["weight"].detach(), geo)  # (1, Cout, K*C)
     columns = fdt.sample_columns(x_nhwc, offset, mask, geo)
-    rows2d = columns.view(columns.shape[0], -1)
-    grad_rows = layer["grad"].permute(0, 2, 3, 1).reshape(rows2d.shape[0], -1).contiguous()
+    grad_out = layer["grad"].reshape(shape.batch, shape.channels, -1)  # (N, Cout, L)
+    out = torch.empty_like(grad_out)
+    grad_weight_cols = torch.zeros(weight_cols.shape, device=device)
     grad_x = torch.zeros(x_nhwc.shape, device=device)
     grad_offset, grad_mask = torch.empty_like(offset), torch.empty_like(mask)
     pieces = {
         "NCHW -> NHWC input copy": lambda: x.permute(0, 2, 3, 1).contiguous(),
         "sample columns (triton)": lambda: fdt.sample_columns(x_nhwc, offset, mask, geo),
-        "GEMM out = cols @ W^T": lambda: rows2d @ weight2d.t(),
-        "GEMM grad_cols = g @ W": lambda: grad_rows @ weight2d,
-        "GEMM grad_W = g^T @ cols": lambda: grad_rows.t() @ rows2d,
+        "GEMM out = W cols^T": lambda: fast_deform._columns_times_weight(columns, weight_cols, out),
+        "GEMM grad_cols = g^T W": lambda: fast_deform._grad_columns(grad_out, weight_cols, geo.taps),
+        "GEMM grad_W = g cols": lambda: fast_deform._accumulate_grad_weight(grad_out, columns, grad_weight_cols),
         "sample backward (triton)": lambda: fdt.sample_columns_backward(
             columns, x_nhwc, offset, mask, geo, grad_x, grad_offset, grad_mask),
+        "grad_x NHWC fp32 -> NCHW": lambda: x.new_empty(x.shape).copy_(grad_x.permute(0, 3, 1, 2)),
     }
-    gemm_flop = 2 * rows2d.shape[0] * rows2d.shape[1] * weight2d.shape[0]
+    rows2d = columns.view(columns.shape[0], -1)
+    gemm_flop = 2 * rows2d.shape[0] * rows2d.shape[1] * shape.channels
     column_bytes = columns.numel() * columns.element_size()
     print(f"\nBreakdown, bf16, one chunk of {shape.batch} images (columns {column_bytes / 2**30:.2f} GiB, "
           f"{gemm_flop / 1e9:.0f} GFLOP per GEMM)")
     for name, fn in pieces.items():
         ms, _ = time_step(fn, device, args.warmup, args.repeats)
-        extra = f"{gemm_flop / ms / 1e9:8.0f} TFLOP/s" if "GEMM" in name else f"{column_bytes / ms / 1e6:8.0f} GB/s cols"
+        extra = (f"{gemm_flop / ms / 1e9:8.0f} TFLOP/s" if "GEMM" in name
+                 else f"{column_bytes / ms / 1e6:8.0f} GB/s of columns" if "sample" in name else "")
         print(f"  {name:<28}{ms:>8.2f} ms {extra}", flush=True)
 
 
@@ -299,7 +303,7 @@ def sweep(shape: Shape, device: torch.device, args: argparse.Namespace) -> None:
         "forward": lambda: fdt.sample_columns(x_nhwc, offset, mask, geo),
         "backward": lambda: fdt.sample_columns_backward(columns, x_nhwc, offset, mask, geo, grad_x, grad_offset, grad_mask),
     }
-    configs = [(16, 64, 2), (32, 64, 4), (64, 64, 4), (128, 64, 8), (32, 128, 4), (64, 128, 8), (64, 32, 4), (128, 32, 4)]
+    configs = [(16, 128, 2), (32, 128, 4), (64, 128, 8), (16, 64, 2), (32, 64, 4), (64, 64, 4)]
     print("\nTriton kernel sweep (bf16, one chunk): rows, channels, warps -> ms")
     for kernel, call in calls.items():
         default = fdt.KERNEL_CONFIGS[kernel]

@@ -29,7 +29,7 @@ def test_bad_code_exits_2_with_one_line_and_no_traceback(tmp_path):
     out = _run("search", "show", "arch=fpn:c3-c4-sep3-skip-sum+head:fcos", cwd=tmp_path)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and "blocks given" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "only 1 block output" in out.stderr
 
 
 def test_unknown_override_and_unknown_command_exit_2(tmp_path):

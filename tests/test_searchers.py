@@ -24,7 +24,7 @@ SPACE = SearchSpace("fpn")
 
 # Small, fast settings for the state tests; every searcher kind is covered.
 SMALL = {
-    "ppo": {"name": "ppo", "hidden": 16, "buffer": 8, "epochs": 2, "minibatch": 3, "lr": 3e-3},
+    "ppo": {"name": "ppo", "hidden": 16, "buffer": 8, "epochs": 1, "minibatch": 4, "lr": 3e-3},
     "reinforce": {"name": "reinforce", "hidden": 16, "lr": 3e-3, "entropy_weight": 0.01},
     "random": {"name": "random"},
     "evolution": {"name": "evolution", "population": 6, "sample_size": 3},
@@ -203,7 +203,7 @@ def test_ppo_buffer_keeps_the_last_n_samples():
     for i, p in enumerate(proposals):
         searcher.tell(p, i / 10)
     assert [item[0] for item in searcher.buffer] == [p.tokens for p in proposals[-8:]]
-    assert searcher.num_updates == sum(2 * -(-min(i, 8) // 3) for i in range(1, 12))  # epochs x minibatches
+    assert searcher.num_updates == sum(-(-min(i, 8) // 4) for i in range(1, 12))  # minibatches of 4, 1 epoch
 
 
 def test_reward_baseline_is_an_exponential_moving_average():
