@@ -28,7 +28,7 @@ class EvolutionSearcher(Searcher):
 
     name = "evolution"
 
-    def __init__(self, space: SearchSpace, seed: int = 0, population: int = 50, sample_size: int = 10) -> None:
+    def __init__(self, space: SearchSpace, seed: int = 0, population: int = 30, sample_size: int = 10) -> None:
         super().__init__(space, seed)
         if population < 2:
             raise ControllerError(f"controller.population: {population} is too small; use at least 2")

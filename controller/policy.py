@@ -175,17 +175,15 @@ class ControllerPolicy(nn.Module):
         return tuple(tokens), log_prob, entropy
 
     def _numpy_weights(self) -> dict:
-        """Float32 NumPy copies of the weights, laid out for :meth:`sample`."""
+        """Float32 NumPy views of the weights, laid out for :meth:`sample` (read-only use)."""
         lstm = self.lstm
         cells = []
         for i in range(self.layers):
             w = torch.cat([getattr(lstm, f"weight_ih_l{i}"), getattr(lstm, f"weight_hh_l{i}")], dim=1)  # (4H, 2H)
             b = getattr(lstm, f"bias_ih_l{i}") + getattr(lstm, f"bias_hh_l{i}")  # (4H,)
-            cells.append((w.float().numpy().copy(), b.float().numpy().copy()))
-        classifiers = {k: (m.weight.float().numpy().copy(), m.bias.float().numpy().copy())
-                       for k, m in self.classifiers.items()}
-        return {"embedding": self.embedding.weight.float().numpy().copy(), "cells": cells,
-                "classifiers": classifiers}
+            cells.append((_to_numpy(w), _to_numpy(b)))
+        classifiers = {k: (_to_numpy(m.weight), _to_numpy(m.bias)) for k, m in self.classifiers.items()}
+        return {"embedding": _to_numpy(self.embedding.weight), "cells": cells, "classifiers": classifiers}
 
     def _shape_numpy(self, logits: np.ndarray) -> np.ndarray:
         if self.temperature is not None:
@@ -201,6 +199,10 @@ class ControllerPolicy(nn.Module):
         if tokens.dim() != 2 or tokens.shape[1] != self.num_steps:
             raise ValueError(f"policy: expected tokens of shape (N, {self.num_steps}), got {tuple(tokens.shape)}")
         return tokens.long()
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float32).numpy()
 
 
 def _entropy(log_probs: torch.Tensor) -> torch.Tensor:

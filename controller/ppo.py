@@ -28,8 +28,8 @@ class PPOSearcher(PolicySearcher):
 
     name = "ppo"
 
-    def __init__(self, space: SearchSpace, seed: int = 0, *, lr: float = 3.5e-4, buffer: int = 100,
-                 epochs: int = 4, minibatch: int | None = None, clip: float = 0.1, **settings) -> None:
+    def __init__(self, space: SearchSpace, seed: int = 0, *, lr: float = 1e-3, buffer: int = 100,
+                 epochs: int = 2, minibatch: int | None = 20, clip: float = 0.1, **settings) -> None:
         if buffer < 1 or epochs < 1:
             raise ControllerError(f"controller.buffer ({buffer}) and controller.epochs ({epochs}) must be at least 1")
         if minibatch is not None and minibatch < 1:

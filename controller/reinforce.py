@@ -17,7 +17,7 @@ class ReinforceSearcher(PolicySearcher):
 
     name = "reinforce"
 
-    def __init__(self, space: SearchSpace, seed: int = 0, *, lr: float = 3.5e-4, **settings) -> None:
+    def __init__(self, space: SearchSpace, seed: int = 0, *, lr: float = 1e-3, **settings) -> None:
         super().__init__(space, seed, lr=lr, **settings)
 
     def _update(self, tokens: tuple[int, ...], log_prob: float, advantage: float) -> None:

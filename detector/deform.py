@@ -18,11 +18,13 @@ float32 with autocast disabled locally, and casts the result back to the autocas
 input's dtype). Outside autocast, float32/float16/float64 inputs run natively.
 
 Kernel choice: :func:`set_deform_impl` picks the function every ``ModulatedDeformConv`` calls
-(read at forward time): ``torchvision`` (default, ``torchvision.ops.deform_conv2d`` with the
-float32 handling above), or ``fast`` / ``auto`` from :mod:`detector.fast_deform` (same values and
+(read at forward time): ``auto`` (default: the Triton kernel of :mod:`detector.fast_deform` on CUDA
+and for bfloat16, torchvision otherwise), ``torchvision`` (``torchvision.ops.deform_conv2d`` with
+the float32 handling above), or ``fast`` (always :mod:`detector.fast_deform`; same values and
 gradients; they run in the autocast dtype, bfloat16 included, so no float32 detour is taken and
 the offset predictor runs in the autocast dtype too, as any conv would).
-The DCN is 10-17x slower than a plain conv of the same shape on an H100 (DESIGN section 10).
+torchvision's DCN is 10-17x slower than a plain conv of the same shape on an H100 (DESIGN section
+10); the fast kernel runs the DESIGN shape 6.4x faster in bf16 (experiments/PERF.md).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 DEFORM_IMPLS = ("torchvision", "fast", "auto")
-_deform_impl = "torchvision"
+_deform_impl = "auto"
 
 
 def set_deform_impl(impl: str) -> None:

@@ -15,10 +15,14 @@ How it works, per chunk of images (DESIGN section 10 has the motivation):
    the offset position and multiply by the mask, giving columns ``(n*L, Gw, K, Cw)`` (L output
    pixels, Gw weight groups of Cw channels, K taps) in the compute dtype; coordinates and
    interpolation weights are always float32 (float64 for float64 inputs);
-2. *GEMM*: ``(n*L, K*Cw) @ (K*Cw, Cout/Gw)`` per weight group -- tensor cores in bf16/fp16;
-3. backward recomputes the columns (nothing column-sized is saved), takes the weight gradient
-   from one GEMM, the column gradient from another, and scatters it back to the input (atomics),
-   the offsets and the masks.
+2. *GEMM*: per image and weight group ``(Cout/Gw, K*Cw) @ columns^T`` (batched, columns read
+   transposed) writes the NCHW output directly -- tensor cores in bf16/fp16;
+3. backward recomputes the columns (nothing column-sized is saved; the forward keeps only an
+   NHWC copy of the input), takes the weight gradient from one batched GEMM, the column gradient
+   from another, and scatters it back to the input (atomics), the offsets and the masks.
+
+The output is NCHW-contiguous like torchvision's. Extra memory per call is bounded by
+``COLUMN_BUDGET_BYTES`` (the batch is processed in chunks of images).
 
 Two samplers implement steps 1 and 3: ``torch`` (gather / scatter_add, any device, the tested
 reference) and ``triton`` (fused CUDA kernels in :mod:`detector.fast_deform_triton`).
@@ -89,7 +93,9 @@ def describe_deform_conv(
         )
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"deform_conv2d_fast: need stride >= 1, dilation >= 1, padding >= 0, got {stride}, {dilation}, {padding}")
+        raise ValueError(
+            f"deform_conv2d_fast: need stride >= 1, dilation >= 1, padding >= 0, got {stride}, {dilation}, {padding}"
+        )
     batch, channels, height, width = input.shape
     out_channels, group_channels, kernel_h, kernel_w = weight.shape
     taps = kernel_h * kernel_w
@@ -106,7 +112,8 @@ def describe_deform_conv(
         )
     out_height = (height + 2 * padding[0] - (dilation[0] * (kernel_h - 1) + 1)) // stride[0] + 1
     out_width = (width + 2 * padding[1] - (dilation[1] * (kernel_w - 1) + 1)) // stride[1] + 1
-    if out_height < 1 or out_width < 1 or offset.shape[0] != batch or tuple(offset.shape[2:]) != (out_height, out_width):
+    offset_fits = offset.shape[0] == batch and tuple(offset.shape[2:]) == (out_height, out_width)
+    if out_height < 1 or out_width < 1 or not offset_fits:
         raise ValueError(
             f"deform_conv2d_fast: offset {tuple(offset.shape)} must be ({batch}, {offset.shape[1]}, "
             f"{out_height}, {out_width}) for input {tuple(input.shape)} and this kernel/stride/padding/dilation"
@@ -366,9 +373,10 @@ class _DeformConvColumns(torch.autograd.Function):
             grad_out = grad_out.to(x_nhwc.dtype).contiguous().view(batch, -1, geo.out_pixels)  # (N, Cout, L)
             weight_cols = _weight_columns(weight, geo)  # (Gw, Cout/Gw, K*Cw)
             acc_dtype = offset.dtype
-            grad_weight_cols = torch.zeros(weight_cols.shape, device=x_nhwc.device, dtype=acc_dtype) if need_weight else None
+            zeros = functools.partial(torch.zeros, device=x_nhwc.device, dtype=acc_dtype)
+            grad_weight_cols = zeros(weight_cols.shape) if need_weight else None
             need_columns_grad = need_x or need_offset or need_mask
-            grad_x_nhwc = torch.zeros(x_nhwc.shape, device=x_nhwc.device, dtype=acc_dtype) if need_columns_grad else None
+            grad_x_nhwc = zeros(x_nhwc.shape) if need_columns_grad else None  # fp32 (fp64) accumulator
             grad_offset = torch.empty_like(offset) if need_columns_grad else None
             grad_mask = torch.empty_like(mask) if need_columns_grad and mask is not None else None
             for start in range(0, batch, chunk):
@@ -453,8 +461,13 @@ def deform_conv2d_auto(
     input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,
     stride=1, padding=0, dilation=1, mask: Tensor | None = None,
 ) -> Tensor:
-    """The faster of the two per call: fast on CUDA (and for bfloat16, which torchvision lacks), torchvision on CPU."""
-    use_fast = input.is_cuda or _compute_dtype(input) == torch.bfloat16
+    """The faster of the two per call (experiments/dcn_notes.md has the H100 measurements).
+
+    Fast where its Triton sampler runs (CUDA with Triton importable: 2x faster than torchvision in
+    float32, 6x in bf16/fp16) and for bfloat16 (torchvision has no bf16 kernel); torchvision
+    otherwise (CPU, or CUDA without Triton, where the torch sampler is about 2x slower).
+    """
+    use_fast = _compute_dtype(input) == torch.bfloat16 or (input.is_cuda and triton_sampler() is not None)
     impl = deform_conv2d_fast if use_fast else torchvision.ops.deform_conv2d
     return impl(input, offset, weight, bias, stride, padding, dilation, mask)
 

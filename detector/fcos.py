@@ -8,7 +8,8 @@ are normalised as the backbone expects and zero-padded (bottom/right) to a multi
 
 The pieces are reusable on their own: ``preprocess`` (normalise + pad), ``forward_features``
 (padded batch -> [P3..P7]), and the module-level ``compute_losses`` / ``postprocess`` that act on
-head outputs alone.
+head outputs alone. ``loss_impl`` / ``postprocess_impl`` / ``points_cache`` default to those
+reference functions (no cache); :mod:`detector.fast_paths` swaps in equivalent faster ones.
 """
 from __future__ import annotations
 
@@ -39,11 +40,28 @@ def _check_inputs(images: list[Tensor], targets: list[dict[str, Tensor]] | None,
         if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
             raise ValueError(f"FCOS: target {index} has boxes {tuple(boxes.shape)} and labels "
                              f"{tuple(labels.shape)}; expected (K, 4) xyxy boxes and (K,) labels")
+    if not _any_degenerate(targets):  # one device sync for the whole batch
+        return
+    for index, target in enumerate(targets):  # only on failure: find and name the box
+        boxes = target["boxes"]
         degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)  # (K,)
         if degenerate.any():
             box = boxes[degenerate.nonzero()[0, 0]].tolist()
             raise ValueError(f"FCOS: target {index} has a box with no area {box}; boxes are (x1, y1, x2, y2) "
                              "with x2 > x1 and y2 > y1 (drop empty boxes in the data pipeline)")
+
+
+def _any_degenerate(targets: list[dict[str, Tensor]]) -> bool:
+    """Whether any box of the batch has x2 <= x1 or y2 <= y1, with one host sync per device."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for target in targets:
+        if target["boxes"].numel():
+            by_device.setdefault(target["boxes"].device, []).append(target["boxes"])
+    for boxes in by_device.values():
+        stacked = torch.cat(boxes)  # (sum K, 4)
+        if bool((stacked[:, 2:] <= stacked[:, :2]).any()):
+            return True
+    return False
 
 
 class FCOS(nn.Module):
@@ -64,6 +82,10 @@ class FCOS(nn.Module):
         # not persistent: they follow the backbone choice, not the checkpoint
         self.register_buffer("pixel_mean", torch.tensor(backbone.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(backbone.pixel_std).view(3, 1, 1), persistent=False)
+        # Swappable implementations (detector.fast_paths installs equivalent faster ones).
+        self.loss_impl = compute_losses
+        self.postprocess_impl = postprocess
+        self.points_cache = None  # a detector.fast_paths.PointsCache once installed
 
     def normalize(self, image: Tensor) -> Tensor:
         """(3, H, W) RGB in 0..1 -> what the backbone was trained on (same shape)."""
@@ -81,6 +103,8 @@ class FCOS(nn.Module):
         return self.fpn(self.backbone(padded))
 
     def points(self, features: list[Tensor]) -> Points:
+        if self.points_cache is not None:
+            return self.points_cache.get(features, self.recipe.point_offset)
         return points_for(features, self.recipe.point_offset)
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
@@ -91,5 +115,5 @@ class FCOS(nn.Module):
         head_out = self.head(features)
         points = self.points(features)
         if self.training:
-            return compute_losses(head_out, points, targets, self.recipe, self.num_classes)
-        return postprocess(head_out, points, image_sizes, self.recipe)
+            return self.loss_impl(head_out, points, targets, self.recipe, self.num_classes)
+        return self.postprocess_impl(head_out, points, image_sizes, self.recipe)

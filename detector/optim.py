@@ -103,7 +103,7 @@ def parameter_groups(model: nn.Module, schedule: Schedule) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (biases if name.endswith(".bias") else weights).append(param)
+        (biases if name.rsplit(".", 1)[-1] == "bias" else weights).append(param)
     groups = [{"params": weights, "lr": schedule.lr, "weight_decay": schedule.weight_decay, "name": "weights"}]
     if biases:
         groups.append({

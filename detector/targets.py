@@ -54,8 +54,13 @@ def pad_targets(targets: list[dict[str, Tensor]], device: torch.device,
     return boxes, labels, valid
 
 
-def assign_targets(points: Points, targets: list[dict[str, Tensor]], recipe: Recipe) -> MatchedTargets:
-    """Assign every point of every image to at most one box (smallest area among candidates)."""
+def assign_targets(points: Points, targets: list[dict[str, Tensor]], recipe: Recipe,
+                   size_ranges: Tensor | None = None) -> MatchedTargets:
+    """Assign every point of every image to at most one box (smallest area among candidates).
+
+    ``size_ranges``: ``recipe.size_ranges`` as a (levels, 2) float tensor on the points' device,
+    if the caller keeps one (building it here is a blocking host-to-device copy on GPU).
+    """
     device = points.xy.device
     boxes, labels, valid = pad_targets(targets, device)  # (N, M, 4), (N, M), (N, M)
     num_images, num_points = len(targets), points.xy.shape[0]
@@ -73,7 +78,9 @@ def assign_targets(points: Points, targets: list[dict[str, Tensor]], recipe: Rec
     farthest_side = torch.maximum(torch.maximum(left, top), torch.maximum(right, bottom))
     candidate = (nearest_side > 0) & valid.unsqueeze(1)  # (N, P, M)
 
-    ranges = points.xy.new_tensor(recipe.size_ranges)[points.levels]  # (P, 2)
+    if size_ranges is None:
+        size_ranges = points.xy.new_tensor(recipe.size_ranges)  # (levels, 2)
+    ranges = size_ranges[points.levels]  # (P, 2)
     low, high = ranges[:, 0].view(1, -1, 1), ranges[:, 1].view(1, -1, 1)
     if recipe.size_range_inclusive:
         candidate &= (farthest_side >= low) & (farthest_side <= high)

@@ -8,7 +8,7 @@ sequentially (one ask, one evaluation, one tell) for ``--samples`` samples again
 - ``<out>.png``: best-so-far reward (left) and the reward averaged over a sliding window (right),
   mean across seeds with a band from the lowest to the highest seed;
 - ``<out>.md``: the command, the setup, and per searcher the final best-so-far and the mean reward
-  over the last 50 samples (mean +- std across seeds), invalid draws and seconds per run.
+  over the last 50 samples (mean +- std across seeds), invalid draws and CPU seconds per run.
 
 Runs are independent, so ``--workers`` runs them in parallel processes (one torch thread each).
 
@@ -17,6 +17,7 @@ Runs are independent, so ``--workers`` runs them in parallel processes (one torc
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -37,7 +38,7 @@ WINDOW = 25
 def run_one(name: str, seed: int, samples: int, stage: str) -> dict:
     """One sequential search; returns the reward of every sample in order."""
     import torch
-    from omegaconf import OmegaConf
+    import yaml
 
     from controller.build import build_searcher
     from proxy_eval.toy import ToyEvaluator
@@ -45,16 +46,23 @@ def run_one(name: str, seed: int, samples: int, stage: str) -> dict:
 
     torch.set_num_threads(1)
     space = SearchSpace(stage)
-    searcher = build_searcher(OmegaConf.load(ROOT / "conf" / "controller" / f"{name}.yaml"), space, seed)
+    cfg = yaml.safe_load((ROOT / "conf" / "controller" / f"{name}.yaml").read_text())
+    searcher = build_searcher(cfg, space, seed)
     toy = ToyEvaluator(space, target_seed=1000 + seed)
-    start, rewards = time.perf_counter(), []
+    start, rewards = time.process_time(), []
     for _ in range(samples):
         proposal = searcher.ask()
         reward = toy.evaluate(proposal.arch).reward
         searcher.tell(proposal, reward)
         rewards.append(reward)
     return {"name": name, "seed": seed, "rewards": rewards, "invalid": searcher.invalid_samples,
-            "seconds": time.perf_counter() - start}
+            "cpu_seconds": time.process_time() - start}
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def best_so_far(rewards: list[float]) -> list[float]:
@@ -122,11 +130,12 @@ def write_markdown(runs: dict[str, list[dict]], args: argparse.Namespace, comman
         "each searcher built from its shipped `conf/controller/<name>.yaml`. Reward: "
         "`proxy_eval/toy.py`, noise-free, the fraction of decisions agreeing with a hidden valid target code "
         f"(`target_seed = 1000 + seed`); the target scores 1, a uniform random code {uniform:.3f} on average. "
-        f"Wall time of the whole study: {wall:.0f} s with {args.workers} worker process(es).",
+        f"Wall time of the whole study: {wall:.0f} s with {args.workers} worker process(es) (one torch thread "
+        f"each) with {len(os.sched_getaffinity(0))} CPU cores available; torch {torch_version()}.",
         "",
         f"![best-so-far reward]({png.name})",
         "",
-        f"| controller | final best-so-far | mean reward, last {LAST} samples | invalid draws per run | seconds per run |",
+        f"| controller | final best-so-far | mean reward, last {LAST} samples | invalid draws per run | CPU s per run |",
         "|---|---|---|---|---|",
     ]
     for name, group in runs.items():
@@ -134,7 +143,7 @@ def write_markdown(runs: dict[str, list[dict]], args: argparse.Namespace, comman
         lasts = [statistics.mean(r["rewards"][-LAST:]) for r in group]
         lines.append(f"| {name} | {mean_std(finals)} | {mean_std(lasts)} | "
                      f"{statistics.mean(r['invalid'] for r in group):.0f} | "
-                     f"{statistics.mean(r['seconds'] for r in group):.1f} |")
+                     f"{statistics.mean(r['cpu_seconds'] for r in group):.1f} |")
     ranking = sorted(runs, key=lambda n: -statistics.mean(statistics.mean(r["rewards"][-LAST:]) for r in runs[n]))
     lines += [
         "",
@@ -184,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[result["name"]].append(result)
             last = statistics.mean(result["rewards"][-LAST:])
             print(f"{result['name']:>10} seed {result['seed']}: best {max(result['rewards']):.3f}, "
-                  f"last-{LAST} mean {last:.3f}, {result['seconds']:.1f} s", flush=True)
+                  f"last-{LAST} mean {last:.3f}, {result['cpu_seconds']:.1f} CPU s", flush=True)
     wall = time.perf_counter() - start
     png, md = out.with_suffix(".png"), out.with_suffix(".md")
     plot(runs, args.samples, args.stage, png)

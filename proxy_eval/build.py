@@ -137,6 +137,7 @@ def trial_settings(cfg: Any) -> Any:
         inject_nan=_inject_nan(proxy.get("inject_nan", None)),
         device=str(cfg.get("device", "auto") or "auto"),
         threads=None if threads is None else int(threads),
+        deform_impl=str(proxy.get("deform_impl", "fast")),
     )
 
 

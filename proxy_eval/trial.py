@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from detector.arch import Arch
 from detector.backbone import ShapeSpec
 from detector.build import build_decoder
+from detector.deform import DEFORM_IMPLS, get_deform_impl, set_deform_impl
 from detector.loss import compute_losses
 from detector.points import points_for
 from detector.postprocess import postprocess
@@ -93,6 +94,7 @@ class TrialSettings:
     inject_nan: int | None = None
     device: str = "cpu"
     threads: int | None = None
+    deform_impl: str = "fast"
 
     def __post_init__(self) -> None:
         from detector.errors import UserError
@@ -107,6 +109,8 @@ class TrialSettings:
             raise UserError(f"proxy_eval.fail_prob={self.fail_prob}: a probability in [0, 1]")
         if self.timeout_s <= 0:
             raise UserError(f"proxy_eval.timeout_s={self.timeout_s}: must be > 0 seconds")
+        if self.deform_impl not in DEFORM_IMPLS:
+            raise UserError(f"proxy_eval.deform_impl={self.deform_impl}: choose one of {', '.join(DEFORM_IMPLS)}")
 
 
 # ----------------------------------------------------------------------------- shared training pieces
@@ -145,17 +149,28 @@ def injected_failure(seed: int, arch: Arch | str, fail_prob: float) -> bool:
 
 def decoder_cost(arch: Arch, shapes: dict[str, ShapeSpec], num_classes: int, recipe: Recipe, width: int,
                  resolution: int) -> tuple[int, float]:
-    """(parameters, GFLOPs) of the decoder for one R x R image, built on the meta device."""
+    """(parameters, GFLOPs) of the decoder for one R x R image, built on the meta device.
+
+    Counted on a batch of two (GroupNorm refuses a single value per group, which width 32 gives on
+    a 1 x 1 P7) and halved; DCNs run through torchvision's op, which the counter knows.
+    """
     from detector.describe import count_parameters, flop_counter
 
+    batch = 2
     with torch.device("meta"):
         fpn, head = build_decoder(arch, shapes, num_classes, recipe, width)
-        features = {level: torch.empty(1, spec.channels, resolution // spec.stride, resolution // spec.stride)
+        features = {level: torch.empty(batch, spec.channels, resolution // spec.stride, resolution // spec.stride)
                     for level, spec in shapes.items()}
-    fpn.eval(), head.eval()
-    with torch.no_grad(), flop_counter() as counter:
-        head(fpn(features))
-    return count_parameters(fpn) + count_parameters(head), counter.get_total_flops() / 1e9
+    fpn.eval()
+    head.eval()
+    previous = get_deform_impl()
+    set_deform_impl("torchvision")
+    try:
+        with torch.no_grad(), flop_counter() as counter:
+            head(fpn(features))
+    finally:
+        set_deform_impl(previous)
+    return count_parameters(fpn) + count_parameters(head), counter.get_total_flops() / batch / 1e9
 
 
 def proxy_val_coco(val: SplitFeatures, num_classes: int):
@@ -240,6 +255,7 @@ class CachedEvaluator:
         """Train and score one candidate; every failure comes back as a result (see module doc)."""
         start = time.perf_counter()
         metrics: dict[str, Any] = {}
+        previous_impl = get_deform_impl()
         try:
             if self.settings.threads:
                 torch.set_num_threads(int(self.settings.threads))
@@ -252,6 +268,7 @@ class CachedEvaluator:
             metrics["params"], metrics["gflops"] = decoder_cost(arch, state["shapes"], data.num_classes, self.recipe,
                                                                 self.settings.width, data.resolution)
             fpn, head = self._build(arch, state["shapes"], data.num_classes, seed, state["device"])
+            set_deform_impl(self.settings.deform_impl)
             deadline = start + self.settings.timeout_s
             train_loss = self._train(fpn, head, state, seed, report, deadline)
             val_loss, coco_metrics = self._validate(fpn, head, state, deadline)
@@ -266,6 +283,8 @@ class CachedEvaluator:
                                        time.perf_counter() - start, **metrics)
         except Exception as err:  # evaluate never raises: a broken candidate is a result
             return TrialResult.failure("error", f"{type(err).__name__}: {err}", time.perf_counter() - start, **metrics)
+        finally:
+            set_deform_impl(previous_impl)
         ap = coco_metrics["AP"]
         reward = ap if self.settings.reward == "ap" else -val_loss
         return TrialResult(status="ok", reward=float(reward), ap=ap, ap50=coco_metrics["AP50"], loss=val_loss,

@@ -151,7 +151,8 @@ class SearchRecord:
                 self.by_code.setdefault(row["code"], row)
         self.in_flight: dict[str, TrialRequest] = {}  # code -> request
         self.best = best_row(history.rows)
-        self.observers: list[Callable[[dict[str, Any], "SearchRecord"], None]] = []
+        self.observers: list[Callable[[dict[str, Any], "SearchRecord"], None]] = []  # per new row
+        self.stage_observers: list[Callable[["StageRun"], None]] = []  # per stage start
         self.current: "StageRun | None" = None
         self.started = time.time()
 
@@ -362,6 +363,8 @@ class StageSequence:
                      stage.name, stage.trained, stage.budget,
                      f"; FPN fixed to {stage.space.fixed_fpn}" if stage.name == "head" else "")
             self.record.write_state()
+            for observe in self.record.stage_observers:
+                observe(stage)
             return stage
         self.record.current = None
         self.done = True

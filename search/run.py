@@ -144,7 +144,9 @@ class ProgressBar:
         done = sum(min(record.budget, sum(not r["reused"] for r in record.history.stage_rows(i)))
                    for i in range(len(record.stages)))
         self.bar = tqdm(total=total, initial=done, desc="search", unit="trial", dynamic_ncols=True)
+        self.record = record
         self._postfix(record)
+        record.stage_observers.append(lambda stage: self._postfix(self.record))
 
     def _postfix(self, record: SearchRecord) -> None:
         best = "-" if record.best is None else f"{record.best['reward']:.4f}"
@@ -216,9 +218,8 @@ def run_search(cfg: Any) -> Path:
                             lambda space, seed: build_searcher(run_cfg.controller, space, seed))
         progress.close()
         progress = None
-        if logger is not None:
-            logger.finish(record)
-            logger = None
+        logger.finish(record)
+        logger = None
         if not worked:
             _say_complete(run_dir, record)
         else:
@@ -227,6 +228,8 @@ def run_search(cfg: Any) -> Path:
     finally:
         if progress is not None:
             progress.close()
+        if logger is not None:
+            logger.logger.finish()
         if executor is not None:
             executor.close()
         run_dir.unlock()

@@ -191,8 +191,9 @@ import torch, torchvision
 import tests.test_fast_deform as t
 from detector.fast_deform import deform_conv2d_columns
 fn = lambda *a, **k: deform_conv2d_columns(*a, **k, backend="triton")
-for case in (dict(), dict(zero_offsets=True, use_bias=False), dict(stride=2, dilation=2, padding=2, offset_groups=1,
-             use_mask=False, height=9, width=9, offset_scale=6.0), dict(channels=6, out_channels=3, weight_groups=3)):
+for case in (dict(), dict(zero_offsets=True, use_bias=False),
+             dict(stride=2, dilation=2, padding=2, use_mask=False, height=9, width=9, offset_scale=6.0,
+                  channels=6, out_channels=3, weight_groups=3)):
     tensors, conv_kwargs = t.make_case(batch=1, **case)
     t.assert_matches_torchvision(fn, tensors, conv_kwargs)
 print("triton interpreter ok")

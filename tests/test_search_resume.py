@@ -130,3 +130,16 @@ def test_cli_bad_input_exits_2_with_one_line(args, message):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     assert err.strip().count("\n") == 0 and message in err and "Traceback" not in err
+
+
+def test_resume_takes_runtime_keys_from_the_command_line_and_keeps_the_saved_search(caplog):
+    from search.run import resume_config
+
+    saved = compose("search", ["proxy_eval=toy", "search.budget=2", "executor=ray", "seed=3"])
+    given = compose("search", ["resume=/somewhere", "executor=local", "search.workers=3", "search.budget=9",
+                               "logger=wandb"])
+    with caplog.at_level(logging.WARNING, logger="search.run"):
+        merged = resume_config(given, saved)
+    assert (merged.executor.name, merged.search.workers, merged.logger.name) == ("local", 3, "wandb")
+    assert (merged.search.budget, merged.proxy_eval.name, merged.seed) == (2, "toy", 3)  # the run's own
+    assert "ignoring search.budget" in caplog.text

@@ -1,0 +1,491 @@
+"""Training and inference throughput of our detector and of torchvision's FCOS, measured alike.
+
+The measuring core of ``python -m detector bench`` (:mod:`detector.bench` is its thin CLI); it
+imports neither Hydra nor OmegaConf. :func:`run_bench` takes a :class:`BenchSettings` and a list
+of :class:`Variant` rows, builds each model on the device in turn, and on the same random
+COCO-shaped batches measures
+
+- training: forward (losses) + backward + SGD step, ``images / median step time``;
+- inference: eval-mode forward including post-processing, at each batch size of
+  ``infer_batches`` (``images / median call time``);
+- peak device memory of training.
+
+Timing follows the usual rules: warm-up iterations first (cudnn autotuning, Triton compilation and
+``torch.compile`` happen there), then per-iteration CUDA events (host clock on CPU), median of the
+timed iterations. Both models get the same precision (bf16 autocast and channels_last by default
+on CUDA) and the same batches, which stay on the device, so host-to-device copies and data loading
+are not part of these numbers (experiments/bench_loader.py measures the loader).
+
+The torchvision reference is ``torchvision.models.detection.FCOS`` on a torchvision ResNet with
+its ``_resnet_fpn_extractor``, built as ``fcos_resnet50_fpn`` builds it for training from ImageNet
+weights (frozen BatchNorm, ``trainable_backbone_layers=3``) but with random weights:
+``torchvision="frozen_bn"``, the same layout as our detector. ``torchvision="bn"`` is literally
+``fcos_resnet50_fpn(weights=None, weights_backbone=None)``, which torchvision builds with plain
+BatchNorm and all five stages trainable (a different, slower model). Its post-processing uses the
+recipe's thresholds, as ours does.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from detector.arch import Arch
+from detector.build import build_detector
+from detector.deform import get_deform_impl, set_deform_impl
+from detector.errors import UserError
+from detector.fast_paths import FAST_PATHS, active_fast_paths, compile_parts, parse_paths, set_fast_paths
+from detector.fcos import FCOS
+from detector.recipe import Recipe
+
+TORCHVISION_LAYOUTS = ("frozen_bn", "bn", "none")
+PRECISIONS = ("bf16", "fp32")
+TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+GB = 1e9
+
+
+class BenchError(UserError):
+    """A bench setting is out of range."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to measure and how. Sizes follow COCO training: short side 800, long side <= 1333."""
+
+    device: str = "cuda"
+    batch: int = 16
+    infer_batches: tuple[int, ...] = (1, 8)
+    short_side: int = 800
+    max_size: int = 1333
+    boxes_per_image: int = 7
+    num_classes: int = 80
+    width: int = 256
+    backbone: str = "resnet50"
+    precision: str = "bf16"
+    channels_last: bool = True
+    cudnn_benchmark: bool = True
+    warmup: int = 5
+    iters: int = 20
+    infer_warmup: int = 8
+    infer_iters: int = 24
+    num_batches: int = 4
+    lr: float = 1e-3
+    seed: int = 0
+    self_check: bool = True
+    time_limit: float = 0.0  # seconds; rows starting later are skipped (0 = no limit)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise BenchError(f"bench.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        positive = {"batch": self.batch, "iters": self.iters, "infer_iters": self.infer_iters,
+                    "num_batches": self.num_batches, "short_side": self.short_side, "width": self.width,
+                    "num_classes": self.num_classes, "boxes_per_image": self.boxes_per_image}
+        bad = [f"{k}={v}" for k, v in positive.items() if int(v) < 1]
+        if bad or self.warmup < 0 or self.infer_warmup < 0:
+            raise BenchError(f"bench: {', '.join(bad) or 'warmup'} must be positive (warmup >= 0)")
+        if self.max_size < self.short_side:
+            raise BenchError(f"bench: max_size={self.max_size} is smaller than short_side={self.short_side}")
+        if any(b < 1 or b > self.batch for b in self.infer_batches):
+            raise BenchError(f"bench.infer_batches={list(self.infer_batches)}: each must be in 1..batch ({self.batch})")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: which model, with which code paths."""
+
+    name: str
+    model: str = "ours"  # ours | torchvision
+    fast_paths: tuple[str, ...] = FAST_PATHS
+    deform_impl: str = "torchvision"
+    compile: tuple[str, ...] = ()
+    torchvision_layout: str = "frozen_bn"
+    train: bool = True
+    infer: bool = True
+
+
+@dataclass
+class Batch:
+    images: list[Tensor]  # (3, H_i, W_i) RGB in 0..1 on the device
+    targets: list[dict[str, Tensor]]  # boxes (K, 4) xyxy pixels, labels (K,)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def make_batches(settings: BenchSettings, device: torch.device) -> list[Batch]:
+    """``num_batches`` random batches: landscape images with short side ``short_side`` and long side
+    uniform in [1.25 * short, max_size]; ``boxes_per_image`` +- 3 boxes, log-uniform sizes."""
+    gen = torch.Generator().manual_seed(settings.seed)
+    device_gen = torch.Generator(device=device).manual_seed(settings.seed)
+    short, longest = settings.short_side, settings.max_size
+    low_long = min(int(round(1.25 * short)), longest)
+    batches = []
+    for _ in range(settings.num_batches):
+        images, targets = [], []
+        for _ in range(settings.batch):
+            width = int(torch.randint(low_long, longest + 1, (), generator=gen))
+            images.append(torch.rand(3, short, width, generator=device_gen, device=device))
+            targets.append({k: v.to(device) for k, v in _random_boxes(settings, short, width, gen).items()})
+        batches.append(Batch(images, targets))
+    return batches
+
+
+def _random_boxes(settings: BenchSettings, height: int, width: int, gen: torch.Generator) -> dict[str, Tensor]:
+    spread = min(3, settings.boxes_per_image - 1)
+    count = int(torch.randint(settings.boxes_per_image - spread, settings.boxes_per_image + spread + 1, (),
+                              generator=gen))
+    smallest, largest = max(4.0, height / 50), 0.8 * height
+    side = torch.exp(math.log(smallest) + torch.rand(count, generator=gen) * math.log(largest / smallest))
+    aspect = torch.exp((torch.rand(count, generator=gen) * 2 - 1) * math.log(2.0)).sqrt()
+    box_w = (side * aspect).clamp(2.0, width - 1.0)
+    box_h = (side / aspect).clamp(2.0, height - 1.0)
+    x1 = torch.rand(count, generator=gen) * (width - box_w)
+    y1 = torch.rand(count, generator=gen) * (height - box_h)
+    boxes = torch.stack([x1, y1, x1 + box_w, y1 + box_h], dim=1)  # (K, 4)
+    labels = torch.randint(0, settings.num_classes, (count,), generator=gen)
+    return {"boxes": boxes, "labels": labels}
+
+
+# -------------------------------------------------------------------------------------------- models
+
+
+def build_ours(arch: Arch, recipe: Recipe, settings: BenchSettings, variant: Variant, device: torch.device) -> FCOS:
+    """Our detector as retrained: random weights, frozen BN, stem + stage 1 frozen."""
+    torch.manual_seed(settings.seed)
+    model = build_detector(arch, settings.num_classes, recipe, settings.backbone, "none", settings.width,
+                           frozen_stages=1, norm="frozen_bn").to(device)
+    set_fast_paths(model, variant.fast_paths)
+    compile_parts(model, variant.compile)
+    return model
+
+
+def build_torchvision_fcos(recipe: Recipe, settings: BenchSettings, layout: str, device: torch.device) -> nn.Module:
+    """torchvision's FCOS with the recipe's inference thresholds (see the module doc for ``layout``)."""
+    from torchvision.models.detection import FCOS as TorchvisionFCOS
+    from torchvision.models.detection import fcos_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import FrozenBatchNorm2d
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    if settings.backbone not in TORCHVISION_BACKBONES:
+        raise BenchError(f"bench: the torchvision reference needs a ResNet backbone ({', '.join(TORCHVISION_BACKBONES)}), "
+                         f"got {settings.backbone}; pass bench.torchvision=none")
+    torch.manual_seed(settings.seed)
+    options = dict(min_size=settings.short_side, max_size=settings.max_size, score_thresh=recipe.score_thresh,
+                   nms_thresh=recipe.nms_thresh, detections_per_img=recipe.detections_per_image,
+                   topk_candidates=recipe.topk_per_level)
+    if layout == "bn":
+        if settings.backbone != "resnet50":
+            raise BenchError("bench.torchvision=bn is fcos_resnet50_fpn itself: it needs bench.backbone=resnet50")
+        model = fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=settings.num_classes, **options)
+    else:
+        resnet = getattr(torchvision.models, settings.backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
+        body = _resnet_fpn_extractor(resnet, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+        model = TorchvisionFCOS(body, settings.num_classes, **options)
+    return model.to(device)
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(step: Callable[[int], Any], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Milliseconds of each of ``iters`` calls ``step(i)`` after ``warmup`` calls (events on CUDA)."""
+    for i in range(warmup):
+        step(i)
+    synchronize(device)
+    if device.type != "cuda":
+        times = []
+        for i in range(iters):
+            start = time.perf_counter()
+            step(warmup + i)
+            times.append((time.perf_counter() - start) * 1000.0)
+        return times
+    events = []
+    for i in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(warmup + i)
+        end.record()
+        events.append((start, end))
+    synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def _autocast(settings: BenchSettings, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
+
+
+def _prepare(model: nn.Module, settings: BenchSettings) -> nn.Module:
+    return model.to(memory_format=torch.channels_last) if settings.channels_last else model
+
+
+def measure_training(model: nn.Module, batches: list[Batch], settings: BenchSettings,
+                     device: torch.device) -> dict[str, float]:
+    """Train-step throughput and peak memory of ``model`` (train mode, SGD momentum 0.9)."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=0.9, weight_decay=1e-4)
+    last: dict[str, Tensor] = {}
+
+    def step(i: int) -> None:
+        batch = batches[i % len(batches)]
+        with _autocast(settings, device):
+            losses = model(batch.images, batch.targets)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        last["loss"] = loss.detach()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_calls(step, device, settings.warmup, settings.iters)
+    median = statistics.median(times)
+    result = {
+        "train_images_per_s": settings.batch * 1000.0 / median,
+        "train_step_ms": median,
+        "train_step_ms_spread": max(times) - min(times),
+        "final_loss": float(last["loss"]),
+    }
+    if device.type == "cuda":
+        result["train_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / GB
+    optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def measure_inference(model: nn.Module, batches: list[Batch], settings: BenchSettings, batch_size: int,
+                      device: torch.device) -> dict[str, float]:
+    """Eval-mode throughput (forward + post-processing) at ``batch_size`` images per call."""
+    model.eval()
+    if batch_size == 1:  # a fixed set of single images, each its own size
+        inputs = [[batches[i % len(batches)].images[i // len(batches)]] for i in range(min(8, settings.batch * len(batches)))]
+    else:
+        inputs = [b.images[:batch_size] for b in batches]
+
+    def step(i: int) -> None:
+        with torch.inference_mode(), _autocast(settings, device):
+            model(inputs[i % len(inputs)])
+
+    times = time_calls(step, device, max(settings.infer_warmup, len(inputs)), settings.infer_iters)
+    median = statistics.median(times)
+    return {f"infer_b{batch_size}_images_per_s": batch_size * 1000.0 / median, f"infer_b{batch_size}_ms": median}
+
+
+# --------------------------------------------------------------------------------------- self-check
+
+
+def _losses_and_grads(model: FCOS, batch: Batch, autocast: bool, device: torch.device) -> tuple[dict, Tensor]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        losses = model(batch.images, batch.targets)
+    sum(losses.values()).backward()
+    grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return {k: float(v) for k, v in losses.items()}, grads
+
+
+def self_check(model: FCOS, batch: Batch, settings: BenchSettings, device: torch.device) -> dict[str, Any]:
+    """Fast paths vs reference code on one batch, same weights: losses, gradients, detections.
+
+    Tolerances (relative): float32 1e-4 on losses and 1e-3 on the gradient vector; bf16 autocast
+    1e-2 and 5e-2 (rounding happens in different places). Detections are compared on the same
+    head outputs (float32 post-processing in both).
+    """
+    fast = active_fast_paths(model)
+    report: dict[str, Any] = {"fast_paths": list(fast)}
+    passed = True
+    precisions = ("fp32", "bf16") if settings.precision == "bf16" else ("fp32",)
+    for precision in precisions:
+        loss_tol, grad_tol = (1e-4, 1e-3) if precision == "fp32" else (1e-2, 5e-2)
+        set_fast_paths(model, ())
+        ref_losses, ref_grads = _losses_and_grads(model, batch, precision == "bf16", device)
+        set_fast_paths(model, fast)
+        fast_losses, fast_grads = _losses_and_grads(model, batch, precision == "bf16", device)
+        loss_diff = max(abs(fast_losses[k] - ref_losses[k]) / max(abs(ref_losses[k]), 1e-12) for k in ref_losses)
+        grad_diff = float((fast_grads - ref_grads).norm() / ref_grads.norm().clamp(min=1e-30))
+        ok = loss_diff <= loss_tol and grad_diff <= grad_tol and all(math.isfinite(v) for v in fast_losses.values())
+        passed &= ok
+        report[precision] = {"reference_losses": ref_losses, "fast_losses": fast_losses,
+                             "max_loss_rel_diff": loss_diff, "grad_rel_diff": grad_diff, "ok": ok}
+    report["detections"] = _check_detections(model, batch, device)
+    report["ok"] = passed and report["detections"]["ok"]
+    return report
+
+
+@torch.no_grad()
+def _check_detections(model: FCOS, batch: Batch, device: torch.device) -> dict[str, Any]:
+    from detector.batched_postprocess import postprocess_batched
+    from detector.postprocess import postprocess
+
+    model.eval()
+    images = batch.images[:2]
+    padded, sizes = model.preprocess(images)
+    features = model.forward_features(padded)
+    head_out = {k: [t.float() for t in v] for k, v in model.head(features).items()}
+    points = model.points(features)
+    reference = postprocess(head_out, points, sizes, model.recipe)
+    batched = postprocess_batched(head_out, points, sizes, model.recipe)
+    counts = [(len(r["scores"]), len(b["scores"])) for r, b in zip(reference, batched)]
+    score_diff = max((float((r["scores"] - b["scores"]).abs().max()) if len(r["scores"]) and len(r["scores"]) == len(b["scores"])
+                      else 0.0) for r, b in zip(reference, batched))
+    same_boxes = all(len(r["boxes"]) == len(b["boxes"]) and torch.allclose(r["boxes"], b["boxes"])
+                     for r, b in zip(reference, batched))
+    return {"counts": counts, "max_score_diff": score_diff, "same_boxes": same_boxes,
+            "ok": all(a == b for a, b in counts) and score_diff <= 1e-5}
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    info = {"torch": torch.__version__, "torchvision": torchvision.__version__, "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_variant(variant: Variant, arch: Arch, recipe: Recipe, settings: BenchSettings, batches: list[Batch],
+                    device: torch.device) -> dict[str, Any]:
+    """Build the variant's model, measure it, release it; the row's numbers (or its error)."""
+    row: dict[str, Any] = {"name": variant.name, "model": variant.model}
+    previous_impl = get_deform_impl()
+    try:
+        if variant.model == "torchvision":
+            row["layout"] = variant.torchvision_layout
+            model = build_torchvision_fcos(recipe, settings, variant.torchvision_layout, device)
+        else:
+            set_deform_impl(variant.deform_impl)
+            model = build_ours(arch, recipe, settings, variant, device)
+            row.update(fast_paths=list(active_fast_paths(model)), deform_impl=variant.deform_impl,
+                       compile=list(variant.compile))
+        model = _prepare(model, settings)
+        started = time.perf_counter()
+        if variant.infer:
+            for size in settings.infer_batches:
+                row.update(measure_inference(model, batches, settings, size, device))
+        if variant.train:
+            row.update(measure_training(model, batches, settings, device))
+        row["seconds"] = time.perf_counter() - started
+    except UserError:
+        raise
+    except Exception as err:  # one failing row (OOM, a kernel that does not compile) must not hide the others
+        row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+    finally:
+        set_deform_impl(previous_impl)
+        model = None
+        _release(device)
+    return row
+
+
+def run_bench(arch: Arch, recipe: Recipe, settings: BenchSettings, variants: list[Variant],
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure every variant on the same batches; returns ``{"settings", "environment", "rows",
+    "ratios", "self_check"}`` (ratios: first ours row over the first torchvision row)."""
+    device = torch.device(settings.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = settings.cudnn_benchmark
+    batches = make_batches(settings, device)
+    result: dict[str, Any] = {"arch": str(arch), "recipe": recipe.name, "settings": asdict(settings),
+                              "environment": environment(device), "rows": []}
+    started = time.perf_counter()
+    for variant in variants:
+        if settings.time_limit and time.perf_counter() - started > settings.time_limit:
+            result["rows"].append({"name": variant.name, "model": variant.model,
+                                   "error": f"skipped: past bench.time_limit={settings.time_limit:g} s"})
+            continue
+        if progress:
+            progress(f"measuring {variant.name}")
+        result["rows"].append(measure_variant(variant, arch, recipe, settings, batches, device))
+    result["ratios"] = ratios(result["rows"])
+    if settings.self_check:
+        first_ours = next((v for v in variants if v.model == "ours" and v.fast_paths), None)
+        if first_ours is not None:
+            result["self_check"] = run_self_check(first_ours, arch, recipe, settings, batches[0], device)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def run_self_check(variant: Variant, arch: Arch, recipe: Recipe, settings: BenchSettings, batch: Batch,
+                   device: torch.device) -> dict[str, Any]:
+    previous_impl = get_deform_impl()
+    try:
+        set_deform_impl(variant.deform_impl)
+        model = _prepare(build_ours(arch, recipe, settings, replace(variant, compile=()), device), settings)
+        return self_check(model, batch, settings, device)
+    except UserError:
+        raise
+    except Exception as err:  # reported in the result, like a failing row
+        return {"ok": False, "error": f"{type(err).__name__}: {str(err).strip()[:300]}"}
+    finally:
+        set_deform_impl(previous_impl)
+        _release(device)
+
+
+RATIO_KEYS = ("train_images_per_s", "infer_b1_images_per_s", "infer_b8_images_per_s")
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Ours / torchvision for each throughput key both rows have (first row of each kind)."""
+    ours = next((r for r in rows if r["model"] == "ours" and "error" not in r), None)
+    theirs = next((r for r in rows if r["model"] == "torchvision" and "error" not in r), None)
+    if ours is None or theirs is None:
+        return {}
+    keys = [k for k in ours if k.endswith("_images_per_s") and k in theirs]
+    return {k: ours[k] / theirs[k] for k in keys}
+
+
+def cumulative_ablation(deform_impl: str) -> list[Variant]:
+    """Ours with the fast paths added one at a time (reference first), for the change log."""
+    steps = [("reference", ()), ("+losses+points", ("losses", "points")),
+             ("+frozen_bn", ("losses", "points", "frozen_bn")),
+             ("+group_norm", ("losses", "points", "frozen_bn", "group_norm")),
+             ("+postprocess (all)", FAST_PATHS)]
+    return [Variant(name=f"ours {label}", fast_paths=tuple(paths), deform_impl=deform_impl) for label, paths in steps]
+
+
+def default_variants(arch: Arch, fast_paths: str | tuple[str, ...] = FAST_PATHS,
+                     deform_impls: tuple[str, ...] = ("fast",), compile_: tuple[str, ...] = (),
+                     torchvision_layout: str = "frozen_bn", ablate: bool = False) -> list[Variant]:
+    """torchvision first, then ours once per DCN kernel (once when the arch has no DCN), then the ablation."""
+    if torchvision_layout not in TORCHVISION_LAYOUTS:
+        raise BenchError(f"bench.torchvision={torchvision_layout!r}: choose one of {', '.join(TORCHVISION_LAYOUTS)}")
+    paths = parse_paths(fast_paths)
+    has_dcn = "dcn" in str(arch)
+    impls = tuple(dict.fromkeys(deform_impls)) if has_dcn else ("torchvision",)
+    variants = []
+    if torchvision_layout != "none":
+        variants.append(Variant(name=f"torchvision fcos ({torchvision_layout})", model="torchvision",
+                                torchvision_layout=torchvision_layout))
+    for impl in impls:
+        suffix = f", dcn={impl}" if has_dcn else ""
+        label = "all fast paths" if set(paths) == set(FAST_PATHS) else (",".join(paths) or "reference")
+        compiled = f", compile={'+'.join(compile_)}" if compile_ else ""
+        variants.append(Variant(name=f"ours ({label}{suffix}{compiled})", fast_paths=paths, deform_impl=impl,
+                                compile=tuple(compile_)))
+    if ablate:
+        variants += cumulative_ablation(impls[0])
+    return variants
+
+
+__all__ = ["BenchSettings", "Variant", "Batch", "BenchError", "make_batches", "build_ours", "build_torchvision_fcos",
+           "measure_training", "measure_inference", "self_check", "run_bench", "default_variants",
+           "cumulative_ablation", "ratios", "time_calls"]

@@ -1,0 +1,116 @@
+"""The training engine: optimizer groups, lr schedule, logging, and a real tiny run that learns."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from detector.build import build_detector_from_cfg
+from detector.cli import compose
+from detector.data.coco import build_dataset
+from detector.distributed import autocast_dtype
+from detector.engine import seed_everything, train
+from detector.errors import UserError
+from detector.evaluate import eval_loader, evaluate
+from detector.loggers import build_logger
+from detector.optim import Schedule, ScheduleError, build_optimizer, build_scheduler, lr_factor
+from detector.zoo import resolve_arch
+
+
+def test_biases_get_twice_the_lr_and_no_weight_decay_and_frozen_params_are_left_out():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 1))
+    model[2].requires_grad_(False)
+    optimizer = build_optimizer(model, Schedule(iterations=10, lr=0.1, weight_decay=1e-4, momentum=0.9))
+    weights, biases = optimizer.param_groups
+    assert (weights["lr"], weights["weight_decay"], biases["lr"], biases["weight_decay"]) == (0.1, 1e-4, 0.2, 0.0)
+    assert {id(p) for p in biases["params"]} == {id(model[0].bias), id(model[1].bias)}
+    assert {id(p) for p in weights["params"]} == {id(model[0].weight), id(model[1].weight)}
+    assert optimizer.defaults["momentum"] == 0.9
+
+
+def test_warmup_then_multistep():
+    s = Schedule(iterations=100, lr=0.01, warmup_iters=10, warmup_factor=1 / 3, policy="multistep", steps=(60, 80))
+    assert lr_factor(s, 0) == pytest.approx(1 / 3)
+    assert lr_factor(s, 5) == pytest.approx(1 / 3 + 0.5 * (2 / 3))
+    assert [lr_factor(s, i) for i in (10, 59, 60, 79, 80, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_cosine_decays_to_zero_and_the_scheduler_applies_it_to_every_group():
+    s = Schedule(iterations=100, lr=0.1, warmup_iters=0, policy="cosine")
+    assert [lr_factor(s, i) for i in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
+    model = nn.Linear(2, 2)
+    optimizer = build_optimizer(model, s)
+    scheduler = build_scheduler(optimizer, s)
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.05, 0.1])
+
+
+@pytest.mark.parametrize("bad", [{"policy": "linear"}, {"steps": (80, 60)}, {"iterations": 0}])
+def test_bad_schedules_are_refused(bad):
+    with pytest.raises(ScheduleError):
+        Schedule(**{"iterations": 100, "lr": 0.01, **bad})
+
+
+def test_amp_defaults_to_off_on_cpu_and_bf16_on_gpu():
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("auto", torch.device("cuda", 0)) is torch.bfloat16
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(UserError, match="fp16 needs a CUDA"):
+        autocast_dtype("fp16", torch.device("cpu"))
+
+
+# The memorisation run: 16 shapes images, evaluated on those same images. A detector that trains
+# at all reaches AP50 ~0.6 in 100 iterations; an untrained one scores ~0.
+MEMORISE = ["experiment=synthetic_tiny", "device=cpu", "data.num_train=16", "data.val_split=train",
+            "schedule.iterations=100", "schedule.warmup_iters=20", "train.batch_size=8", "train.log_every=10"]
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory) -> dict:
+    cache = tmp_path_factory.getbasetemp() / "nasfcos-cache"
+    run = tmp_path_factory.mktemp("engine") / "run"
+    cfg = compose("train", [*MEMORISE, f"cache_dir={cache}", f"out_dir={run}"])
+    seed_everything(int(cfg.seed))
+    untrained = build_detector_from_cfg(cfg, resolve_arch(cfg.arch))  # the weights training starts from
+    loader = eval_loader(build_dataset(cfg.data, "val", train=False, cache_dir=cache), 8, 0)
+    baseline, _ = evaluate(untrained, loader)
+    return {"cfg": cfg, "run": run, "baseline": baseline, "metrics": train(cfg)}
+
+
+def test_a_tiny_run_learns_far_beyond_the_untrained_model(memorised):
+    trained_ap50, untrained_ap50 = memorised["metrics"]["AP50"], memorised["baseline"]["AP50"]
+    assert untrained_ap50 < 0.05
+    assert trained_ap50 > untrained_ap50 + 0.3, (trained_ap50, untrained_ap50)
+
+
+def test_the_run_directory_holds_config_log_metrics_and_weights(memorised):
+    run: Path = memorised["run"]
+    assert {"config.yaml", "log.jsonl", "metrics.json", "last.pt", "final.pt", "detections_val.json"} <= {
+        p.name for p in run.iterdir()}
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(10, 101, 10))
+    assert {"classification", "bbox_regression", "bbox_ctrness", "lr", "images_per_s"} <= set(steps[0])
+    assert steps[-1]["loss"] < 0.5 * steps[0]["loss"]
+    assert steps[1]["lr"] > steps[0]["lr"]  # warming up
+    assert any("val/AP" in r for r in records) and "summary" in records[-1]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["AP50"] == memorised["metrics"]["AP50"] and metrics["arch_name"] == "fcos"
+
+
+def test_wandb_logger_runs_offline_and_records_the_arch_code(tmp_path):
+    cfg = compose("train", ["logger=wandb"])
+    assert cfg.logger.mode == "offline"
+    logger = build_logger(cfg, tmp_path, arch_code="fpn:standard+head:fcos")
+    logger.log({"loss": 1.5, "lr": 0.01}, step=1)
+    logger.log_summary({"AP": 0.25})
+    logger.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and b"fpn:standard+head:fcos" in runs[0].read_bytes()
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lines[0]["loss"] == 1.5 and lines[1]["summary"] == {"AP": 0.25}
