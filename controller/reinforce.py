@@ -7,9 +7,8 @@ REINFORCE does).
 """
 from __future__ import annotations
 
-from search.space import SearchSpace
-
 from controller.policy_searcher import PolicySearcher
+from search.space import SearchSpace
 
 
 class ReinforceSearcher(PolicySearcher):

@@ -31,6 +31,7 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -154,6 +155,17 @@ def _random_boxes(settings: BenchSettings, height: int, width: int, gen: torch.G
 
 
 # -------------------------------------------------------------------------------------------- models
+
+
+def load_recipe(name: str) -> Recipe:
+    """``conf/recipe/<name>.yaml`` as a Recipe, read with PyYAML (for scripts without Hydra)."""
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "conf" / "recipe" / f"{name}.yaml"
+    if not path.is_file():
+        raise BenchError(f"recipe '{name}': no file {path}; choose one of "
+                         f"{', '.join(sorted(p.stem for p in path.parent.glob('*.yaml')))}")
+    return Recipe.from_cfg(yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
 def build_ours(arch: Arch, recipe: Recipe, settings: BenchSettings, variant: Variant, device: torch.device) -> FCOS:
@@ -294,7 +306,7 @@ def _losses_and_grads(model: FCOS, batch: Batch, autocast: bool, device: torch.d
     sum(losses.values()).backward()
     grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
     model.zero_grad(set_to_none=True)
-    return {k: float(v) for k, v in losses.items()}, grads
+    return {k: float(v.detach()) for k, v in losses.items()}, grads
 
 
 def self_check(model: FCOS, batch: Batch, settings: BenchSettings, device: torch.device) -> dict[str, Any]:
@@ -488,4 +500,4 @@ def default_variants(arch: Arch, fast_paths: str | tuple[str, ...] = FAST_PATHS,
 
 __all__ = ["BenchSettings", "Variant", "Batch", "BenchError", "make_batches", "build_ours", "build_torchvision_fcos",
            "measure_training", "measure_inference", "self_check", "run_bench", "default_variants",
-           "cumulative_ablation", "ratios", "time_calls"]
+           "cumulative_ablation", "ratios", "time_calls", "load_recipe"]

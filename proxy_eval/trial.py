@@ -206,18 +206,109 @@ def load_features(cache_path: str | os.PathLike) -> ProxyFeatures:
 
 
 @dataclass
-class _DeviceSplit:
-    features: dict[str, Tensor]  # level -> (N, C, H, W) fp16 on the device (or CPU when it does not fit)
+class PlacedSplit:
+    """A split with its features where training reads them: on the device, or pinned CPU memory."""
+
+    features: dict[str, Tensor]  # level -> (N, C_l, H_l, W_l) fp16
     split: SplitFeatures
 
+    def __len__(self) -> int:
+        return len(self.split)
 
-def _place(split: SplitFeatures, device: torch.device) -> _DeviceSplit:
+    def batch(self, indices: Tensor, device: torch.device) -> dict[str, Tensor]:
+        """Features of ``indices`` as float32 on ``device``: {level: (B, C_l, H_l, W_l)}."""
+        return {k: v[indices.to(v.device)].to(device, torch.float32, non_blocking=True)
+                for k, v in self.features.items()}
+
+
+def place_split(split: SplitFeatures, device: torch.device) -> PlacedSplit:
+    """Move the features to ``device`` when they take at most half of its free memory."""
     size = sum(t.numel() * t.element_size() for t in split.features.values())
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if size > free // 2:
-            return _DeviceSplit({k: v.pin_memory() for k, v in split.features.items()}, split)
-    return _DeviceSplit({k: v.to(device) for k, v in split.features.items()}, split)
+            return PlacedSplit({k: v.pin_memory() for k, v in split.features.items()}, split)
+    return PlacedSplit({k: v.to(device) for k, v in split.features.items()}, split)
+
+
+def train_decoder(fpn: nn.Module, head: nn.Module, train: PlacedSplit, settings: TrialSettings, recipe: Recipe,
+                  num_classes: int, device: torch.device, seed: int, report: Report | None = None,
+                  deadline: float = math.inf) -> float:
+    """Train the decoder for ``settings.iters`` SGD iterations; returns the last training loss.
+
+    Batches are drawn without replacement from a generator seeded with ``seed`` (a new permutation
+    per epoch). Raises the module's private diverged / timeout exceptions (``evaluate`` turns them
+    into results).
+    """
+    s = settings
+    params = [p for module in (fpn, head) for p in module.parameters()]
+    optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    fpn.train()
+    head.train()
+    loss_value = math.nan
+    for iteration in range(s.iters):
+        if len(order) < s.batch_size:
+            order = torch.cat([order, torch.randperm(len(train), generator=generator)])
+        batch, order = order[: s.batch_size], order[s.batch_size:]
+        features = train.batch(batch, device)  # {level: (B, C_l, H_l, W_l)}
+        targets = train.split.targets(batch, device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(iteration, s.iters, s.warmup_iters, s.lr)
+        with autocast_context(device, s.amp):
+            loss = decoder_losses(fpn, head, features, targets, recipe, num_classes)
+        if s.inject_nan is not None and iteration == s.inject_nan:
+            loss = loss * math.nan
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise _Diverged(f"training loss became {loss_value} at iteration {iteration}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, s.clip_grad)
+        optimizer.step()
+        if report is not None and ((iteration + 1) % s.report_every == 0 or iteration + 1 == s.iters):
+            report({"iteration": iteration + 1, "loss": loss_value})
+        if time.perf_counter() > deadline:
+            raise _Timeout(f"past proxy_eval.timeout_s={s.timeout_s} s at iteration {iteration + 1}/{s.iters}")
+    return loss_value
+
+
+@torch.no_grad()
+def predict_decoder(fpn: nn.Module, head: nn.Module, val: PlacedSplit, settings: TrialSettings, recipe: Recipe,
+                    num_classes: int, device: torch.device,
+                    deadline: float = math.inf) -> tuple[float, list[list[dict[str, Tensor]]]]:
+    """Mean validation loss sum and the detections of every proxy-val image (in batches)."""
+    fpn.eval()
+    head.eval()
+    total_loss, detections = 0.0, []
+    for first in range(0, len(val), settings.eval_batch_size):
+        indices = list(range(first, min(first + settings.eval_batch_size, len(val))))
+        features = val.batch(torch.tensor(indices), device)
+        with autocast_context(device, settings.amp):
+            head_out = head(fpn(features))
+        points = points_for(head_out["cls_logits"], recipe.point_offset)
+        losses = compute_losses(head_out, points, val.split.targets(indices, device), recipe, num_classes)
+        total_loss += float(sum(losses.values())) * len(indices)
+        detections.append(postprocess(head_out, points, [val.split.sizes[i] for i in indices], recipe))
+        if time.perf_counter() > deadline:
+            raise _Timeout(f"past proxy_eval.timeout_s={settings.timeout_s} s during validation")
+    val_loss = total_loss / max(1, len(val))
+    if not math.isfinite(val_loss):
+        raise _Diverged(f"validation loss is {val_loss}")
+    return val_loss, detections
+
+
+def score_detections(detections: list[list[dict[str, Tensor]]], val: SplitFeatures, coco_gt: Any,
+                     num_classes: int) -> dict[str, float]:
+    """COCO box metrics (pycocotools) of batched proxy-val detections against ``proxy_val_coco``."""
+    from detector.coco_eval import evaluate_detections, to_coco_results
+
+    flat = [d for batch in detections for d in batch]
+    meta = [{"image_id": image_id, "scale": 1.0, "orig_size": size} for image_id, size in zip(val.image_ids, val.sizes)]
+    results = to_coco_results(flat, meta, list(range(1, num_classes + 1)))
+    return evaluate_detections(coco_gt, results)
 
 
 # ----------------------------------------------------------------------------- the evaluator
@@ -237,15 +328,15 @@ class CachedEvaluator:
 
     def _loaded(self) -> dict[str, Any]:
         if self._state is None:
-            data = load_features(self.cache_path)
             from proxy_eval.build import resolve_device
 
+            data = load_features(self.cache_path)
             device = torch.device(resolve_device(self.settings.device))
             self._state = {
                 "data": data,
                 "device": device,
-                "train": _place(data.train, device),
-                "val": _place(data.val, device),
+                "train": place_split(data.train, device),
+                "val": place_split(data.val, device),
                 "shapes": {level: ShapeSpec(c, s) for level, (c, s) in data.shapes.items()},
                 "coco": proxy_val_coco(data.val, data.num_classes),
             }
@@ -265,13 +356,17 @@ class CachedEvaluator:
                 raise InjectedFailure(f"injected failure (proxy_eval.fail_prob={self.settings.fail_prob})")
             state = self._loaded()
             data: ProxyFeatures = state["data"]
-            metrics["params"], metrics["gflops"] = decoder_cost(arch, state["shapes"], data.num_classes, self.recipe,
+            device, num_classes = state["device"], data.num_classes
+            metrics["params"], metrics["gflops"] = decoder_cost(arch, state["shapes"], num_classes, self.recipe,
                                                                 self.settings.width, data.resolution)
-            fpn, head = self._build(arch, state["shapes"], data.num_classes, seed, state["device"])
+            fpn, head = self._build(arch, state["shapes"], num_classes, seed, device)
             set_deform_impl(self.settings.deform_impl)
             deadline = start + self.settings.timeout_s
-            train_loss = self._train(fpn, head, state, seed, report, deadline)
-            val_loss, coco_metrics = self._validate(fpn, head, state, deadline)
+            train_loss = train_decoder(fpn, head, state["train"], self.settings, self.recipe, num_classes, device,
+                                       seed, report, deadline)
+            val_loss, detections = predict_decoder(fpn, head, state["val"], self.settings, self.recipe, num_classes,
+                                                   device, deadline)
+            coco_metrics = score_detections(detections, data.val, state["coco"], num_classes)
         except _Diverged as err:
             return TrialResult.failure("diverged", str(err), time.perf_counter() - start, **metrics)
         except _Timeout as err:
@@ -300,71 +395,3 @@ class CachedEvaluator:
             torch.manual_seed(seed)
             fpn, head = build_decoder(arch, shapes, num_classes, self.recipe, self.settings.width)
         return fpn.to(device), head.to(device)
-
-    def _train(self, fpn: nn.Module, head: nn.Module, state: dict[str, Any], seed: int, report: Report | None,
-               deadline: float) -> float:
-        s, device, train = self.settings, state["device"], state["train"]
-        num_classes = state["data"].num_classes
-        params = [p for module in (fpn, head) for p in module.parameters()]
-        optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.empty(0, dtype=torch.long)
-        fpn.train(), head.train()
-        loss_value = math.nan
-        for iteration in range(s.iters):
-            if len(order) < s.batch_size:
-                order = torch.cat([order, torch.randperm(len(train.split), generator=generator)])
-            batch, order = order[: s.batch_size], order[s.batch_size:]
-            features = {k: v[batch.to(v.device)].to(device, torch.float32, non_blocking=True)
-                        for k, v in train.features.items()}  # (B, C_l, H_l, W_l)
-            targets = train.split.targets(batch, device)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(iteration, s.iters, s.warmup_iters, s.lr)
-            with autocast_context(device, s.amp):
-                loss = decoder_losses(fpn, head, features, targets, self.recipe, num_classes)
-            if s.inject_nan is not None and iteration == s.inject_nan:
-                loss = loss * math.nan
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise _Diverged(f"training loss became {loss_value} at iteration {iteration}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if s.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(params, s.clip_grad)
-            optimizer.step()
-            if report is not None and ((iteration + 1) % s.report_every == 0 or iteration + 1 == s.iters):
-                report({"iteration": iteration + 1, "loss": loss_value})
-            if time.perf_counter() > deadline:
-                raise _Timeout(f"past proxy_eval.timeout_s={s.timeout_s} s at iteration {iteration + 1}/{s.iters}")
-        return loss_value
-
-    @torch.no_grad()
-    def _validate(self, fpn: nn.Module, head: nn.Module, state: dict[str, Any],
-                  deadline: float) -> tuple[float, dict[str, float]]:
-        from detector.coco_eval import evaluate_detections, to_coco_results
-
-        s, device, val = self.settings, state["device"], state["val"]
-        num_classes = state["data"].num_classes
-        fpn.eval(), head.eval()
-        total_loss, results = 0.0, []
-        label_to_cat_id = list(range(1, num_classes + 1))
-        for first in range(0, len(val.split), s.eval_batch_size):
-            indices = list(range(first, min(first + s.eval_batch_size, len(val.split))))
-            index = torch.tensor(indices)
-            features = {k: v[index.to(v.device)].to(device, torch.float32) for k, v in val.features.items()}
-            with autocast_context(device, s.amp):
-                head_out = head(fpn(features))
-            points = points_for(head_out["cls_logits"], self.recipe.point_offset)
-            targets = val.split.targets(indices, device)
-            losses = compute_losses(head_out, points, targets, self.recipe, num_classes)
-            total_loss += float(sum(losses.values())) * len(indices)
-            sizes = [val.split.sizes[i] for i in indices]
-            detections = postprocess(head_out, points, sizes, self.recipe)
-            meta = [{"image_id": val.split.image_ids[i], "scale": 1.0, "orig_size": val.split.sizes[i]} for i in indices]
-            results += to_coco_results(detections, meta, label_to_cat_id)
-            if time.perf_counter() > deadline:
-                raise _Timeout(f"past proxy_eval.timeout_s={s.timeout_s} s during validation")
-        val_loss = total_loss / max(1, len(val.split))
-        if not math.isfinite(val_loss):
-            raise _Diverged(f"validation loss is {val_loss}")
-        return val_loss, evaluate_detections(state["coco"], results)

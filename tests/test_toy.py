@@ -40,7 +40,7 @@ def test_noise_free_results_are_deterministic_and_fill_every_field():
     a, b = ToyEvaluator(space, target_seed=1).evaluate(arch), ToyEvaluator(space, target_seed=1).evaluate(arch)
     assert a.reward == b.reward
     assert a.status == "ok" and a.ap == a.ap50 == a.reward and a.loss == pytest.approx(1 - a.reward)
-    assert a.params == 0 and a.gflops == 0.0 and 0 <= a.seconds < 0.1
+    assert a.params == 0 and a.gflops == 0.0 and 0 <= a.seconds < 1.0
 
 
 def test_noise_is_seeded_per_code_and_seed():

@@ -1,24 +1,31 @@
 """Detection data: COCO-format loading, the synthetic shapes generator, transforms.
 
 Import from the submodules (`detector.data.coco`, `.synthetic`, `.transforms`, `.errors`); the
-names below are re-exported for convenience.
+names below are re-exported for convenience, lazily (PEP 562), so that importing one submodule
+(e.g. `detector.data.transforms` from the model code) does not import pycocotools, which machines
+that only train or benchmark a decoder may lack.
 """
 
-from detector.data.coco import CocoDetection, build_dataset, build_loader, resolve_data_root
-from detector.data.errors import DataError
-from detector.data.synthetic import ensure_synthetic, synth_command, write_dataset
-from detector.data.transforms import DetectionTransform, collate, pad_batch
+import importlib
 
-__all__ = [
-    "CocoDetection",
-    "DataError",
-    "DetectionTransform",
-    "build_dataset",
-    "build_loader",
-    "collate",
-    "ensure_synthetic",
-    "pad_batch",
-    "resolve_data_root",
-    "synth_command",
-    "write_dataset",
-]
+_EXPORTS = {
+    "CocoDetection": "coco",
+    "build_dataset": "coco",
+    "build_loader": "coco",
+    "resolve_data_root": "coco",
+    "DataError": "errors",
+    "ensure_synthetic": "synthetic",
+    "synth_command": "synthetic",
+    "write_dataset": "synthetic",
+    "DetectionTransform": "transforms",
+    "collate": "transforms",
+    "pad_batch": "transforms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'detector.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"detector.data.{_EXPORTS[name]}"), name)
