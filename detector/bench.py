@@ -11,8 +11,10 @@ synthetic experiment does not shrink the benchmark.
 that finishes in seconds on a CPU; its numbers mean nothing.
 
 Text output: one row per variant (train images/s, step time, inference images/s per batch size,
-peak training memory), the ours / torchvision ratios and the self-check. ``format=json``: one JSON
-object (see :func:`detector.throughput.run_bench`).
+peak training memory, host syncs per training step on CUDA), the ours / torchvision ratios and
+the self-check. ``format=json``: one JSON
+object (see :func:`detector.throughput.run_bench`). ``cfg`` may also be a plain dict with the same
+keys (``recipe`` then a mapping of the recipe's fields), for machines without Hydra.
 """
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ def settings_from_cfg(cfg: Any) -> tuple[BenchSettings, dict[str, Any]]:
         "fast_paths": parse_paths(_get(bench, "fast_paths", "all")),
         "deform_impls": _as_tuple(_get(bench, "deform_impl", ("fast", "torchvision"))) or ("torchvision",),
         "compile_": _as_tuple(_get(bench, "compile", ())),
-        "torchvision_layout": str(_get(bench, "torchvision", "frozen_bn")),
+        "torchvision_layouts": _as_tuple(_get(bench, "torchvision", ("frozen_bn",))),
         "ablate": bool(_get(bench, "ablate", False)),
     }
     return settings, options
@@ -111,7 +113,7 @@ def format_table(result: dict[str, Any]) -> str:
         "",
     ]
     header = f"{'variant':<48}{'train img/s':>12}{'step ms':>9}" + "".join(
-        f"{f'infer b{b} img/s':>17}" for b in sizes) + f"{'peak GB':>9}"
+        f"{f'infer b{b} img/s':>17}" for b in sizes) + f"{'peak GB':>9}{'syncs':>7}"
     lines += [header, "-" * len(header)]
     for row in result["rows"]:
         if "error" in row:
@@ -119,7 +121,7 @@ def format_table(result: dict[str, Any]) -> str:
             continue
         cells = f"{row['name'][:47]:<48}{_number(row.get('train_images_per_s')):>12}{_number(row.get('train_step_ms')):>9}"
         cells += "".join(f"{_number(row.get(f'infer_b{b}_images_per_s')):>17}" for b in sizes)
-        cells += f"{_number(row.get('train_peak_memory_gb')):>9}"
+        cells += f"{_number(row.get('train_peak_memory_gb')):>9}{_number(row.get('train_syncs_per_step'), 0):>7}"
         lines.append(cells)
     if result.get("ratios"):
         parts = [f"{key.removesuffix('_images_per_s').replace('_', ' ')} {value:.2f}x"
@@ -139,9 +141,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def bench(cfg: Any) -> dict[str, Any]:
-    """Run the benchmark described by ``cfg``; returns the result dict."""
-    arch = resolve_arch(str(cfg.arch))
-    recipe = Recipe.from_cfg(cfg.recipe)
+    """Run the benchmark described by ``cfg`` (a composed config or a plain dict); returns the result."""
+    arch = resolve_arch(str(cfg.get("arch", None)))
+    recipe = Recipe.from_cfg(cfg.get("recipe", None))
     settings, options = settings_from_cfg(cfg)
     variants = default_variants(arch, **options)
     verbose = str(cfg.get("format", "text")) == "text"

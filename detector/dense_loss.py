@@ -7,7 +7,8 @@ image is kept and the box and centerness terms are masked instead:
 - class targets come from one ``scatter_`` of the matched labels (weight 1 on foreground points);
 - background points get a stand-in prediction and target (unit distances, or the unit box around
   the point for GIoU) *before* the loss math, so every term is finite and its gradient exactly zero;
-- sums run over all points with the foreground (or centerness-target) weights.
+- sums run over all points with the foreground (or centerness-target) weights;
+- the GIoU loss is computed without torchvision's boolean-mask assignment (:func:`giou_loss`).
 
 The per-point values are the reference's; only the summation order differs (float32 results agree
 to ~1e-6 relative). The recipe's size ranges are kept on the device (:class:`SizeRangeCache`)
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import sigmoid_focal_loss
 
 from detector.loss import iou_loss, reduce_num_positives
 from detector.points import Points, flatten_head_outputs
@@ -51,6 +52,24 @@ def _decode_dense(points: Points, distances: Tensor, box_coding: str) -> Tensor:
                         x + distances[..., 2], y + distances[..., 3]], dim=-1)
 
 
+def giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
+    """1 - GIoU of xyxy boxes (..., 4) -> (...), torchvision's ``generalized_box_iou_loss`` formula.
+
+    torchvision writes the intersection through a boolean mask (``t[mask] = ...``), which syncs on
+    GPU; here it is a ``torch.where`` -- the same values and gradients.
+    """
+    x1, y1, x2, y2 = pred.unbind(-1)
+    gx1, gy1, gx2, gy2 = target.unbind(-1)
+    inter_w = torch.minimum(x2, gx2) - torch.maximum(x1, gx1)
+    inter_h = torch.minimum(y2, gy2) - torch.maximum(y1, gy1)
+    overlap = (inter_w > 0) & (inter_h > 0)
+    intersection = torch.where(overlap, inter_w * inter_h, torch.zeros_like(inter_w))
+    union = (x2 - x1) * (y2 - y1) + (gx2 - gx1) * (gy2 - gy1) - intersection
+    iou = intersection / (union + eps)
+    enclosing = (torch.maximum(x2, gx2) - torch.minimum(x1, gx1)) * (torch.maximum(y2, gy2) - torch.minimum(y1, gy1))
+    return 1 - (iou - (enclosing - union) / (enclosing + eps))
+
+
 def compute_losses_dense(head_out: dict[str, list[Tensor]], points: Points, targets: list[dict[str, Tensor]],
                          recipe: Recipe, num_classes: int) -> dict[str, Tensor]:
     """Drop-in for :func:`detector.loss.compute_losses` (same arguments, keys and values)."""
@@ -73,7 +92,7 @@ def compute_losses_dense(head_out: dict[str, list[Tensor]], points: Points, targ
     if recipe.box_loss == "giou":
         pred_boxes = _decode_dense(points, pred_reg, recipe.box_coding)  # (N, P, 4)
         target_boxes = torch.where(fg, assigned.boxes, _decode_dense(points, torch.ones_like(pred_reg), "pixels"))
-        per_point = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none")  # (N, P)
+        per_point = giou_loss(pred_boxes, target_boxes)  # (N, P)
         loss_box = (per_point * weight).sum() / num_positives
     else:
         scale = points.strides.view(1, -1, 1) if recipe.box_coding == "linear_by_size" else 1.0

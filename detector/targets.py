@@ -115,9 +115,10 @@ def encode_distances(points: Points, boxes: Tensor) -> Tensor:
 
 def centerness_target(distances: Tensor) -> Tensor:
     """sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)) for distances (..., 4) -> (...)."""
-    left_right, top_bottom = distances[..., [0, 2]], distances[..., [1, 3]]
-    ratio_x = left_right.min(dim=-1).values / left_right.max(dim=-1).values
-    ratio_y = top_bottom.min(dim=-1).values / top_bottom.max(dim=-1).values
+    # unbind, not distances[..., [0, 2]]: a list index is copied host-to-device (a sync) on GPU
+    left, top, right, bottom = distances.unbind(-1)
+    ratio_x = torch.minimum(left, right) / torch.maximum(left, right)
+    ratio_y = torch.minimum(top, bottom) / torch.maximum(top, bottom)
     return torch.sqrt(ratio_x * ratio_y)
 
 

@@ -30,6 +30,7 @@ import gc
 import math
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -40,9 +41,10 @@ from torch import Tensor, nn
 
 from detector.arch import Arch
 from detector.build import build_detector
-from detector.deform import get_deform_impl, set_deform_impl
+from detector.deform import DEFORM_IMPLS, get_deform_impl, set_deform_impl
 from detector.errors import UserError
-from detector.fast_paths import FAST_PATHS, active_fast_paths, compile_parts, parse_paths, set_fast_paths
+from detector.fast_paths import (COMPILE_PARTS, FAST_PATHS, active_fast_paths, compile_parts, parse_paths,
+                                 set_fast_paths)
 from detector.fcos import FCOS
 from detector.recipe import Recipe
 
@@ -235,6 +237,20 @@ def time_calls(step: Callable[[int], Any], device: torch.device, warmup: int, it
     return [start.elapsed_time(end) for start, end in events]
 
 
+def count_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """How many synchronizing CUDA calls ``fn`` makes (torch.cuda's sync debug mode); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def _autocast(settings: BenchSettings, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
 
@@ -273,6 +289,7 @@ def measure_training(model: nn.Module, batches: list[Batch], settings: BenchSett
     }
     if device.type == "cuda":
         result["train_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / GB
+        result["train_syncs_per_step"] = count_syncs(lambda: step(0), device)
     optimizer.zero_grad(set_to_none=True)
     return result
 
@@ -292,7 +309,10 @@ def measure_inference(model: nn.Module, batches: list[Batch], settings: BenchSet
 
     times = time_calls(step, device, max(settings.infer_warmup, len(inputs)), settings.infer_iters)
     median = statistics.median(times)
-    return {f"infer_b{batch_size}_images_per_s": batch_size * 1000.0 / median, f"infer_b{batch_size}_ms": median}
+    result = {f"infer_b{batch_size}_images_per_s": batch_size * 1000.0 / median, f"infer_b{batch_size}_ms": median}
+    if device.type == "cuda":
+        result[f"infer_b{batch_size}_syncs"] = count_syncs(lambda: step(0), device)
+    return result
 
 
 # --------------------------------------------------------------------------------------- self-check
@@ -412,6 +432,7 @@ def run_bench(arch: Arch, recipe: Recipe, settings: BenchSettings, variants: lis
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure every variant on the same batches; returns ``{"settings", "environment", "rows",
     "ratios", "self_check"}`` (ratios: first ours row over the first torchvision row)."""
+    check_variants(settings, variants)
     device = torch.device(settings.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = settings.cudnn_benchmark
@@ -434,6 +455,19 @@ def run_bench(arch: Arch, recipe: Recipe, settings: BenchSettings, variants: lis
             result["self_check"] = run_self_check(first_ours, arch, recipe, settings, batches[0], device)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def check_variants(settings: BenchSettings, variants: list[Variant]) -> None:
+    """BenchError before anything is measured when a row cannot be built with these settings."""
+    for variant in variants:
+        if variant.model != "torchvision":
+            continue
+        if settings.backbone not in TORCHVISION_BACKBONES:
+            raise BenchError(f"bench: the torchvision reference needs a ResNet backbone "
+                             f"({', '.join(TORCHVISION_BACKBONES)}), got {settings.backbone}; pass bench.torchvision=none")
+        if variant.torchvision_layout == "bn" and settings.backbone != "resnet50":
+            raise BenchError("bench.torchvision=bn is fcos_resnet50_fpn itself: it needs bench.backbone=resnet50 "
+                             "(bench.quick uses resnet18: pass bench.torchvision=frozen_bn there)")
 
 
 def run_self_check(variant: Variant, arch: Arch, recipe: Recipe, settings: BenchSettings, batch: Batch,
@@ -471,22 +505,30 @@ def cumulative_ablation(deform_impl: str) -> list[Variant]:
              ("+frozen_bn", ("losses", "points", "frozen_bn")),
              ("+group_norm", ("losses", "points", "frozen_bn", "group_norm")),
              ("+postprocess (all)", FAST_PATHS)]
-    return [Variant(name=f"ours {label}", fast_paths=tuple(paths), deform_impl=deform_impl) for label, paths in steps]
+    suffix = "" if deform_impl == "torchvision" else f" (dcn={deform_impl})"
+    return [Variant(name=f"ours {label}{suffix}", fast_paths=tuple(paths), deform_impl=deform_impl)
+            for label, paths in steps]
 
 
 def default_variants(arch: Arch, fast_paths: str | tuple[str, ...] = FAST_PATHS,
                      deform_impls: tuple[str, ...] = ("fast",), compile_: tuple[str, ...] = (),
-                     torchvision_layout: str = "frozen_bn", ablate: bool = False) -> list[Variant]:
-    """torchvision first, then ours once per DCN kernel (once when the arch has no DCN), then the ablation."""
-    if torchvision_layout not in TORCHVISION_LAYOUTS:
-        raise BenchError(f"bench.torchvision={torchvision_layout!r}: choose one of {', '.join(TORCHVISION_LAYOUTS)}")
+                     torchvision_layouts: tuple[str, ...] = ("frozen_bn",), ablate: bool = False) -> list[Variant]:
+    """torchvision first (one row per layout; ``none`` for no reference), then ours once per DCN
+    kernel (once when the arch has no DCN), then the ablation."""
+    bad = [layout for layout in torchvision_layouts if layout not in TORCHVISION_LAYOUTS]
+    if bad:
+        raise BenchError(f"bench.torchvision={list(torchvision_layouts)}: choose among {', '.join(TORCHVISION_LAYOUTS)}")
+    unknown_impls = [impl for impl in deform_impls if impl not in DEFORM_IMPLS]
+    if unknown_impls:
+        raise BenchError(f"bench.deform_impl={list(deform_impls)}: choose among {', '.join(DEFORM_IMPLS)}")
     paths = parse_paths(fast_paths)
+    compile_ = parse_paths(compile_, COMPILE_PARTS, "compile part")
     has_dcn = "dcn" in str(arch)
     impls = tuple(dict.fromkeys(deform_impls)) if has_dcn else ("torchvision",)
     variants = []
-    if torchvision_layout != "none":
-        variants.append(Variant(name=f"torchvision fcos ({torchvision_layout})", model="torchvision",
-                                torchvision_layout=torchvision_layout))
+    for layout in dict.fromkeys(torchvision_layouts):
+        if layout != "none":
+            variants.append(Variant(name=f"torchvision fcos ({layout})", model="torchvision", torchvision_layout=layout))
     for impl in impls:
         suffix = f", dcn={impl}" if has_dcn else ""
         label = "all fast paths" if set(paths) == set(FAST_PATHS) else (",".join(paths) or "reference")

@@ -3,15 +3,17 @@
 Used by tests, for debugging, and on machines without Ray (the GPU machine). With
 ``search.workers: 1`` trials run one after the other in the main thread. With more workers, up to
 that many trials run at once in a thread pool of the driver process; each thread builds its own
-evaluator once (features shared through the one prepared cache), and every searcher call stays
-on the main thread. Threads suit GPU trials (kernels release the GIL); on a CPU-only machine a
-single worker is usually as fast.
+evaluator once, and every searcher call stays on the main thread. The torch CPU thread pool is
+shared by the trials, so it is set to ``cores // workers`` threads for the run. Threads suit GPU
+trials (kernels release the GIL); note that trials running at once share torch's global RNG, so
+their weight initialisation is not reproducible bit for bit (``search.workers=1`` is).
 
 :func:`run_trial` (one candidate, with retries) is also what a Ray worker runs.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -65,8 +67,22 @@ class LocalExecutor:
         return run_trial(self._evaluator(), request.code, self.seed, self.retries)
 
     def run(self, stages: StageSequence) -> None:
-        while (stage := stages.next_stage()) is not None:
-            self.run_stage(stage)
+        if self.workers == 1:
+            while (stage := stages.next_stage()) is not None:
+                self.run_stage(stage)
+            return
+        # Threads share the process's torch thread pool: split the cores between the trials once,
+        # and leave the setting alone afterwards (changing it while trials run is unsafe).
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.workers))
+        stages.record.controller_threads = None
+        try:
+            while (stage := stages.next_stage()) is not None:
+                self.run_stage(stage)
+        finally:
+            torch.set_num_threads(before)
 
     def run_stage(self, stage: StageRun) -> None:
         if self.workers == 1:

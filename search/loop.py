@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from detector.arch import Arch, ArchError, FCOSHead, FPNPart, HeadPart, parse
 from detector.errors import UserError
@@ -154,7 +155,11 @@ class SearchRecord:
         self.observers: list[Callable[[dict[str, Any], "SearchRecord"], None]] = []  # per new row
         self.stage_observers: list[Callable[["StageRun"], None]] = []  # per stage start
         self.current: "StageRun | None" = None
-        self.started = time.time()
+        # torch threads for searcher updates: a tiny LSTM gains nothing from more, and extra
+        # threads slow it down many times over when trials share the cores (15x measured on a
+        # loaded 2-core machine). None leaves the process setting alone: the threaded local
+        # executor sets it, because changing the setting while trials run in other threads is unsafe.
+        self.controller_threads: int | None = 1
 
     def add_row(self, row: dict[str, Any]) -> dict[str, Any]:
         row = self.history.append(row)
@@ -223,12 +228,13 @@ class StageRun:
         for proposal in self.searcher.pending:
             row = finished.get(proposal.id)
             if row is not None:
-                self.searcher.tell(proposal, float(row["reward"]))
+                with self._controller_threads():
+                    self.searcher.tell(proposal, float(row["reward"]))
                 told = True
             else:
                 self.rerun.append(proposal)
         if told:
-            self.searcher.save(self.searcher_path)
+            self._save()
         if self.rerun:
             log.info("stage %s: %d trial(s) in flight when the search stopped will run again",
                      self.name, len(self.rerun))
@@ -270,16 +276,18 @@ class StageRun:
             if self.rerun:
                 proposal = self.rerun.pop(0)
             elif self.can_ask:
-                proposal = self.searcher.ask()
-                self.searcher.save(self.searcher_path)
+                with self._controller_threads():
+                    proposal = self.searcher.ask()
+                self._save()
             else:
                 return None
             code = str(proposal.arch)
             known = self.record.by_code.get(code)
             if known is not None:
                 self._record_reused(proposal, known)
-                self.searcher.tell(proposal, float(known["reward"]))
-                self.searcher.save(self.searcher_path)
+                with self._controller_threads():
+                    self.searcher.tell(proposal, float(known["reward"]))
+                self._save()
                 continue
             if code in self.record.in_flight:
                 self.waiting.setdefault(code, []).append(proposal)
@@ -300,11 +308,35 @@ class StageRun:
         waiters = self.waiting.pop(request.code, [])
         for waiter in waiters:
             self._record_reused(waiter, row)
-        self.searcher.tell(proposal, float(result.reward))
-        for waiter in waiters:
-            self.searcher.tell(waiter, float(result.reward))
-        self.searcher.save(self.searcher_path)
+        with self._controller_threads():
+            self.searcher.tell(proposal, float(result.reward))
+            for waiter in waiters:
+                self.searcher.tell(waiter, float(result.reward))
+        self._save()
         self.record.write_state()
+
+    # -------------------------------------------------------------- searcher calls
+    def _save(self) -> None:
+        self.searcher.save(self.searcher_path)
+
+    @contextmanager
+    def _controller_threads(self) -> Iterator[None]:
+        """Run searcher updates with ``record.controller_threads`` torch threads (see SearchRecord)."""
+        wanted = self.record.controller_threads
+        if wanted is None:
+            yield
+            return
+        import torch
+
+        before = torch.get_num_threads()
+        if before == wanted:
+            yield
+            return
+        torch.set_num_threads(wanted)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     # -------------------------------------------------------------- rows
     def _record_reused(self, proposal: Any, source: dict[str, Any]) -> None:

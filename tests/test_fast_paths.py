@@ -1,0 +1,303 @@
+"""Every fast path computes what its reference computes (detector/fast_paths.py and the files it swaps in).
+
+- dense losses == reference losses (values and gradients, both recipes, an image without boxes),
+  and the fast train forward has no op that forces a device-to-host sync (the reference has some);
+- batched post-processing == reference detections (thresholds, top-k caps, empty results);
+- dtype-keeping FrozenBatchNorm: reference values in float32, dtype and layout kept in bf16;
+- the fused GroupNorm's Triton kernels == F.group_norm (+ ReLU), forward and backward, NCHW and
+  channels_last, several tiles, float32 and bf16 (Triton's CPU interpreter in a subprocess; on
+  CUDA directly when a GPU is present);
+- switching fast paths on and off keeps the state dict and the model's outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.ops import FrozenBatchNorm2d
+
+from detector.batched_postprocess import postprocess_batched
+from detector.build import build_detector
+from detector.dense_loss import compute_losses_dense
+from detector.fast_norm import DtypeKeepingFrozenBatchNorm2d, FusedGroupNorm
+from detector.fast_paths import FAST_PATHS, FastPathError, PointsCache, active_fast_paths, parse_paths, set_fast_paths
+from detector.loss import compute_losses
+from detector.points import make_points, points_for
+from detector.postprocess import postprocess
+from detector.throughput import load_recipe
+from detector.zoo import zoo_arch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {name: load_recipe(name) for name in ("nasfcos", "torchvision")}
+SIZES = [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]  # P3..P7 of a 128x160 padded batch
+NUM_CLASSES = 6
+
+
+def random_head_out(batch: int, sizes=SIZES, num_classes=NUM_CLASSES, seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    out = {
+        "cls_logits": [torch.randn(batch, num_classes, h, w, generator=gen) - 2.0 for h, w in sizes],
+        "bbox_reg": [torch.rand(batch, 4, h, w, generator=gen) * 4 for h, w in sizes],
+        "centerness": [torch.randn(batch, 1, h, w, generator=gen) for h, w in sizes],
+    }
+    return {k: [t.requires_grad_(requires_grad) for t in v] for k, v in out.items()}
+
+
+def some_targets():
+    return [
+        {"boxes": torch.tensor([[10.0, 12, 70, 90], [30, 40, 50, 60], [0, 0, 150, 120]]), "labels": torch.tensor([1, 4, 2])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # no boxes
+        {"boxes": torch.tensor([[5.0, 5, 40, 30]]), "labels": torch.tensor([5])},
+    ]
+
+
+# --- losses ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe_name", ["nasfcos", "torchvision"])
+def test_dense_losses_equal_reference_values_and_gradients(recipe_name):
+    recipe = RECIPES[recipe_name]
+    points = make_points(SIZES, recipe.point_offset)
+    results = []
+    for loss_fn in (compute_losses, compute_losses_dense):
+        head_out = random_head_out(3, requires_grad=True)
+        losses = loss_fn(head_out, points, some_targets(), recipe, NUM_CLASSES)
+        sum(losses.values()).backward()
+        grads = torch.cat([t.grad.flatten() for v in head_out.values() for t in v])
+        results.append(({k: v.detach() for k, v in losses.items()}, grads))
+    (ref, ref_grads), (fast, fast_grads) = results
+    assert set(ref) == set(fast)
+    for key in ref:
+        assert ref[key] > 0
+        torch.testing.assert_close(fast[key], ref[key], rtol=1e-5, atol=1e-7)
+    assert torch.isfinite(fast_grads).all()
+    torch.testing.assert_close(fast_grads, ref_grads, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("recipe_name", ["nasfcos", "torchvision"])
+def test_dense_losses_without_any_box_are_finite_with_zero_box_terms(recipe_name):
+    recipe = RECIPES[recipe_name]
+    points = make_points(SIZES, recipe.point_offset)
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}] * 2
+    fast = compute_losses_dense(random_head_out(2), points, empty, recipe, NUM_CLASSES)
+    ref = compute_losses(random_head_out(2), points, empty, recipe, NUM_CLASSES)
+    assert float(fast["bbox_regression"]) == 0.0 and float(fast["bbox_ctrness"]) == 0.0
+    torch.testing.assert_close(fast["classification"], ref["classification"])
+
+
+class SyncOps(TorchDispatchMode):
+    """Counts the ATen ops that make the host wait for the device (or are boolean-mask indexing)."""
+
+    SYNCING = ("aten.nonzero", "aten._local_scalar_dense", "aten.masked_select", "aten.unique", "aten.item")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        boolean_index = name == "aten.index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) or [])
+        if name.startswith(self.SYNCING) or boolean_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def small_detector(recipe_name: str, fast: bool):
+    torch.manual_seed(0)
+    model = build_detector(zoo_arch("fcos"), NUM_CLASSES, RECIPES[recipe_name], "resnet18", width=64,
+                           frozen_stages=1, norm="frozen_bn")
+    return set_fast_paths(model, "all" if fast else "none")
+
+
+def test_fast_train_forward_needs_one_host_sync_the_reference_more():
+    images = [torch.rand(3, 96, 128), torch.rand(3, 80, 112), torch.rand(3, 64, 64)]
+    counts = {}
+    for fast in (False, True):
+        model = small_detector("torchvision", fast).train()
+        model(images, some_targets())  # warm caches (size ranges, points) like a second step
+        with SyncOps() as ops:
+            model(images, some_targets())
+        counts[fast] = ops.seen
+    # the fast step: only the batch-wide degenerate-box check reads one boolean back
+    assert counts[True] == ["aten._local_scalar_dense"]
+    assert "aten.nonzero" in counts[False] and len(counts[False]) > len(counts[True])
+
+
+# --- post-processing ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe_name,topk,shift", [("nasfcos", 1000, 2.0), ("torchvision", 1000, 0.0),
+                                                     ("torchvision", 7, 2.0), ("nasfcos", 50, -8.0)])
+def test_batched_postprocess_equals_reference(recipe_name, topk, shift):
+    recipe = dataclasses.replace(RECIPES[recipe_name], topk_per_level=topk)
+    head_out = random_head_out(3, seed=3)
+    head_out["cls_logits"] = [t + shift for t in head_out["cls_logits"]]
+    points = make_points(SIZES, recipe.point_offset)
+    sizes = [(128, 160), (100, 150), (64, 90)]
+    reference = postprocess(head_out, points, sizes, recipe)
+    batched = postprocess_batched(head_out, points, sizes, recipe)
+    for ref, fast in zip(reference, batched):
+        assert set(ref) == set(fast)
+        for key in ref:
+            assert torch.equal(ref[key], fast[key]), key
+    if shift == -8.0:
+        assert all(len(d["scores"]) == 0 for d in batched)
+    else:
+        assert all(len(d["scores"]) > 0 for d in batched)
+
+
+# --- norms -------------------------------------------------------------------------------------
+
+def frozen_bn(channels=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    bn = FrozenBatchNorm2d(channels)
+    bn.weight.copy_(torch.rand(channels, generator=gen) + 0.5)
+    bn.bias.copy_(torch.randn(channels, generator=gen))
+    bn.running_mean.copy_(torch.randn(channels, generator=gen))
+    bn.running_var.copy_(torch.rand(channels, generator=gen) + 0.1)
+    return bn
+
+
+def test_dtype_keeping_frozen_bn_matches_reference_and_keeps_bf16():
+    bn = frozen_bn()
+    x = torch.randn(2, 16, 5, 7).to(memory_format=torch.channels_last)
+    reference = bn(x)
+    bn.__class__ = DtypeKeepingFrozenBatchNorm2d
+    torch.testing.assert_close(bn(x), reference, rtol=1e-6, atol=1e-6)
+    out = bn(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+    assert bn.state_dict().keys() == frozen_bn().state_dict().keys()
+
+
+def test_fused_group_norm_on_cpu_is_the_reference_with_relu():
+    torch.manual_seed(0)
+    reference = nn.GroupNorm(4, 16)
+    nn.init.normal_(reference.weight)
+    nn.init.normal_(reference.bias)
+    x = torch.randn(2, 16, 6, 5)
+    expected = F.relu(reference(x))
+    reference.__class__ = FusedGroupNorm
+    reference.fuse_relu = True
+    assert torch.equal(reference(x), expected)
+
+
+TRITON_CHECK = textwrap.dedent("""
+    import torch
+    from torch.nn import functional as F
+    from detector import gn_triton
+
+    def check(shape, groups, layout, relu, dtype, seed):
+        gen = torch.Generator().manual_seed(seed)
+        n, c, h, w = shape
+        x = (torch.randn(shape, generator=gen) * 3 + 5).to(dtype)
+        if layout == "nhwc":
+            x = x.to(memory_format=torch.channels_last)
+        weight, bias = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+        grad = torch.randn(shape, generator=gen).to(dtype)
+        y, mean, rstd = gn_triton.group_norm_forward(x, weight, bias, groups, 1e-5, relu)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last) == (layout == "nhwc")
+        xr = x.double().requires_grad_()
+        wr, br = weight.double().requires_grad_(), bias.double().requires_grad_()
+        yr = F.group_norm(xr, groups, wr, br, 1e-5)
+        yr = F.relu(yr) if relu else yr
+        yr.backward(grad.double())
+        dx, dw, db = gn_triton.group_norm_backward(grad, y if relu else None, x, mean, rstd, weight, groups)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        for name, got, want in (("y", y, yr), ("dx", dx, xr.grad), ("dgamma", dw, wr.grad), ("dbeta", db, br.grad)):
+            err = float((got.double() - want).norm() / want.norm().clamp(min=1e-12))
+            assert err < tol, (shape, layout, relu, dtype, name, err)
+
+    check((2, 16, 5, 7), 4, "nchw", True, torch.float32, 0)
+    check((2, 16, 5, 7), 4, "nhwc", False, torch.float32, 1)
+    check((1, 64, 9, 40), 8, "nhwc", True, torch.float32, 2)   # 64 channels: 64-row tiles, 6 tiles
+    check((1, 256, 6, 190), 32, "nhwc", True, torch.float32, 3)  # 72 tiles: two finalize steps
+    check((2, 32, 4, 6), 8, "nhwc", True, torch.bfloat16, 4)
+    print("ok")
+""")
+
+
+def test_triton_group_norm_kernels_match_group_norm_under_the_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    script = tmp_path / "check.py"
+    script.write_text(TRITON_CHECK)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_group_norm_on_cuda_matches_the_reference(layout, dtype):
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.GroupNorm(32, 256), nn.ReLU()).cuda()
+    nn.init.normal_(reference[0].weight)
+    nn.init.normal_(reference[0].bias)
+    x = (torch.randn(4, 256, 50, 76, device="cuda") * 2 + 3).to(dtype).to(memory_format=layout)
+    grad = torch.randn_like(x)
+    x_ref = x.detach().float().requires_grad_()
+    y_ref = reference(x_ref)
+    y_ref.backward(grad.float())
+    ref_grads = [x_ref.grad] + [p.grad.clone() for p in reference.parameters()]
+    reference.zero_grad()
+    fused = reference[0]
+    fused.__class__ = FusedGroupNorm
+    fused.fuse_relu = True
+    x_fast = x.detach().requires_grad_()
+    y = fused(x_fast)
+    y.backward(grad)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=layout)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for got, want in zip([y, x_fast.grad] + [p.grad for p in fused.parameters()], [y_ref] + ref_grads):
+        assert float((got.float() - want).norm() / want.norm()) < tol
+
+
+# --- switching ---------------------------------------------------------------------------------
+
+def test_fast_paths_switch_on_and_off_keeping_state_dict_and_outputs():
+    model = small_detector("nasfcos", fast=False).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = [torch.rand(3, 96, 128)]
+    with torch.no_grad():
+        expected = model(images)
+    set_fast_paths(model, "all")
+    assert active_fast_paths(model) == FAST_PATHS
+    assert any(type(m) is FusedGroupNorm and m.fuse_relu for m in model.modules())
+    assert not any(type(m) is nn.ReLU for m in model.head.cls_tower.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    set_fast_paths(model, "none")
+    assert active_fast_paths(model) == ()
+    assert not any(type(m) in (FusedGroupNorm, DtypeKeepingFrozenBatchNorm2d) for m in model.modules())
+    assert sum(type(m) is nn.ReLU for m in model.head.cls_tower.modules()) == 4
+    with torch.no_grad():
+        again = model(images)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(expected, again) for k in a)
+
+
+def test_parse_paths_accepts_all_none_lists_and_rejects_unknown_names():
+    assert parse_paths("all") == FAST_PATHS and parse_paths("none") == () and parse_paths(None) == ()
+    assert parse_paths("losses, points") == ("losses", "points") and parse_paths(["frozen_bn"]) == ("frozen_bn",)
+    with pytest.raises(FastPathError, match="unknown fast path"):
+        parse_paths("losses,warp_speed")
+
+
+def test_points_cache_returns_the_computed_points_and_evicts_the_oldest():
+    cache = PointsCache(capacity=2)
+    features = [torch.zeros(1, 1, h, w) for h, w in SIZES]
+    first = cache.get(features, 0.5)
+    assert cache.get(features, 0.5) is first
+    expected = points_for(features, 0.5)
+    assert torch.equal(first.xy, expected.xy) and first.num_per_level == expected.num_per_level
+    for width in (3, 4):
+        cache.get([torch.zeros(1, 1, 2, width)] * 5, 0.5)
+    assert cache.get(features, 0.5) is not first  # evicted, recomputed
