@@ -29,7 +29,7 @@ from detector.checkpoint import CheckpointError, check_arch, load_checkpoint
 from detector.coco_eval import METRIC_NAMES, evaluate_detections, format_metrics, to_coco_results
 from detector.data.coco import CocoDetection, build_dataset
 from detector.data.transforms import collate
-from detector.distributed import Context, autocast_dtype, gather_objects, setup
+from detector.distributed import Context, autocast_dtype, gather_objects, setup, teardown
 from detector.errors import UserError
 from detector.run_dir import ensure_writable, write_json
 from detector.zoo import resolve_arch
@@ -142,19 +142,25 @@ def eval_command(cfg: Any) -> dict[str, float]:
     ctx = setup(str(cfg.device))
     trained_classes = int(payload["config"]["data"]["num_classes"])
     if int(cfg.data.num_classes) != trained_classes:
-        raise UserError(f"the checkpoint predicts {trained_classes} classes but data.num_classes={cfg.data.num_classes}; "
-                        "pass the data config it was trained with (e.g. the same experiment=)")
+        raise UserError(f"the checkpoint predicts {trained_classes} classes but data.num_classes="
+                        f"{cfg.data.num_classes}; pass the data config it was trained with (e.g. the same experiment=)")
     model = model_from_checkpoint(payload, ctx.device)
     dataset = build_dataset(cfg.data, "val", train=False, cache_dir=cfg.get("cache_dir", None))
     batch = int(cfg.train.get("eval_batch_size", None) or cfg.train.batch_size)
-    loader = eval_loader(dataset, batch, int(cfg.train.workers), ctx, cfg.train.get("max_eval_images", None))
+    max_images = cfg.train.get("max_eval_images", None)
+    loader = eval_loader(dataset, batch, int(cfg.train.workers), ctx, max_images)
     amp = autocast_dtype(str(cfg.train.amp), ctx.device)
-    metrics, detections = evaluate(model, loader, ctx, amp, progress=True)
+    try:
+        metrics, detections = evaluate(model, loader, ctx, amp, progress=True)
+    finally:
+        teardown(ctx)
+    if not ctx.is_main:
+        return metrics
     out_dir = Path(str(cfg.out)).expanduser() if cfg.get("out", None) else Path(str(cfg.ckpt)).expanduser().parent
     ensure_writable(out_dir, "out")
     write_json(out_dir / EVAL_DETECTIONS_FILE, detections)
     record = {"arch": str(payload["arch"]), "ckpt": str(cfg.ckpt), "iteration": int(payload["iteration"]),
-              "images": len(loader.dataset), **{name: metrics[name] for name in METRIC_NAMES}}
+              "images": len(dataset) if max_images is None else min(len(dataset), int(max_images)), **{name: metrics[name] for name in METRIC_NAMES}}
     write_json(out_dir / EVAL_METRICS_FILE, record)
     print(format_metrics(metrics))
     print(f"wrote {out_dir / EVAL_METRICS_FILE} and {out_dir / EVAL_DETECTIONS_FILE}")

@@ -16,7 +16,6 @@ Existing files in ``out`` are never overwritten: the command refuses instead.
 from __future__ import annotations
 
 import colorsys
-import json
 from pathlib import Path
 from typing import Any, Sequence
 

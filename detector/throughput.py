@@ -19,10 +19,10 @@ are not part of these numbers (experiments/bench_loader.py measures the loader).
 The torchvision reference is ``torchvision.models.detection.FCOS`` on a torchvision ResNet with
 its ``_resnet_fpn_extractor``, built as ``fcos_resnet50_fpn`` builds it for training from ImageNet
 weights (frozen BatchNorm, ``trainable_backbone_layers=3``) but with random weights:
-``torchvision="frozen_bn"``, the same layout as our detector. ``torchvision="bn"`` is literally
-``fcos_resnet50_fpn(weights=None, weights_backbone=None)``, which torchvision builds with plain
-BatchNorm and all five stages trainable (a different, slower model). Its post-processing uses the
-recipe's thresholds, as ours does.
+``torchvision="frozen_bn"``, the same layout as our detector. ``torchvision="bn"`` is what
+``fcos_resnet50_fpn(weights=None, weights_backbone=None)`` builds (same construction, for any
+ResNet): plain BatchNorm and all five stages trainable, a different and slower model. Its
+post-processing uses the recipe's thresholds, as ours does.
 """
 from __future__ import annotations
 
@@ -183,7 +183,6 @@ def build_ours(arch: Arch, recipe: Recipe, settings: BenchSettings, variant: Var
 def build_torchvision_fcos(recipe: Recipe, settings: BenchSettings, layout: str, device: torch.device) -> nn.Module:
     """torchvision's FCOS with the recipe's inference thresholds (see the module doc for ``layout``)."""
     from torchvision.models.detection import FCOS as TorchvisionFCOS
-    from torchvision.models.detection import fcos_resnet50_fpn
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops import FrozenBatchNorm2d
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -195,15 +194,12 @@ def build_torchvision_fcos(recipe: Recipe, settings: BenchSettings, layout: str,
     options = dict(min_size=settings.short_side, max_size=settings.max_size, score_thresh=recipe.score_thresh,
                    nms_thresh=recipe.nms_thresh, detections_per_img=recipe.detections_per_image,
                    topk_candidates=recipe.topk_per_level)
-    if layout == "bn":
-        if settings.backbone != "resnet50":
-            raise BenchError("bench.torchvision=bn is fcos_resnet50_fpn itself: it needs bench.backbone=resnet50")
-        model = fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=settings.num_classes, **options)
-    else:
-        resnet = getattr(torchvision.models, settings.backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
-        body = _resnet_fpn_extractor(resnet, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
-        model = TorchvisionFCOS(body, settings.num_classes, **options)
-    return model.to(device)
+    # fcos_resnet50_fpn's own construction: with backbone weights FrozenBatchNorm2d and 3 trainable
+    # stages, without (weights=None, weights_backbone=None) BatchNorm2d and all 5 stages trainable
+    norm, trainable = (FrozenBatchNorm2d, 3) if layout == "frozen_bn" else (nn.BatchNorm2d, 5)
+    resnet = getattr(torchvision.models, settings.backbone)(weights=None, norm_layer=norm)
+    body = _resnet_fpn_extractor(resnet, trainable, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+    return TorchvisionFCOS(body, settings.num_classes, **options).to(device)
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -465,9 +461,6 @@ def check_variants(settings: BenchSettings, variants: list[Variant]) -> None:
         if settings.backbone not in TORCHVISION_BACKBONES:
             raise BenchError(f"bench: the torchvision reference needs a ResNet backbone "
                              f"({', '.join(TORCHVISION_BACKBONES)}), got {settings.backbone}; pass bench.torchvision=none")
-        if variant.torchvision_layout == "bn" and settings.backbone != "resnet50":
-            raise BenchError("bench.torchvision=bn is fcos_resnet50_fpn itself: it needs bench.backbone=resnet50 "
-                             "(bench.quick uses resnet18: pass bench.torchvision=frozen_bn there)")
 
 
 def run_self_check(variant: Variant, arch: Arch, recipe: Recipe, settings: BenchSettings, batch: Batch,

@@ -9,7 +9,7 @@ shapes, trains it on proxy-train features for ``iters`` SGD iterations (momentum
 warmup from lr/3, cosine decay, gradient-norm clipping; bf16 autocast on GPU, fp32 on CPU;
 features kept on the device), then evaluates it on proxy-val: the mean validation loss sum and
 COCO box AP (pycocotools, against a ground truth built from the cached proxy-val boxes at proxy
-resolution). ``reward`` is ``ap`` (default) or ``neg_loss`` = minus the mean validation loss sum
+resolution, so small / medium / large follow proxy-pixel areas). ``reward`` is ``ap`` (default) or ``neg_loss`` = minus the mean validation loss sum
 (the authors' reward). ``params`` and ``gflops`` are the decoder's, at the proxy resolution, batch
 1 (``detector.describe`` conventions: 2 x MACs, DCN counted as a dense conv). ``loss`` is the
 mean validation loss sum; the last training loss is in ``extra["train_loss"]``.
@@ -201,7 +201,7 @@ def load_features(cache_path: str | os.PathLike) -> ProxyFeatures:
     key = (str(cache.tensor_file), stat.st_size, stat.st_mtime_ns)
     if key not in _LOADED:
         _LOADED.clear()
-        _LOADED[key] = cache.load(verify=True)
+        _LOADED[key] = cache.load(verify=True, mmap=True)  # mmap: no second copy in RAM
     return _LOADED[key]
 
 

@@ -180,3 +180,20 @@ def test_toy_proxy_follows_the_contract_and_injects_faults():
     assert failing.evaluate(fpn_stage).status == "error"
     nan = build_evaluator(compose("search", ["proxy_eval=toy", "proxy_eval.inject_nan=3"]))
     assert nan.evaluate(fpn_stage).status == "diverged"
+
+
+def test_the_benchmark_reads_the_coco_proxy_settings_like_hydra():
+    """experiments/bench_proxy.py parses conf/proxy_eval/coco.yaml without omegaconf; it must agree."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_proxy", CONF_DIR.parent / "experiments" / "bench_proxy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    flat, resolution, val_images = bench.trial_settings(
+        bench.read_flat_yaml(CONF_DIR / "proxy_eval" / "coco.yaml"), "cuda", quick=False)
+    cfg = compose("search", ["proxy_eval=coco", "device=cuda"])
+    from proxy_eval.build import trial_settings
+
+    assert flat == trial_settings(cfg)
+    assert (resolution, val_images) == (cfg.proxy_eval.resolution, cfg.proxy_eval.val_images) == (384, 500)
+    assert Recipe.from_cfg(bench.read_flat_yaml(CONF_DIR / "recipe" / "nasfcos.yaml")) == RECIPE

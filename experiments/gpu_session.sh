@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the project in one session (< 8 minutes), outputs under $OUT.
+#
+# Run from the repository root on the GPU machine (the device tool), carrying the wheels:
+#   carry: [".whl"]        command: bash experiments/gpu_session.sh
+# .whl/ holds hydra-core, omegaconf, antlr4, pycocotools and faster-coco-eval wheels
+# (../shared/tools/gpu-wheels.sh puts them there); the script installs them into /tmp/site.
+#
+# Steps, most important first; each runs under `timeout`, a failing step does not stop the others,
+# and steps are skipped once SESSION_BUDGET seconds (default 440) are spent:
+#   bench_fcos      python -m detector bench arch=fcos (torchvision recipe), both torchvision
+#                   layouts, fast-path ablation, self-check                     -> bench_fcos.{out,txt}
+#   bench_nasfcos   arch=nasfcos, fast and torchvision DCN                        -> bench_nasfcos.{out,txt}
+#   loader          experiments/bench_loader.py, 2/4/8/16 workers vs the fcos training speed
+#   profile         experiments/profile_breakdown.py, fcos and nasfcos, reference vs fast, torchvision,
+#                   torch.profiler top kernels                                  -> profile/
+#   tests           pytest tests/test_fast_paths.py (the CUDA checks of the fused GroupNorm included)
+#   dcn             experiments/bench_dcn.py --device cuda (if present)
+#   proxy           experiments/bench_proxy.py --device cuda (if present)
+#   compile         arch=fcos with bench.compile=[backbone] (opt-in torch.compile), time permitting
+# Each step writes <name>.out / <name>.err; session.log has return codes and durations;
+# SUMMARY.txt has the targets table (also printed last).
+# DEVICE=cpu QUICK=1 bash experiments/gpu_session.sh runs the same plumbing as a CPU smoke test.
+set -u
+OUT=${OUT:-/tmp/gpu_session_out}
+BUDGET=${SESSION_BUDGET:-440}
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-}
+BENCH_QUICK_ARGS=""
+PROFILE_QUICK=()
+LOADER_IMAGES=384
+if [ -n "$QUICK" ]; then
+  BENCH_QUICK_ARGS="bench.quick=true bench.infer_batches=[1,2]"
+  PROFILE_QUICK=(--quick --iters 2 --warmup 1)
+  LOADER_IMAGES=64
+fi
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+: > "$LOG"
+START=$SECONDS
+
+if [ -d .whl ] && ! python3 -c "import hydra, omegaconf, pycocotools" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >> "$LOG" 2>&1 \
+    || echo "wheel install failed (see above)" >> "$LOG"
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME LIMIT_S COMMAND...: run under timeout, stdout/stderr to $OUT/NAME.{out,err}
+  local name=$1 limit=$2
+  shift 2
+  local left=$(( BUDGET - (SECONDS - START) ))
+  if (( left < 25 )); then
+    echo "[skip] $name: session budget of ${BUDGET}s spent" | tee -a "$LOG"
+    return 0
+  fi
+  (( limit > left )) && limit=$left
+  echo "=== $name (limit ${limit}s, ${left}s left) ===" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" bash -c '"$@"' step "$@" > "$OUT/$name.out" 2> "$OUT/$name.err"
+  local rc=$?
+  echo "[rc=$rc] $name: $(( SECONDS - t0 )) s" | tee -a "$LOG"
+  (( rc != 0 )) && tail -n 5 "$OUT/$name.err" | sed 's/^/    /' | tee -a "$LOG"
+  return 0
+}
+
+bench() {  # bench ARCH RECIPE OVERRIDES...: the CLI when Hydra imports, else the same core from a plain dict
+  local quick=()
+  [ -n "${BENCH_QUICK_ARGS:-}" ] && read -r -a quick <<< "$BENCH_QUICK_ARGS"
+  if python3 -c "import hydra, omegaconf" 2>/dev/null; then
+    python3 -m detector bench "arch=$1" "recipe=$2" format=json "device=$DEVICE" "${quick[@]}" "${@:3}"
+  else
+    python3 - "$DEVICE" "$@" "${quick[@]}" <<'PY'
+import json, sys, yaml
+from detector.bench import bench
+device, arch, recipe, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+cfg = {"arch": arch, "device": device, "format": "json", "seed": 0,
+       "recipe": yaml.safe_load(open(f"conf/recipe/{recipe}.yaml")),
+       "bench": yaml.safe_load(open("conf/train.yaml"))["bench"]}
+for item in overrides:
+    key, value = item.split("=", 1)
+    cfg["bench"][key.removeprefix("bench.")] = yaml.safe_load(value)
+print(json.dumps(bench(cfg)))
+PY
+  fi
+}
+
+render() {  # render NAME: the bench JSON in NAME.out as a text table in NAME.txt
+  python3 - "$OUT/$1.out" > "$OUT/$1.txt" 2>> "$OUT/$1.err" <<'PY'
+import json, sys
+from detector.bench import format_table
+lines = open(sys.argv[1]).read().strip().splitlines()
+print(format_table(json.loads(lines[-1])) if lines else "no output")
+PY
+  cat "$OUT/$1.txt"
+}
+
+export DEVICE QUICK OUT BENCH_QUICK_ARGS
+export -f bench
+{ nvidia-smi -L; python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"; } \
+  > "$OUT/env.out" 2>&1
+cat "$OUT/env.out" | tee -a "$LOG"
+
+step bench_fcos 180 bench fcos torchvision bench.ablate=true "bench.torchvision=[frozen_bn,bn]" bench.time_limit=130
+render bench_fcos
+step bench_nasfcos 170 bench nasfcos nasfcos "bench.deform_impl=[fast,torchvision]" bench.time_limit=120
+render bench_nasfcos
+step loader 100 python3 experiments/bench_loader.py --images "$LOADER_IMAGES" --workers 2 4 8 16 --batches 20 \
+  --bench-json "$OUT/bench_fcos.out" --out "$OUT/loader"
+tail -n 12 "$OUT/loader.out"
+step profile 150 python3 experiments/profile_breakdown.py --device "$DEVICE" --arch fcos nasfcos --fast-paths none all \
+  --torchvision --profiler --top 20 --out "$OUT/profile" "${PROFILE_QUICK[@]}"
+head -n 16 "$OUT/profile.out"
+step tests 90 python3 -m pytest -q -x tests/test_fast_paths.py
+tail -n 3 "$OUT/tests.out"
+if [ -f experiments/bench_dcn.py ]; then
+  step dcn 90 python3 experiments/bench_dcn.py --device "$DEVICE" --time-limit 60 ${QUICK:+--quick}
+  tail -n 15 "$OUT/dcn.out"
+fi
+if [ -f experiments/bench_proxy.py ]; then
+  step proxy 90 python3 experiments/bench_proxy.py --device "$DEVICE"
+  tail -n 15 "$OUT/proxy.out"
+fi
+step compile 150 bench fcos torchvision bench.torchvision=none "bench.compile=[backbone]" bench.self_check=false \
+  "bench.infer_batches=[1]"
+[ -s "$OUT/compile.out" ] && render compile
+
+python3 - "$OUT" > "$OUT/SUMMARY.txt" 2>&1 <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+
+def load(name):
+    try:
+        return json.loads((out / f"{name}.out").read_text().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+def first(result, model, name_part=""):
+    for row in (result or {}).get("rows", []):
+        if row.get("model") == model and name_part in row.get("name", "") and "error" not in row:
+            return row
+    return None
+
+fcos, nas = load("bench_fcos"), load("bench_nasfcos")
+ours, theirs = first(fcos, "ours"), first(fcos, "torchvision", "frozen_bn")
+nas_fast = first(nas, "ours", "dcn=fast")
+lines = ["target | measured | met"]
+def add(name, value, goal, ok):
+    lines.append(f"{name} | {value} | {'yes' if ok else 'NO'} (goal {goal})")
+if ours and theirs:
+    r = ours["train_images_per_s"] / theirs["train_images_per_s"]
+    add("fcos train vs torchvision", f"{ours['train_images_per_s']:.1f} / {theirs['train_images_per_s']:.1f} img/s = {r:.2f}x", ">= 1.5x", r >= 1.5)
+    r = ours["infer_b1_images_per_s"] / theirs["infer_b1_images_per_s"]
+    add("fcos inference b1 vs torchvision", f"{ours['infer_b1_images_per_s']:.1f} / {theirs['infer_b1_images_per_s']:.1f} img/s = {r:.2f}x", ">= 1.5x", r >= 1.5)
+if nas_fast and ours:
+    r = nas_fast["train_images_per_s"] / ours["train_images_per_s"]
+    add("nasfcos train vs our fcos", f"{nas_fast['train_images_per_s']:.1f} / {ours['train_images_per_s']:.1f} img/s = {r:.2f}x", ">= 0.6x", r >= 0.6)
+    mem = nas_fast.get("train_peak_memory_gb", float("nan"))
+    add("nasfcos peak memory, batch 16", f"{mem:.1f} GB", "<= 40 GB", mem <= 40)
+try:
+    loader = json.loads((out / "loader" / "loader.json").read_text())
+    add("loader (train stream, best workers) vs fcos training", f"{loader['margin']:.2f}x", ">= 2x", loader["margin"] >= 2)
+except (OSError, ValueError, KeyError):
+    lines.append("loader | no result | -")
+for name, result in (("fcos", fcos), ("nasfcos", nas)):
+    check = (result or {}).get("self_check")
+    if check:
+        lines.append(f"self-check {name} | {'ok' if check.get('ok') else 'MISMATCH'} | "
+                     + json.dumps({k: {kk: check[k][kk] for kk in ('max_loss_rel_diff', 'grad_rel_diff')}
+                                   for k in ('fp32', 'bf16') if k in check}))
+print("\n".join(lines))
+PY
+echo "=== summary (session $(( SECONDS - START )) s) ==="
+cat "$OUT/SUMMARY.txt"
