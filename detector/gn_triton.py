@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-TILE_ELEMENTS = 4096  # rows x channels of one tile
+TILE_ELEMENTS = 8192  # rows x channels of one tile (32 rows of 256 channels)
 FINALIZE_TILES = 64  # tiles summed per step of the finalize loops
 
 
@@ -243,12 +243,12 @@ def group_norm_forward(x: Tensor, gamma: Tensor, beta: Tensor, groups: int, eps:
     y = torch.empty_like(x)
     sx, sy = _layout(x), _layout(y)
     _stats_kernel[(n, num_tiles)](x, sums, m2, hw, channels, num_tiles, *sx,
-                                  BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
+                                  BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=8)
     _finalize_kernel[(n, groups)](sums, m2, gamma, beta, mean, rstd, scale, shift, hw, channels, groups,
                                   num_tiles, eps, GROUP_CHANNELS=channels // groups, BLOCK_CG=block_cg,
                                   BLOCK_T=FINALIZE_TILES, BLOCK_HW=block_hw, num_warps=2)
     _apply_kernel[(n, num_tiles)](x, y, scale, shift, hw, channels, *sx, *sy, RELU=relu,
-                                  BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
+                                  BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=8)
     return y, mean, rstd
 
 

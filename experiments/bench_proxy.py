@@ -70,7 +70,8 @@ def trial_settings(proxy: dict, device: str, quick: bool) -> tuple[TrialSettings
     return TrialSettings(**chosen, device=device), int(proxy["resolution"]), int(proxy["val_images"])
 
 
-def random_split(count: int, shapes: dict[str, ShapeSpec], resolution: int, generator: torch.Generator) -> SplitFeatures:
+def random_split(count: int, shapes: dict[str, ShapeSpec], resolution: int,
+                 generator: torch.Generator) -> SplitFeatures:
     """``count`` images of random ReLU-like fp16 features and 1-10 random boxes each."""
     features = {level: torch.randn(count, spec.channels, resolution // spec.stride, resolution // spec.stride,
                                    generator=generator).relu_().half() for level, spec in shapes.items()}

@@ -12,7 +12,7 @@
 
 Both are picklable and cheap to send to a worker. Keys read besides ``cfg.proxy_eval``:
 ``cfg.reward``, ``cfg.device`` (auto | cpu | cuda, resolved in the process that runs the trial),
-``cfg.model.width`` (when ``proxy_eval.width`` is null), ``cfg.seed``, ``cfg.cache_dir``,
+``cfg.model.width`` (when ``proxy_eval.width`` is null), ``cfg.cache_dir``,
 ``cfg.data``, ``cfg.backbone``, ``cfg.recipe``, ``cfg.space`` (toy).
 """
 from __future__ import annotations

@@ -46,7 +46,14 @@ from detector.cache_dir import resolve_cache_dir
 from detector.errors import UserError
 from detector.recipe import Recipe
 from detector.zoo import zoo_arch
-from proxy_eval.feature_cache import CorruptCacheError, FeatureCache, ProxyFeatures, SplitFeatures, cache_key, file_sha256
+from proxy_eval.feature_cache import (
+    CorruptCacheError,
+    FeatureCache,
+    ProxyFeatures,
+    SplitFeatures,
+    cache_key,
+    file_sha256,
+)
 from proxy_eval.splits import ProxySplits, make_splits
 from proxy_eval.trial import autocast_context, decoder_losses, lr_at
 
@@ -268,7 +275,8 @@ def key_material(settings: PrepareSettings, backbone: BackboneSpec, recipe: Reci
     return {
         "data": {"ann_file": str(ann_file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
         "splits": {"seed": splits.seed, "train": list(splits.train_ids), "val": list(splits.val_ids)},
-        "backbone": {**asdict(backbone), "levels": list(backbone.levels), "weights": _weights_identity(backbone.weights)},
+        "backbone": {**asdict(backbone), "levels": list(backbone.levels),
+                     "weights": _weights_identity(backbone.weights)},
         "adapt": adapt,
         "resolution": settings.resolution,
         "transform": TRANSFORM,

@@ -9,10 +9,12 @@ shapes, trains it on proxy-train features for ``iters`` SGD iterations (momentum
 warmup from lr/3, cosine decay, gradient-norm clipping; bf16 autocast on GPU, fp32 on CPU;
 features kept on the device), then evaluates it on proxy-val: the mean validation loss sum and
 COCO box AP (pycocotools, against a ground truth built from the cached proxy-val boxes at proxy
-resolution, so small / medium / large follow proxy-pixel areas). ``reward`` is ``ap`` (default) or ``neg_loss`` = minus the mean validation loss sum
-(the authors' reward). ``params`` and ``gflops`` are the decoder's, at the proxy resolution, batch
-1 (``detector.describe`` conventions: 2 x MACs, DCN counted as a dense conv). ``loss`` is the
-mean validation loss sum; the last training loss is in ``extra["train_loss"]``.
+resolution, so small / medium / large follow proxy-pixel areas). ``reward`` is ``ap`` (default)
+or ``neg_loss`` = minus the mean validation loss sum (the authors' reward). ``params`` and
+``gflops`` are the decoder's, at the proxy resolution, batch 1 (``detector.describe``
+conventions: 2 x MACs, DCN counted as a dense conv). ``loss`` is the mean validation loss sum;
+the last training loss is in ``extra["train_loss"]``. ``deform_impl`` picks the DCN kernel
+(``detector.deform.set_deform_impl``) for the trial and restores the previous one after it.
 
 Failures are values: ``diverged`` (a non-finite training or validation loss), ``oom``
 (``torch.OutOfMemoryError``), ``timeout`` (past ``timeout_s`` wall-clock seconds, checked every

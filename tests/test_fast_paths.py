@@ -218,9 +218,38 @@ TRITON_CHECK = textwrap.dedent("""
 
     check((2, 16, 5, 7), 4, "nchw", True, torch.float32, 0)
     check((2, 16, 5, 7), 4, "nhwc", False, torch.float32, 1)
-    check((1, 64, 9, 40), 8, "nhwc", True, torch.float32, 2)   # 64 channels: 64-row tiles, 6 tiles
-    check((1, 256, 6, 190), 32, "nhwc", True, torch.float32, 3)  # 72 tiles: two finalize steps
+    check((1, 64, 9, 40), 8, "nhwc", True, torch.float32, 2)   # 64 channels: 128-row tiles, 3 tiles
+    check((1, 256, 12, 190), 32, "nhwc", True, torch.float32, 3)  # 72 tiles: two finalize steps
     check((2, 32, 4, 6), 8, "nhwc", True, torch.bfloat16, 4)
+
+    # the module and its autograd function, with the kernels allowed on CPU tensors
+    from torch import nn
+    from detector import fast_norm
+    fast_norm.can_fuse = lambda x, module: True
+    torch.manual_seed(5)
+    reference = nn.Sequential(nn.GroupNorm(4, 16), nn.ReLU())
+    nn.init.normal_(reference[0].weight)
+    nn.init.normal_(reference[0].bias)
+    x = (torch.randn(2, 16, 6, 5) + 2).to(memory_format=torch.channels_last).requires_grad_()
+    expected = reference(x)
+    expected.sum().backward()
+    want = [x.grad.clone()] + [p.grad.clone() for p in reference.parameters()]
+    x.grad = None
+    reference.zero_grad()
+    fused = reference[0]
+    fused.__class__ = fast_norm.FusedGroupNorm
+    fused.fuse_relu = True
+    got = fused(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    got.sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for g, w in zip([x.grad] + [p.grad for p in fused.parameters()], want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x.detach()), expected.detach(), rtol=1e-5, atol=1e-5)
+    sliced = torch.randn(2, 16, 6, 10)[..., ::2]  # H and W do not merge: copied first
+    torch.testing.assert_close(fused(sliced), torch.relu(nn.functional.group_norm(sliced, 4, fused.weight, fused.bias)),
+                               rtol=1e-5, atol=1e-5)
     print("ok")
 """)
 
