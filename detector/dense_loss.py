@@ -34,7 +34,7 @@ class SizeRangeCache:
         self._tensors: dict[tuple, Tensor] = {}
 
     def get(self, recipe: Recipe, device: torch.device) -> Tensor:
-        key = (recipe.size_ranges, str(device))
+        key = (recipe.size_ranges, str(device), torch.is_inference_mode_enabled())  # no inference tensors in training
         if key not in self._tensors:
             self._tensors[key] = torch.tensor(recipe.size_ranges, dtype=torch.float32, device=device)
         return self._tensors[key]

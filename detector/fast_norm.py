@@ -18,8 +18,9 @@ unchanged); :mod:`detector.fast_paths` swaps them in and out:
   (``addcmul`` may fuse the multiply-add).
 - :class:`FusedGroupNorm`: GroupNorm with an optional fused ReLU (``fuse_relu``), running the
   Triton kernels of :mod:`detector.gn_triton` on CUDA (statistics in float32, any layout whose
-  H and W merge, output in the input's dtype and layout). Elsewhere, or when Triton is missing,
-  it runs the reference ``F.group_norm`` (+ ReLU).
+  H and W merge, output in the input's dtype and layout). On tensors below ``MIN_FUSED_ELEMENTS``
+  (the small pyramid levels, where three Triton launches cost more than the bytes they save), on
+  the CPU, or when Triton is missing, it runs the reference ``F.group_norm`` (+ ReLU).
 """
 from __future__ import annotations
 
@@ -34,13 +35,33 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class DtypeKeepingFrozenBatchNorm2d(FrozenBatchNorm2d):
-    """FrozenBatchNorm2d whose output keeps the input's dtype: ``addcmul(shift, x, scale)``."""
+    """FrozenBatchNorm2d whose output keeps the input's dtype: ``addcmul(shift, x, scale)``.
+
+    The buffers are frozen, so scale and shift are computed once per (dtype, buffer storage and
+    version, inference mode) and reused: one kernel per call instead of about seven (the reference
+    recomputes them every call), which matters where launches dominate (batch-1 inference).
+    """
+
+    def _scale_shift(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        buffers = (self.weight, self.bias, self.running_mean, self.running_var)
+        key = (dtype, torch.is_inference_mode_enabled(), tuple((b.data_ptr(), b._version) for b in buffers))
+        cached = self.__dict__.get("_scale_shift_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            scale = self.weight * (self.running_var + self.eps).rsqrt()  # (C,) float32
+            shift = self.bias - self.running_mean * scale
+            value = (scale.view(1, -1, 1, 1).to(dtype), shift.view(1, -1, 1, 1).to(dtype))
+        self.__dict__["_scale_shift_cache"] = (key, value)
+        return value
 
     def forward(self, x: Tensor) -> Tensor:
         # (N, C, H, W) -> same shape, dtype and memory layout
-        scale = self.weight * (self.running_var + self.eps).rsqrt()  # (C,) float32
-        shift = self.bias - self.running_mean * scale
-        scale, shift = scale.view(1, -1, 1, 1).to(x.dtype), shift.view(1, -1, 1, 1).to(x.dtype)
+        if torch.compiler.is_compiling():  # let the compiler see (and fuse) the plain expression
+            scale = self.weight * (self.running_var + self.eps).rsqrt()
+            shift = self.bias - self.running_mean * scale
+            return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
+        scale, shift = self._scale_shift(x.dtype)
         return torch.addcmul(shift, x, scale)
 
 
@@ -81,10 +102,13 @@ def fused_group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: 
     return _FusedGroupNormFunction.apply(x, weight, bias, groups, eps, relu)
 
 
+MIN_FUSED_ELEMENTS = 1 << 20  # below this, launches cost more than bytes: the reference path runs
+
+
 def can_fuse(x: Tensor, module: nn.GroupNorm) -> bool:
-    """Whether the Triton path applies: CUDA, 4-D, affine, Triton importable."""
+    """Whether the Triton path applies: CUDA, 4-D, affine, large enough, Triton importable."""
     return (x.is_cuda and x.dim() == 4 and module.affine and x.shape[1] == module.num_channels
-            and triton_group_norm() is not None)
+            and x.numel() >= MIN_FUSED_ELEMENTS and triton_group_norm() is not None)
 
 
 class FusedGroupNorm(nn.GroupNorm):

@@ -46,14 +46,19 @@ class FastPathError(UserError):
 
 
 class PointsCache:
-    """The last ``capacity`` pyramids' points, keyed by feature-map sizes, offset and device."""
+    """The last ``capacity`` pyramids' points, keyed by feature-map sizes, offset and device.
+
+    Points made under ``torch.inference_mode`` are inference tensors, which autograd refuses
+    later; the mode is part of the key, so training never gets them.
+    """
 
     def __init__(self, capacity: int = 32) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[tuple, Points] = OrderedDict()
 
     def get(self, features: list[Tensor], offset: float) -> Points:
-        key = (tuple(tuple(f.shape[-2:]) for f in features), offset, str(features[0].device))
+        key = (tuple(tuple(f.shape[-2:]) for f in features), offset, str(features[0].device),
+               torch.is_inference_mode_enabled())
         points = self._entries.get(key)
         if points is None:
             points = points_for(features, offset)

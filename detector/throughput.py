@@ -483,10 +483,11 @@ RATIO_KEYS = ("train_images_per_s", "infer_b1_images_per_s", "infer_b8_images_pe
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Ours / torchvision for each throughput key both rows have (first row of each kind)."""
-    ours = next((r for r in rows if r["model"] == "ours" and "error" not in r), None)
-    theirs = next((r for r in rows if r["model"] == "torchvision" and "error" not in r), None)
-    if ours is None or theirs is None:
+    """Ours / torchvision for each throughput key both rows have (first row of each kind; none
+    when either of those two rows failed)."""
+    ours = next((r for r in rows if r["model"] == "ours"), None)
+    theirs = next((r for r in rows if r["model"] == "torchvision"), None)
+    if ours is None or theirs is None or "error" in ours or "error" in theirs:
         return {}
     keys = [k for k in ours if k.endswith("_images_per_s") and k in theirs]
     return {k: ours[k] / theirs[k] for k in keys}

@@ -139,9 +139,10 @@ def load(name):
         return None
 
 def first(result, model, name_part=""):
+    """The first row of that model (and name); None when it is missing or failed."""
     for row in (result or {}).get("rows", []):
-        if row.get("model") == model and name_part in row.get("name", "") and "error" not in row:
-            return row
+        if row.get("model") == model and name_part in row.get("name", ""):
+            return None if "error" in row else row
     return None
 
 fcos, nas = load("bench_fcos"), load("bench_nasfcos")

@@ -31,8 +31,9 @@ Durability and resume. Every event is written before the next one starts, in thi
 History is the source of truth. On resume a stage reloads its searcher; a pending proposal that
 already has a history line (the driver died between the append and the save) is told from it;
 every other pending proposal was in flight when the driver died and is run again, before any new
-proposal. A proposal asked but not yet saved is lost with its RNG step, which is harmless. So a
-driver killed at any moment loses no finished trial and trains none twice.
+proposal. A proposal asked but not yet saved is asked again (the saved state predates it). So a
+driver killed at any moment loses no recorded trial and trains none twice; only trials that were
+running (not yet recorded) run again.
 """
 from __future__ import annotations
 

@@ -203,6 +203,8 @@ class RayExecutor:
             ),
         )
         tuner.fit()
+        if not stages.done:  # Tune returns early only when stopped (Ctrl-C): resume continues the run
+            raise KeyboardInterrupt
 
     def close(self) -> None:
         if self.owns_ray and ray.is_initialized():

@@ -92,7 +92,8 @@ def _failure_lines(rows: list[dict[str, Any]], limit: int = 10) -> list[str]:
     if not failed:
         return ["No trial failed."]
     counts = Counter(r["status"] for r in failed)
-    lines = [", ".join(f"{n} {status}" for status, n in counts.most_common()) + " (recorded with the floor reward):", ""]
+    summary = ", ".join(f"{n} {status}" for status, n in counts.most_common())
+    lines = [f"{summary} (recorded with the floor reward):", ""]
     for r in failed[:limit]:
         lines.append(f"- trial {r['trial']} ({r['status']}, {r.get('attempts', 1)} attempt(s)): "
                      f"{(r.get('error') or '').splitlines()[0][:160] if r.get('error') else '-'}")

@@ -91,11 +91,11 @@ def test_variants_one_ours_row_without_dcn_one_per_kernel_with_dcn():
 
 def test_ratios_divide_the_first_ours_row_by_the_first_torchvision_row():
     rows = [{"model": "torchvision", "train_images_per_s": 50.0, "infer_b1_images_per_s": 20.0},
-            {"model": "ours", "error": "failed"},
             {"model": "ours", "train_images_per_s": 80.0, "infer_b1_images_per_s": 40.0},
             {"model": "ours", "train_images_per_s": 10.0}]
     assert ratios(rows) == {"train_images_per_s": 1.6, "infer_b1_images_per_s": 2.0}
     assert ratios(rows[1:]) == {}
+    assert ratios([rows[0], {"model": "ours", "error": "failed"}] + rows[1:]) == {}  # never another row's numbers
 
 
 def test_random_batches_are_coco_shaped():

@@ -55,9 +55,9 @@ def test_resume_after_sigkill_completes_the_budget_and_trains_nothing_twice(tmp_
         proc.communicate()
     before = rows_of(run_dir)
     assert 2 <= len(before) < 8, "the kill must land mid-run"
+    searcher_files = [run_dir / "searcher-0-fpn.pt", run_dir / "searcher-1-head.pt"]
     pending_at_kill = {index: [p["id"] for p in torch.load(path, weights_only=True)["pending"]]
-                       for index, path in enumerate(run_dir / f"searcher-{i}-{s}.pt" for i, s in enumerate(["fpn", "head"]))
-                       if path.exists()}
+                       for index, path in enumerate(searcher_files) if path.exists()}
 
     run_search(compose("search", [f"resume={run_dir}"]))
 
