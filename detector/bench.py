@@ -136,6 +136,10 @@ def format_table(result: dict[str, Any]) -> str:
                      for p in ("fp32", "bf16") if p in check]
             det = check["detections"]
             parts.append(f"detections counts {det['counts']}, max score diff {det['max_score_diff']:.1e}")
+            if "cuda_graphs" in check:
+                graphs = check["cuda_graphs"]
+                parts.append(f"CUDA-graph detections {'==' if graphs['equal_to_eager'] else '!='} eager "
+                             f"({graphs['graphs']} graphs, {len(graphs['capture_failures'])} capture failures)")
             lines.append(f"self-check fast vs reference ({'ok' if check['ok'] else 'MISMATCH'}): " + "; ".join(parts))
     return "\n".join(lines)
 

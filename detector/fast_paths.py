@@ -14,6 +14,8 @@ losses         sync-free masked losses (``detector.dense_loss``)
 points         pyramid points cached per feature-map sizes (:class:`PointsCache`)
 postprocess    batched scoring / top-k / decoding, one sync per batch
                (``detector.batched_postprocess``)
+cuda_graphs    inference on CUDA replays backbone + FPN + head as one CUDA graph per input
+               shape (``detector.graphed_inference``)
 =============  ===============================================================================
 
 ``compile_parts(model, parts)`` additionally wraps parts in ``torch.compile(dynamic=True)``
@@ -33,11 +35,12 @@ from detector.dense_loss import compute_losses_dense
 from detector.errors import UserError
 from detector.fast_norm import DtypeKeepingFrozenBatchNorm2d, FusedGroupNorm
 from detector.fcos import FCOS
+from detector.graphed_inference import GraphedInference
 from detector.loss import compute_losses
 from detector.points import Points, points_for
 from detector.postprocess import postprocess
 
-FAST_PATHS = ("frozen_bn", "group_norm", "losses", "points", "postprocess")
+FAST_PATHS = ("frozen_bn", "group_norm", "losses", "points", "postprocess", "cuda_graphs")
 COMPILE_PARTS = ("backbone", "fpn", "head")
 
 
@@ -133,6 +136,10 @@ def set_fast_paths(model: FCOS, paths: str | Iterable[str] | None) -> FCOS:
     model.loss_impl = compute_losses_dense if "losses" in wanted else compute_losses
     model.postprocess_impl = postprocess_batched if "postprocess" in wanted else postprocess
     model.points_cache = PointsCache() if "points" in wanted else None
+    if "cuda_graphs" not in wanted:
+        model.graphs = None
+    elif model.graphs is None:
+        model.graphs = GraphedInference()
     return model
 
 
@@ -145,6 +152,7 @@ def active_fast_paths(model: FCOS) -> tuple[str, ...]:
         "losses": model.loss_impl is compute_losses_dense,
         "points": model.points_cache is not None,
         "postprocess": model.postprocess_impl is postprocess_batched,
+        "cuda_graphs": model.graphs is not None,
     }
     return tuple(name for name in FAST_PATHS if on[name])
 

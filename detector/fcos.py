@@ -8,8 +8,9 @@ are normalised as the backbone expects and zero-padded (bottom/right) to a multi
 
 The pieces are reusable on their own: ``preprocess`` (normalise + pad), ``forward_features``
 (padded batch -> [P3..P7]), and the module-level ``compute_losses`` / ``postprocess`` that act on
-head outputs alone. ``loss_impl`` / ``postprocess_impl`` / ``points_cache`` default to those
-reference functions (no cache); :mod:`detector.fast_paths` swaps in equivalent faster ones.
+head outputs alone. ``loss_impl`` / ``postprocess_impl`` / ``points_cache`` / ``graphs`` default
+to those reference functions (no cache, no CUDA graphs); :mod:`detector.fast_paths` swaps in
+equivalent faster ones.
 """
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ class FCOS(nn.Module):
         self.loss_impl = compute_losses
         self.postprocess_impl = postprocess
         self.points_cache = None  # a detector.fast_paths.PointsCache once installed
+        self.graphs = None  # a detector.graphed_inference.GraphedInference once installed
 
     def normalize(self, image: Tensor) -> Tensor:
         """(3, H, W) RGB in 0..1 -> what the backbone was trained on (same shape)."""
@@ -111,8 +113,11 @@ class FCOS(nn.Module):
         """Train mode: dict of scalar losses. Eval mode: list of detection dicts (see module doc)."""
         _check_inputs(images, targets, self.training)
         padded, image_sizes = self.preprocess(images)  # (N, 3, H, W)
-        features = self.forward_features(padded)
-        head_out = self.head(features)
+        if self.graphs is not None and self.graphs.applies(self, padded):
+            features, head_out = self.graphs.run(self, padded)  # CUDA-graph replay, same values
+        else:
+            features = self.forward_features(padded)
+            head_out = self.head(features)
         points = self.points(features)
         if self.training:
             return self.loss_impl(head_out, points, targets, self.recipe, self.num_classes)

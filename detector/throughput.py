@@ -43,6 +43,7 @@ from detector.arch import Arch
 from detector.build import build_detector
 from detector.deform import DEFORM_IMPLS, get_deform_impl, set_deform_impl
 from detector.errors import UserError
+from detector.fast_path_check import check_fast_paths
 from detector.fast_paths import (COMPILE_PARTS, FAST_PATHS, active_fast_paths, compile_parts, parse_paths,
                                  set_fast_paths)
 from detector.fcos import FCOS
@@ -311,70 +312,6 @@ def measure_inference(model: nn.Module, batches: list[Batch], settings: BenchSet
     return result
 
 
-# --------------------------------------------------------------------------------------- self-check
-
-
-def _losses_and_grads(model: FCOS, batch: Batch, autocast: bool, device: torch.device) -> tuple[dict, Tensor]:
-    model.train()
-    model.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        losses = model(batch.images, batch.targets)
-    sum(losses.values()).backward()
-    grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
-    model.zero_grad(set_to_none=True)
-    return {k: float(v.detach()) for k, v in losses.items()}, grads
-
-
-def self_check(model: FCOS, batch: Batch, settings: BenchSettings, device: torch.device) -> dict[str, Any]:
-    """Fast paths vs reference code on one batch, same weights: losses, gradients, detections.
-
-    Tolerances (relative): float32 1e-4 on losses and 1e-3 on the gradient vector; bf16 autocast
-    1e-2 and 5e-2 (rounding happens in different places). Detections are compared on the same
-    head outputs (float32 post-processing in both).
-    """
-    fast = active_fast_paths(model)
-    report: dict[str, Any] = {"fast_paths": list(fast)}
-    passed = True
-    precisions = ("fp32", "bf16") if settings.precision == "bf16" else ("fp32",)
-    for precision in precisions:
-        loss_tol, grad_tol = (1e-4, 1e-3) if precision == "fp32" else (1e-2, 5e-2)
-        set_fast_paths(model, ())
-        ref_losses, ref_grads = _losses_and_grads(model, batch, precision == "bf16", device)
-        set_fast_paths(model, fast)
-        fast_losses, fast_grads = _losses_and_grads(model, batch, precision == "bf16", device)
-        loss_diff = max(abs(fast_losses[k] - ref_losses[k]) / max(abs(ref_losses[k]), 1e-12) for k in ref_losses)
-        grad_diff = float((fast_grads - ref_grads).norm() / ref_grads.norm().clamp(min=1e-30))
-        ok = loss_diff <= loss_tol and grad_diff <= grad_tol and all(math.isfinite(v) for v in fast_losses.values())
-        passed &= ok
-        report[precision] = {"reference_losses": ref_losses, "fast_losses": fast_losses,
-                             "max_loss_rel_diff": loss_diff, "grad_rel_diff": grad_diff, "ok": ok}
-    report["detections"] = _check_detections(model, batch, device)
-    report["ok"] = passed and report["detections"]["ok"]
-    return report
-
-
-@torch.no_grad()
-def _check_detections(model: FCOS, batch: Batch, device: torch.device) -> dict[str, Any]:
-    from detector.batched_postprocess import postprocess_batched
-    from detector.postprocess import postprocess
-
-    model.eval()
-    images = batch.images[:2]
-    padded, sizes = model.preprocess(images)
-    features = model.forward_features(padded)
-    head_out = {k: [t.float() for t in v] for k, v in model.head(features).items()}
-    points = model.points(features)
-    reference = postprocess(head_out, points, sizes, model.recipe)
-    batched = postprocess_batched(head_out, points, sizes, model.recipe)
-    counts = [(len(r["scores"]), len(b["scores"])) for r, b in zip(reference, batched)]
-    score_diff = max((float((r["scores"] - b["scores"]).abs().max()) if len(r["scores"]) and len(r["scores"]) == len(b["scores"])
-                      else 0.0) for r, b in zip(reference, batched))
-    same_boxes = all(len(r["boxes"]) == len(b["boxes"]) and torch.allclose(r["boxes"], b["boxes"])
-                     for r, b in zip(reference, batched))
-    return {"counts": counts, "max_score_diff": score_diff, "same_boxes": same_boxes,
-            "ok": all(a == b for a, b in counts) and score_diff <= 1e-5}
-
-
 # ------------------------------------------------------------------------------------------- driver
 
 
@@ -411,6 +348,10 @@ def measure_variant(variant: Variant, arch: Arch, recipe: Recipe, settings: Benc
             for size in settings.infer_batches:
                 row.update(measure_inference(model, batches, settings, size, device))
         if variant.train:
+            if getattr(model, "graphs", None) is not None:  # free the inference graphs' memory pool
+                row["graph_capture_failures"] = sorted(set(model.graphs.failures.values()))
+                model.graphs = type(model.graphs)()
+                _release(device)
             row.update(measure_training(model, batches, settings, device))
         row["seconds"] = time.perf_counter() - started
     except UserError:
@@ -469,7 +410,8 @@ def run_self_check(variant: Variant, arch: Arch, recipe: Recipe, settings: Bench
     try:
         set_deform_impl(variant.deform_impl)
         model = _prepare(build_ours(arch, recipe, settings, replace(variant, compile=()), device), settings)
-        return self_check(model, batch, settings, device)
+        precisions = ("fp32", "bf16") if settings.precision == "bf16" else ("fp32",)
+        return check_fast_paths(model, batch.images, batch.targets, precisions)
     except UserError:
         raise
     except Exception as err:  # reported in the result, like a failing row
@@ -498,7 +440,8 @@ def cumulative_ablation(deform_impl: str) -> list[Variant]:
     steps = [("reference", ()), ("+losses+points", ("losses", "points")),
              ("+frozen_bn", ("losses", "points", "frozen_bn")),
              ("+group_norm", ("losses", "points", "frozen_bn", "group_norm")),
-             ("+postprocess (all)", FAST_PATHS)]
+             ("+postprocess", ("losses", "points", "frozen_bn", "group_norm", "postprocess")),
+             ("+cuda_graphs (all)", FAST_PATHS)]
     suffix = "" if deform_impl == "torchvision" else f" (dcn={deform_impl})"
     return [Variant(name=f"ours {label}{suffix}", fast_paths=tuple(paths), deform_impl=deform_impl)
             for label, paths in steps]
@@ -535,5 +478,5 @@ def default_variants(arch: Arch, fast_paths: str | tuple[str, ...] = FAST_PATHS,
 
 
 __all__ = ["BenchSettings", "Variant", "Batch", "BenchError", "make_batches", "build_ours", "build_torchvision_fcos",
-           "measure_training", "measure_inference", "self_check", "run_bench", "default_variants",
+           "measure_training", "measure_inference", "run_bench", "default_variants",
            "cumulative_ablation", "ratios", "time_calls", "load_recipe"]

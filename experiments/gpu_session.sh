@@ -124,7 +124,7 @@ if [ -f experiments/bench_proxy.py ]; then
   tail -n 15 "$OUT/proxy.out"
 fi
 step compile 150 bench fcos torchvision bench.torchvision=none "bench.compile=[backbone]" bench.self_check=false \
-  "bench.infer_batches=[1]"
+  "bench.infer_batches=[1]" "bench.fast_paths=[frozen_bn,group_norm,losses,points,postprocess]"
 [ -s "$OUT/compile.out" ] && render compile
 
 python3 - "$OUT" > "$OUT/SUMMARY.txt" 2>&1 <<'PY'

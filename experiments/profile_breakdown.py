@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from detector.dense_loss import SizeRangeCache  # noqa: E402
 from detector.deform import set_deform_impl  # noqa: E402
-from detector.fast_paths import FAST_PATHS, active_fast_paths, parse_paths  # noqa: E402
+from detector.fast_paths import active_fast_paths, parse_paths  # noqa: E402
 from detector.targets import assign_targets  # noqa: E402
 from detector.throughput import (BenchSettings, Variant, build_ours, build_torchvision_fcos, load_recipe,  # noqa: E402
                                  make_batches, time_calls)

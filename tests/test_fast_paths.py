@@ -305,6 +305,25 @@ def test_fused_group_norm_on_cuda_matches_the_reference(layout, dtype):
         assert float((got.float() - want).norm() / want.norm()) < tol
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_inference_replays_eager_results_and_follows_weight_changes():
+    model = small_detector("torchvision", fast=True).cuda().eval()
+    images = [torch.rand(3, 96, 128, device="cuda"), torch.rand(3, 80, 112, device="cuda")]
+    with torch.no_grad():
+        set_fast_paths(model, [p for p in FAST_PATHS if p != "cuda_graphs"])
+        eager = model(images)
+        set_fast_paths(model, "all")
+        model(images)  # capture
+        replayed = model(images)
+        assert len(model.graphs) == 1 and not model.graphs.failures
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(eager, replayed) for k in a)
+        model.head.cls_logits.bias.add_(3.0)  # in place: the graph must not serve stale results
+        changed = model(images)
+        set_fast_paths(model, [p for p in FAST_PATHS if p != "cuda_graphs"])
+        expected = model(images)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(changed, expected) for k in a)
+
+
 # --- switching ---------------------------------------------------------------------------------
 
 def test_fast_paths_switch_on_and_off_keeping_state_dict_and_outputs():

@@ -1,0 +1,269 @@
+"""Shared machinery of the fault-injection suite (tests/test_faults_*.py, experiments/fault_suite.py).
+
+Real faults, at moments chosen precisely:
+
+- :func:`start_cli` runs ``python -m <app> <args>`` in a subprocess, optionally with a *pause
+  point*: the subprocess is started through this file (``python tests/faults.py pause ...``),
+  which wraps one function (``module:Qualified.name``) so that before or after its N-th call the
+  process writes a marker file and then waits (until a release file appears, or forever). The
+  test meanwhile SIGKILLs it (:func:`sigkill`) - a kill at an exact moment of the real program,
+  with nothing mocked - or releases it to let it finish.
+- :func:`run_cli_in_process` calls :func:`detector.cli.dispatch` like ``python -m <app>`` does
+  and returns the exit code with what went to stdout and stderr (for fuzzing thousands of inputs
+  without a process start each).
+- :func:`parse_history_lines` is the "no data lost" check on ``history.jsonl``: every line
+  must be one complete JSON object.
+
+The pause wrapper lives in this file (not in the package) because it is test machinery only.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+THIS_FILE = Path(__file__).resolve()
+
+
+# ---------------------------------------------------------------------- subprocesses
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: the project importable, and as many torch threads as
+    this process uses (CPU results are bitwise comparable only for equal thread counts)."""
+    threads = "1"
+    try:
+        import torch
+
+        threads = str(torch.get_num_threads())
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "TQDM_DISABLE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env
+
+
+@dataclass(frozen=True)
+class PausePoint:
+    """Pause the subprocess ``when`` ("before" / "after") the ``call``-th call of ``target``.
+
+    ``target`` is ``"package.module:Name"`` or ``"package.module:Class.method"``. At that moment
+    the process writes ``marker`` (JSON: pid, target, call) and waits until ``release`` exists
+    (never, when ``release`` is None: the test kills it).
+    """
+
+    target: str
+    marker: Path
+    call: int = 1
+    when: str = "after"
+    release: Path | None = None
+
+    def argv(self) -> list[str]:
+        args = ["pause", "--target", self.target, "--call", str(self.call), "--when", self.when,
+                "--marker", str(self.marker)]
+        if self.release is not None:
+            args += ["--release", str(self.release)]
+        return args
+
+
+def start_cli(app: str, *args: str, pause: PausePoint | None = None, cwd: Path = ROOT,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``python -m <app> <args>`` (through a pause point when given); pipes are text."""
+    if pause is None:
+        command = [sys.executable, "-m", app, *args]
+    else:
+        command = [sys.executable, str(THIS_FILE), *pause.argv(), "--", app, *args]
+    return subprocess.Popen(command, cwd=cwd, env=env or cli_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def run_cli(app: str, *args: str, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run ``python -m <app> <args>`` to the end; returns the completed process (text output)."""
+    return subprocess.run([sys.executable, "-m", app, *args], cwd=cwd, env=cli_env(), text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen | None, what: str,
+               timeout: float = 180.0, poll: float = 0.02) -> None:
+    """Poll ``condition`` until true; fails if ``proc`` exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the process ended (rc {proc.returncode}) before {what}:\n{err[-3000:]}")
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_for_marker(pause: PausePoint, proc: subprocess.Popen, timeout: float = 180.0) -> dict:
+    """Wait until the subprocess reached its pause point; returns the marker's content."""
+    wait_until(pause.marker.exists, proc, f"the pause point {pause.target} #{pause.call}", timeout)
+    return json.loads(pause.marker.read_text())
+
+
+def sigkill(proc: subprocess.Popen) -> tuple[str, str]:
+    """SIGKILL ``proc`` (by its own pid) and reap it; returns its stdout and stderr."""
+    os.kill(proc.pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"expected death by SIGKILL, got rc {proc.returncode}"
+    return out, err
+
+
+# ---------------------------------------------------------------------- in-process CLI
+@dataclass(frozen=True)
+class CliOutcome:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+
+def run_cli_in_process(app: str, argv: Sequence[str]) -> CliOutcome:
+    """``python -m <app> <argv>`` in this process: :func:`detector.cli.dispatch` with the app's
+    commands, stdout/stderr captured, ``SystemExit`` turned into the exit code (0 if none).
+
+    Any other exception escapes: for the CLI contract that is a crash (exit 1 with a traceback).
+    """
+    from detector.cli import dispatch
+
+    commands = importlib.import_module(f"{app}.__main__").COMMANDS
+    config_name = "search" if app == "search" else "train"
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            dispatch(app, config_name, commands, list(argv))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return CliOutcome(code, out.getvalue(), err.getvalue())
+
+
+def assert_one_line_bad_input(outcome: CliOutcome | subprocess.CompletedProcess, context: str = "") -> str:
+    """The bad-input contract: exit 2, exactly one non-empty stderr line ``error: ...``, no traceback."""
+    code = outcome.code if isinstance(outcome, CliOutcome) else outcome.returncode
+    stderr = outcome.stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, f"{context}: exit {code}, stderr {stderr[-2000:]!r}"
+    assert "Traceback" not in stderr, f"{context}: traceback on stderr {stderr[-2000:]!r}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"{context}: stderr is not one line: {stderr!r}"
+    return lines[0]
+
+
+# ---------------------------------------------------------------------- run-dir checks
+def parse_history_lines(path: Path) -> list[dict]:
+    """Every line of ``history.jsonl`` as a JSON object; AssertionError naming the first bad line."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AssertionError(f"{path}: line {number} is not JSON ({err}): {line[:120]!r}") from None
+        assert isinstance(row, dict), f"{path}: line {number} is not an object"
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------- Ray workers
+RAY_FAULT_DIR = "NASFCOS_FAULT_DIR"
+RAY_KILL_EVALUATION = "NASFCOS_FAULT_KILL_EVALUATION"
+
+
+def ray_worker_kill_hook() -> None:
+    """A Ray ``worker_process_setup_hook``: the worker SIGKILLs itself inside the N-th evaluation.
+
+    Evaluations are numbered across all worker processes by files ``evaluation-<n>`` (holding the
+    code) in ``$NASFCOS_FAULT_DIR``; the process starting evaluation ``$NASFCOS_FAULT_KILL_EVALUATION``
+    dies by SIGKILL before returning a result, exactly as a worker killed mid-trial.
+    """
+    fault_dir = Path(os.environ[RAY_FAULT_DIR])
+    kill_at = int(os.environ[RAY_KILL_EVALUATION])
+    from proxy_eval.build import ToyProxy
+
+    real_evaluate = ToyProxy.evaluate
+
+    def evaluate(self, arch, seed=0, report=None):
+        number = len(list(fault_dir.glob("evaluation-*"))) + 1
+        (fault_dir / f"evaluation-{number}").write_text(str(arch))
+        if number == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_evaluate(self, arch, seed, report)
+
+    ToyProxy.evaluate = evaluate
+
+
+# ---------------------------------------------------------------------- the pause wrapper
+def _resolve(target: str) -> tuple[object, str]:
+    module_name, _, qualname = target.partition(":")
+    owner: object = importlib.import_module(module_name)
+    *path, attr = qualname.split(".")
+    for name in path:
+        owner = getattr(owner, name)
+    return owner, attr
+
+
+def install_pause(target: str, call: int, when: str, marker: Path, release: Path | None) -> None:
+    """Wrap ``target`` so that before/after its ``call``-th call the process marks and waits."""
+    owner, attr = _resolve(target)
+    original = getattr(owner, attr)
+    calls = 0
+
+    def pause() -> None:
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "target": target, "call": calls}))
+        os.replace(tmp, marker)
+        while release is None or not release.exists():
+            time.sleep(0.05)
+
+    def wrapper(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == call and when == "before":
+            pause()
+        result = original(*args, **kwargs)
+        if calls == call and when == "after":
+            pause()
+        return result
+
+    wrapper.__wrapped__ = original
+    setattr(owner, attr, staticmethod(wrapper) if isinstance(owner, type) and
+            isinstance(owner.__dict__.get(attr), staticmethod) else wrapper)
+
+
+def _main(argv: list[str]) -> None:
+    if "--" not in argv:
+        raise SystemExit("usage: faults.py pause --target M:Q [--call N] [--when before|after] --marker F "
+                         "[--release F] -- <app> <args...>")
+    split = argv.index("--")
+    parser = argparse.ArgumentParser(prog="faults.py")
+    parser.add_argument("mode", choices=["pause"])
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--call", type=int, default=1)
+    parser.add_argument("--when", choices=["before", "after"], default="after")
+    parser.add_argument("--marker", type=Path, required=True)
+    parser.add_argument("--release", type=Path, default=None)
+    options = parser.parse_args(argv[:split])
+    app, *app_args = argv[split + 1:]
+    sys.path[0] = str(ROOT)  # run as a script: import the project, not tests/
+    install_pause(options.target, options.call, options.when, options.marker, options.release)
+    sys.argv = [f"{app}/__main__.py", *app_args]
+    runpy.run_module(app, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
