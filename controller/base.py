@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from detector.arch import Arch
-from detector.errors import UserError
+from detector.errors import UserError, WriteError
 from search.space import SearchSpace
 
 STATE_FORMAT = 1
@@ -169,7 +169,11 @@ class Searcher(ABC):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(self.state_dict(), tmp)
+        try:
+            torch.save(self.state_dict(), tmp)
+        except (OSError, RuntimeError) as err:  # a full disk: torch reports "unexpected pos"
+            tmp.unlink(missing_ok=True)
+            raise WriteError.from_failure(path, err) from err
         os.replace(tmp, path)
         return path
 

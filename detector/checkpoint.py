@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from detector.errors import UserError
+from detector.errors import UserError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,10 @@ def _dump_to_temp(payload: dict[str, Any], directory: Path, name: str) -> str:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as err:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):  # a full disk: torch reports "unexpected pos"
+            raise WriteError.from_failure(Path(directory) / name, err) from err
         raise
     return tmp_name
 

@@ -105,7 +105,6 @@ def _start_wandb(logger_cfg: Any, run_dir: Path, config: dict[str, Any], name: s
         config=config,
         name=name,
         tags=list(tags) if tags else None,
-        reinit="finish_previous",
     )
 
 

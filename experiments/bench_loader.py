@@ -218,6 +218,18 @@ def pin_times(dataset, batch: int) -> dict[str, float]:
     return results
 
 
+def save(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """loader.json under --out (with the margin over training once the rows allow it)."""
+    if not args.out:
+        return
+    speed = training_speed(args)
+    streams = [r["images_per_s"] for r in result["rows"] if r["loader"] == "train stream"]
+    if speed and streams:
+        result["train_images_per_s"], result["margin"] = speed, max(streams) / speed
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "loader.json").write_text(json.dumps(result, indent=1))
+
+
 def training_speed(args: argparse.Namespace) -> float | None:
     if args.train_images_per_s:
         return float(args.train_images_per_s)
@@ -281,16 +293,13 @@ def main(argv: list[str] | None = None) -> int:
                 del loader
                 result["rows"].append({"loader": kind, "workers": workers, "images_per_s": rate})
                 print(f"{kind:<14} workers {workers:>3}: {rate:8.1f} images/s", flush=True)
+                save(result, args)  # after every row: a timeout still leaves the rows so far
         speed = training_speed(args)
-        if speed:
+        if speed and any(r["loader"] == "train stream" for r in result["rows"]):
             best = max(r["images_per_s"] for r in result["rows"] if r["loader"] == "train stream")
-            result["train_images_per_s"] = speed
-            result["margin"] = best / speed
             print(f"training consumes {speed:.1f} images/s; best train stream {best:.1f} images/s = "
                   f"{best / speed:.2f}x ({'meets' if best >= 2 * speed else 'BELOW'} the 2x goal)")
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "loader.json").write_text(json.dumps(result, indent=1))
+        save(result, args)
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)

@@ -12,11 +12,11 @@
 #                   layouts, fast-path ablation, self-check                     -> bench_fcos.{out,txt}
 #   bench_nasfcos   arch=nasfcos, fast and torchvision DCN                        -> bench_nasfcos.{out,txt}
 #   loader          experiments/bench_loader.py, 2/4/8/16 workers vs the fcos training speed
-#   profile         experiments/profile_breakdown.py, fcos and nasfcos, reference vs fast, torchvision,
-#                   torch.profiler top kernels                                  -> profile/
-#   tests           pytest tests/test_fast_paths.py (the CUDA checks of the fused GroupNorm included)
 #   dcn             experiments/bench_dcn.py --device cuda (if present)
 #   proxy           experiments/bench_proxy.py --device cuda (if present)
+#   profile         experiments/profile_breakdown.py, fcos and nasfcos, reference vs fast, torchvision,
+#                   torch.profiler top kernels                                  -> profile/
+#   tests           pytest tests/test_fast_paths.py (CUDA checks of the fused GroupNorm, CUDA graphs)
 #   compile         arch=fcos with bench.compile=[backbone] (opt-in torch.compile), time permitting
 # Each step writes <name>.out / <name>.err; session.log has return codes and durations;
 # SUMMARY.txt has the targets table (also printed last).
@@ -103,26 +103,28 @@ export -f bench
   > "$OUT/env.out" 2>&1
 cat "$OUT/env.out" | tee -a "$LOG"
 
-step bench_fcos 180 bench fcos torchvision bench.ablate=true "bench.torchvision=[frozen_bn,bn]" bench.time_limit=130
+step bench_fcos 180 bench fcos torchvision bench.ablate=true "bench.torchvision=[frozen_bn,bn]" bench.time_limit=130 \
+  bench.iters=15 bench.infer_iters=16
 render bench_fcos
-step bench_nasfcos 170 bench nasfcos nasfcos "bench.deform_impl=[fast,torchvision]" bench.time_limit=120
+step bench_nasfcos 170 bench nasfcos nasfcos "bench.deform_impl=[fast,torchvision]" bench.time_limit=120 \
+  bench.iters=15 bench.infer_iters=16
 render bench_nasfcos
 step loader 100 python3 experiments/bench_loader.py --images "$LOADER_IMAGES" --workers 2 4 8 16 --batches 20 \
   --bench-json "$OUT/bench_fcos.out" --out "$OUT/loader"
 tail -n 12 "$OUT/loader.out"
+if [ -f experiments/bench_dcn.py ]; then
+  step dcn 80 python3 experiments/bench_dcn.py --device "$DEVICE" --time-limit 60 ${QUICK:+--quick}
+  tail -n 15 "$OUT/dcn.out"
+fi
+if [ -f experiments/bench_proxy.py ]; then
+  step proxy 80 python3 experiments/bench_proxy.py --device "$DEVICE"
+  tail -n 15 "$OUT/proxy.out"
+fi
 step profile 150 python3 experiments/profile_breakdown.py --device "$DEVICE" --arch fcos nasfcos --fast-paths none all \
   --torchvision --profiler --top 20 --out "$OUT/profile" "${PROFILE_QUICK[@]}"
 head -n 16 "$OUT/profile.out"
 step tests 90 python3 -m pytest -q -x tests/test_fast_paths.py
 tail -n 3 "$OUT/tests.out"
-if [ -f experiments/bench_dcn.py ]; then
-  step dcn 90 python3 experiments/bench_dcn.py --device "$DEVICE" --time-limit 60 ${QUICK:+--quick}
-  tail -n 15 "$OUT/dcn.out"
-fi
-if [ -f experiments/bench_proxy.py ]; then
-  step proxy 90 python3 experiments/bench_proxy.py --device "$DEVICE"
-  tail -n 15 "$OUT/proxy.out"
-fi
 step compile 150 bench fcos torchvision bench.torchvision=none "bench.compile=[backbone]" bench.self_check=false \
   "bench.infer_batches=[1]" "bench.fast_paths=[frozen_bn,group_norm,losses,points,postprocess]"
 [ -s "$OUT/compile.out" ] && render compile

@@ -31,6 +31,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from detector.errors import WriteError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -201,11 +203,14 @@ class FeatureCache:
         tmp = self.root / f".tmp-{self.key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            torch.save(features.to_payload(), tmp / TENSOR_FILE)
-            digest = file_sha256(tmp / TENSOR_FILE)
-            meta_out = {"key": self.key, "format": FORMAT_VERSION, "sha256": digest, **meta}
-            (tmp / META_FILE).write_text(json.dumps(meta_out, indent=2, sort_keys=True, default=str) + "\n")
-            (tmp / CHECKSUM_FILE).write_text(f"{digest}  {TENSOR_FILE}\n")  # written last: marks complete
+            try:
+                torch.save(features.to_payload(), tmp / TENSOR_FILE)
+                digest = file_sha256(tmp / TENSOR_FILE)
+                meta_out = {"key": self.key, "format": FORMAT_VERSION, "sha256": digest, **meta}
+                (tmp / META_FILE).write_text(json.dumps(meta_out, indent=2, sort_keys=True, default=str) + "\n")
+                (tmp / CHECKSUM_FILE).write_text(f"{digest}  {TENSOR_FILE}\n")  # written last: marks complete
+            except (OSError, RuntimeError) as err:  # a full disk: torch reports "unexpected pos"
+                raise WriteError.from_failure(self.tensor_file, err) from err
             if self.path.exists():
                 self._move_aside()
             try:

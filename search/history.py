@@ -25,6 +25,7 @@ anywhere else means the file was edited by hand, and is refused with a :class:`U
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import logging
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from detector.errors import UserError
+from detector.errors import UserError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +132,17 @@ class History:
             raise ValueError(f"history row lacks {missing}")
         row = _finite(row)
         line = (json.dumps(row, allow_nan=False, separators=(",", ":")) + "\n").encode("utf-8")
-        with open(self.path, "ab") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(self.path, "ab", buffering=0) as f:
+            start = f.tell()
+            try:
+                written = 0
+                while written < len(line):  # a raw write may be short (a full disk) before it fails
+                    written += f.write(line[written:])
+                os.fsync(f.fileno())
+            except OSError as err:  # a full disk: cut the partial line off again, say so in one line
+                with contextlib.suppress(OSError):
+                    os.ftruncate(f.fileno(), start)
+                raise WriteError.from_failure(self.path, err) from err
         self.rows.append(row)
         return row
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from detector.errors import UserError
+from detector.errors import UserError, WriteError
 from detector.zoo import BEST_FILE
 
 CONFIG_FILE = "config.yaml"
@@ -39,10 +39,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a fsync'ed temporary file and ``os.replace``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:  # a full disk: the old file stays, the temporary one goes
+        tmp.unlink(missing_ok=True)
+        raise WriteError.from_failure(path, err) from err
     os.replace(tmp, path)
     return path
 

@@ -88,10 +88,11 @@ def start_cli(app: str, *args: str, pause: PausePoint | None = None, cwd: Path =
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def run_cli(app: str, *args: str, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run_cli(app: str, *args: str, timeout: float = 300, cwd: Path = ROOT,
+            preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m <app> <args>`` to the end; returns the completed process (text output)."""
     return subprocess.run([sys.executable, "-m", app, *args], cwd=cwd, env=cli_env(), text=True,
-                          capture_output=True, timeout=timeout)
+                          capture_output=True, timeout=timeout, preexec_fn=preexec_fn)
 
 
 def wait_until(condition: Callable[[], bool], proc: subprocess.Popen | None, what: str,
@@ -154,15 +155,25 @@ def run_cli_in_process(app: str, argv: Sequence[str]) -> CliOutcome:
     return CliOutcome(code, out.getvalue(), err.getvalue())
 
 
-def assert_one_line_bad_input(outcome: CliOutcome | subprocess.CompletedProcess, context: str = "") -> str:
-    """The bad-input contract: exit 2, exactly one non-empty stderr line ``error: ...``, no traceback."""
+def assert_one_line_bad_input(outcome: CliOutcome | subprocess.CompletedProcess, context: str = "",
+                              strict: bool = True) -> str:
+    """The bad-input contract: exit 2, the error as one stderr line ``error: ...``, no traceback.
+
+    ``strict``: that line is all of stderr (input refused before any work). Otherwise progress
+    bars and log records written before the failure may precede it, the error line coming last.
+    Returns the error line.
+    """
     code = outcome.code if isinstance(outcome, CliOutcome) else outcome.returncode
     stderr = outcome.stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    lines = [line for line in stderr.split("\n") if line.strip()]
     assert code == 2, f"{context}: exit {code}, stderr {stderr[-2000:]!r}"
     assert "Traceback" not in stderr, f"{context}: traceback on stderr {stderr[-2000:]!r}"
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"{context}: stderr is not one line: {stderr!r}"
-    return lines[0]
+    assert lines and lines[-1].startswith("error: ") and "\r" not in lines[-1], \
+        f"{context}: stderr does not end with one error line: {stderr[-2000:]!r}"
+    assert sum(line.startswith("error:") for line in lines) == 1, f"{context}: several error lines {stderr!r}"
+    if strict:
+        assert len(lines) == 1, f"{context}: stderr is more than the error line: {stderr[-2000:]!r}"
+    return lines[-1]
 
 
 # ---------------------------------------------------------------------- run-dir checks
@@ -177,6 +188,57 @@ def parse_history_lines(path: Path) -> list[dict]:
         assert isinstance(row, dict), f"{path}: line {number} is not an object"
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------- a full disk
+@contextlib.contextmanager
+def file_size_limit(max_bytes: int):
+    """While active, no file of this process can grow past ``max_bytes`` (RLIMIT_FSIZE).
+
+    A real kernel fault, no root needed: a write crossing the limit is cut short, then fails with
+    EFBIG ("File too large") - the same short write a full disk (ENOSPC) gives. SIGXFSZ is ignored
+    meanwhile so that the write fails instead of the process dying. Keep the window small: it
+    applies to every file this process writes, pytest's own included.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def disk_full_on_call(monkeypatch, owner: object, attr: str, call: int,
+                      limit: Callable[..., int] = lambda *args, **kwargs: 256) -> list[int]:
+    """Make the ``call``-th call of ``owner.attr`` run with the disk "full": under a file-size
+    limit of ``limit(*args, **kwargs)`` bytes. Returns a list that counts the calls made."""
+    original = getattr(owner, attr)
+    calls: list[int] = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) != call:
+            return original(*args, **kwargs)
+        with file_size_limit(limit(*args, **kwargs)):
+            return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attr, wrapper)
+    return calls
+
+
+def limit_file_size_in_child(max_bytes: int) -> Callable[[], None]:
+    """A ``preexec_fn`` giving a subprocess a file-size limit (and SIGXFSZ ignored, inherited by exec)."""
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    return apply
 
 
 # ---------------------------------------------------------------------- Ray workers
