@@ -1,0 +1,400 @@
+"""Hostile input: fuzzed architecture codes and override values, malformed datasets, all through
+the command line's error path. The contract (DESIGN section 2): exit 0, or exit 2 with exactly one
+line ``error: ...`` on stderr and no traceback; never a crash (exit 1).
+
+Each override case runs :func:`detector.cli.dispatch` in this process (compose, then the command)
+up to a *boundary*: the first function that would start real work (a search's prepare, a
+training's seeding, a describe's FLOP count, a sample's generator) raises :class:`Accepted`
+instead. Everything before it - Hydra's grammar, composition, interpolation, our validation - is
+the real code. CI runs a seeded sample; ``-m slow`` runs the full 10,000 (and 20 subprocesses).
+The malformed-dataset cases themselves are tests/test_bad_data.py; here three of them go through
+the real ``python -m detector train`` (one subprocess, two in-process).
+"""
+from __future__ import annotations
+
+import json
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from detector.arch import ArchError, parse
+from detector.zoo import ZOO, resolve_arch
+from faults import CliOutcome, assert_one_line_bad_input, run_cli, run_cli_in_process
+from search.space import space_from_cfg
+
+FUZZ_CASES = 10_000
+CI_OVERRIDE_CASES = 240
+CI_CLI_CODES = 60
+HOSTILE_ALPHABET = string.printable + "é中\x00\x7f\x85\u2028\U0001F600'\"\\${}[](),=~+@#%&*"
+
+
+class Accepted(BaseException):
+    """Raised at a command's boundary: the input got through every check."""
+
+
+# ---------------------------------------------------------------------- generators
+def valid_codes(rng: random.Random, count: int) -> list[str]:
+    from omegaconf import OmegaConf
+
+    from detector.cli import CONF_DIR
+
+    space = space_from_cfg(OmegaConf.load(CONF_DIR / "space" / "default.yaml"), "joint")
+    return [str(space.sample(rng)) for _ in range(count)] + list(ZOO.values())
+
+
+def mutate(rng: random.Random, text: str, alphabet: str = HOSTILE_ALPHABET) -> str:
+    chars = list(text)
+    for _ in range(rng.randint(1, 5)):
+        pos = rng.randrange(len(chars) + 1)
+        kind = rng.randrange(4)
+        if kind == 0:
+            chars.insert(pos, rng.choice(alphabet))
+        elif kind == 1 and chars:
+            del chars[min(pos, len(chars) - 1)]
+        elif kind == 2 and chars:
+            chars[min(pos, len(chars) - 1)] = rng.choice(alphabet)
+        elif chars:  # duplicate or drop a whole chunk
+            start = rng.randrange(len(chars))
+            chunk = chars[start: start + rng.randint(1, 20)]
+            chars[pos:pos] = chunk if rng.random() < 0.5 else []
+    return "".join(chars)
+
+
+def hostile_paths(root: Path) -> list[str]:
+    """Files and folders an ``arch=`` value may name, most of them wrong."""
+    (root / "no-best").mkdir()
+    (root / "run").mkdir()
+    (root / "run" / "best.txt").write_bytes(b"\xff\xfe\x00garbage")
+    (root / "empty.txt").write_text("")
+    (root / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    (root / "code.txt").write_text(ZOO["nasfcos"] + "\n")
+    (root / "loop").symlink_to(root / "loop")
+    return [str(root / name) for name in ("no-best", "run", "empty.txt", "binary.bin", "code.txt", "loop")] + [
+        str(root), "/", ".", "..", "~", "/dev/null", "/proc/self/status", "x" * 300, "/" + "y" * 5000]
+
+
+def fuzzed_arch(rng: random.Random, seeds: list[str], paths: list[str]) -> str:
+    roll = rng.random()
+    if roll < 0.6:
+        return mutate(rng, rng.choice(seeds))
+    if roll < 0.75:
+        return "".join(rng.choice(HOSTILE_ALPHABET) for _ in range(rng.randint(0, 60)))
+    if roll < 0.85:
+        return mutate(rng, rng.choice(paths), string.ascii_letters + "/.~\n\x00")
+    if roll < 0.9:
+        return rng.choice(list(ZOO)) + rng.choice(["", " ", "\n", "-", "x", "\t"])
+    if roll < 0.95:
+        return rng.choice(seeds) * rng.randint(2, 40)  # far too long
+    return rng.choice(paths)
+
+
+TYPE_CONFUSION = ["abc", "-1", "0", "1.5", "1e309", "-1e309", "nan", "inf", "true", "false", "null", "[]",
+                  "[1,2]", "{}", "{a:1}", "''", '""', "[[[]]]", "99999999999999999999999", "0x10", "1_000", " ",
+                  ",", ":", "???", "-0", "+5", "1e3", "[fpn,]", "[fpn,head,fpn]", "['fpn']"]
+INTERPOLATIONS = ["${oops}", "${search.budget}", "${now:%Y}", "${oc.env:HOME}", "${oc.env:NASFCOS_UNSET_VAR}",
+                  "${oc.decode:'[1'}", "${", "}", "$", "${..x}", "${a.b.c}", "${seed}", "${oc.create:{a:1}}",
+                  "${oc.select:nope}", "${oc.dict.keys:search}"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A command to fuzz: its fixed arguments, the keys to fuzz with their valid values, and the
+    boundary where accepted input would start real work."""
+
+    app: str
+    command: str
+    fixed: Callable[[Path], list[str]]
+    keys: dict[str, list[str]]
+    boundary: tuple[str, str]  # module, attribute replaced by a function raising Accepted
+
+
+TARGETS = [
+    Target("search", "run",
+           lambda d: ["proxy_eval=toy", "executor=local", f"search.run_dir={d / 'run'}", f"cache_dir={d / 'cache'}"],
+           {"search.budget": ["3"], "search.workers": ["2"], "search.retries": ["0"], "search.top_k": ["3"],
+            "search.stages": ["[fpn,head]", "[joint]", "fpn"], "search.fixed_fpn": ["nasfcos", "fpn:standard"],
+            "search.fixed_head": ["head:fcos"], "executor": ["local", "ray"], "controller": ["ppo", "random"],
+            "reward": ["ap", "neg_loss"], "seed": ["3"], "device": ["cpu", "auto"], "proxy_eval": ["toy", "cached"],
+            "space.num_blocks": ["7"], "space.levels": ["[c3,c4,c5]"], "space.fpn_ops": ["[sep3,skip]"],
+            "logger": ["none"], "ray.cpus_per_trial": ["1"], "proxy_eval.sleep_s": ["0"]},
+           ("search.run", "_prepare")),
+    Target("search", "sample", lambda d: ["n=2"],
+           {"n": ["3"], "seed": ["1"], "space": ["default", "with_c2"], "space.num_blocks": ["5"],
+            "space.head_layers": ["4"], "space.head_ops": ["[conv3,skip]"], "space.aggregations": ["[sum]"]},
+           ("search.show", "random")),
+    Target("detector", "train",
+           lambda d: ["experiment=synthetic_tiny", "device=cpu", f"out_dir={d / 'train'}", f"cache_dir={d / 'cache'}"],
+           {"arch": ["fcos", "nasfcos"], "seed": ["1"], "device": ["cpu"], "train.batch_size": ["4"],
+            "train.amp": ["off", "auto"], "train.workers": ["0"], "schedule.iterations": ["4"],
+            "schedule.lr": ["0.01"], "train.clip_grad": ["0"], "resume": ["false", "true"],
+            "backbone": ["resnet18", "mobilenet_v2"], "recipe": ["nasfcos", "torchvision"], "model.width": ["64"]},
+           ("detector.engine", "seed_everything")),
+    Target("detector", "describe", lambda d: ["format=json"],
+           {"arch": ["fcos", "nasfcos"], "format": ["text", "json"], "input_size": ["[256,320]"],
+            "backbone": ["resnet18", "resnet50"], "backbone.name": ["resnet34"], "data.num_classes": ["3"],
+            "model.width": ["64"], "recipe": ["torchvision"], "recipe.box_activation": ["exp_scale"]},
+           ("detector.describe", "measure_flops")),
+]
+
+
+def fuzzed_value(rng: random.Random, valid: list[str], codes: list[str]) -> str:
+    roll = rng.random()
+    if roll < 0.25:
+        return rng.choice(TYPE_CONFUSION)
+    if roll < 0.35:
+        return rng.choice(INTERPOLATIONS)
+    if roll < 0.55:
+        return mutate(rng, rng.choice(valid))
+    if roll < 0.7:
+        return "".join(rng.choice(HOSTILE_ALPHABET) for _ in range(rng.randint(0, 30)))
+    if roll < 0.78:
+        return rng.choice(codes)
+    if roll < 0.8:
+        return rng.choice(valid) * 2000  # very long
+    return rng.choice(valid)
+
+
+def fuzzed_override(rng: random.Random, target: Target, codes: list[str]) -> str:
+    roll = rng.random()
+    if roll < 0.8:
+        key = rng.choice(list(target.keys))
+        return f"{key}={fuzzed_value(rng, target.keys[key], codes)}"
+    if roll < 0.9:  # an unknown or mangled key
+        key = mutate(rng, rng.choice(list(target.keys)), string.ascii_letters + "._-~+ =")
+        return f"{key}={rng.choice(TYPE_CONFUSION)}"
+    prefix = rng.choice(["~", "+", "++"])  # delete or add keys
+    key = rng.choice(list(target.keys) + ["seed", "search", "train", "data", "nope.nope"])
+    return prefix + key + ("" if prefix == "~" else f"={rng.choice(TYPE_CONFUSION)}")
+
+
+# ---------------------------------------------------------------------- harness
+@dataclass
+class FuzzReport:
+    cases: int = 0
+    accepted: int = 0
+    refused: int = 0
+    failures: list[str] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.failures = []
+
+
+def run_override_fuzz(cases: int, seed: int, workdir: Path, monkeypatch) -> FuzzReport:
+    """``cases`` fuzzed overrides spread over :data:`TARGETS`, each through dispatch in-process."""
+    import importlib
+
+    def accept(*args, **kwargs):
+        raise Accepted
+
+    class AcceptingRandom:  # search.show's ``random`` module: ``Random(seed)`` is the boundary
+        @staticmethod
+        def Random(seed):  # noqa: N802 - the name it replaces
+            raise Accepted
+
+    for target in TARGETS:
+        module_name, attr = target.boundary
+        module = importlib.import_module(module_name)
+        monkeypatch.setattr(module, attr, AcceptingRandom if attr == "random" else accept)
+    rng = random.Random(seed)
+    codes = valid_codes(random.Random(seed), 20)
+    report = FuzzReport()
+    for case in range(cases):
+        target = TARGETS[case % len(TARGETS)]
+        casedir = workdir / f"case-{case}"
+        argv = [target.command, *target.fixed(casedir),
+                *(fuzzed_override(rng, target, codes) for _ in range(1 + (rng.random() < 0.2)))]
+        report.cases += 1
+        try:
+            outcome = run_cli_in_process(target.app, argv)
+        except Accepted:
+            report.accepted += 1
+            continue
+        except Exception as err:  # noqa: BLE001 - a crash is what the fuzz looks for
+            report.failures.append(f"{target.app} {argv!r}: crashed with {type(err).__name__}: {err}"[:400])
+            continue
+        if outcome.code == 0:
+            report.accepted += 1
+            continue
+        try:
+            assert_one_line_bad_input(outcome, f"{target.app} {argv!r}")
+        except AssertionError as err:
+            report.failures.append(str(err)[:400])
+        else:
+            report.refused += 1
+    return report
+
+
+def assert_fuzz_clean(report: FuzzReport) -> None:
+    assert not report.failures, f"{len(report.failures)} of {report.cases} inputs broke the contract:\n" + \
+        "\n".join(report.failures[:15])
+    assert report.refused > report.cases // 3 and report.accepted > 10  # the fuzz hits both sides
+
+
+# ---------------------------------------------------------------------- codes
+def render_cli_error(message: str) -> CliOutcome:
+    """What the CLI prints for a UserError with ``message`` (detector.cli.fail)."""
+    import contextlib
+    import io
+
+    from detector.cli import fail
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+        fail(message)
+    return CliOutcome(int(exit_info.value.code), "", err.getvalue())
+
+
+def test_10000_fuzzed_arch_values_resolve_or_fail_in_one_line(tmp_path):
+    rng = random.Random(0)
+    seeds, paths = valid_codes(rng, 50), hostile_paths(tmp_path)
+    resolved = refused = 0
+    failures = []
+    for _ in range(FUZZ_CASES):
+        value = fuzzed_arch(rng, seeds, paths)
+        try:
+            arch = resolve_arch(value)
+        except ArchError as err:
+            refused += 1
+            try:
+                assert_one_line_bad_input(render_cli_error(str(err)), f"arch={value[:80]!r}")
+            except AssertionError as failure:
+                failures.append(str(failure)[:300])
+        except Exception as err:  # noqa: BLE001
+            failures.append(f"arch={value[:80]!r}: {type(err).__name__}: {err}"[:300])
+        else:
+            resolved += 1
+            assert parse(str(arch), None, None) == arch  # whatever resolves is a canonical code
+    assert not failures, f"{len(failures)} arch values broke the contract:\n" + "\n".join(failures[:15])
+    assert refused > FUZZ_CASES // 2 and resolved > 50
+
+
+def rejected_codes(count: int, seed: int, root: Path) -> list[str]:
+    rng = random.Random(seed)
+    seeds, paths = valid_codes(rng, 50), hostile_paths(root)
+    found = []
+    while len(found) < count:
+        value = fuzzed_arch(rng, seeds, paths)
+        try:
+            resolve_arch(value)
+        except Exception:  # noqa: BLE001 - the CLI must turn each of these into one line
+            found.append(value)
+    return found
+
+
+def check_codes_through_dispatch(codes: list[str]) -> list[str]:
+    failures = []
+    for value in codes:
+        outcome = run_cli_in_process("search", ["show", f"arch={value}", "out=/nonexistent/never-written.png"])
+        try:
+            assert_one_line_bad_input(outcome, f"search show arch={value[:80]!r}")
+        except AssertionError as err:
+            failures.append(str(err)[:300])
+    return failures
+
+
+def test_rejected_arch_values_through_the_real_dispatch_give_one_line(tmp_path):
+    failures = check_codes_through_dispatch(rejected_codes(CI_CLI_CODES, 1, tmp_path))
+    assert not failures, "\n".join(failures[:15])
+
+
+# ---------------------------------------------------------------------- overrides
+def test_fuzzed_overrides_are_accepted_or_refused_in_one_line(tmp_path, monkeypatch):
+    assert_fuzz_clean(run_override_fuzz(CI_OVERRIDE_CASES, 0, tmp_path, monkeypatch))
+
+
+@pytest.mark.slow
+def test_10000_fuzzed_overrides_are_accepted_or_refused_in_one_line(tmp_path, monkeypatch):
+    assert_fuzz_clean(run_override_fuzz(FUZZ_CASES, 1, tmp_path, monkeypatch))
+    failures = check_codes_through_dispatch(rejected_codes(1000, 2, tmp_path / "codes"))
+    assert not failures, "\n".join(failures[:15])
+
+
+def subprocess_sample(count: int, seed: int, root: Path) -> list[list[str]]:
+    """Fuzzed ``python -m search`` command lines that fail before any work (no boundary needed)."""
+    rng = random.Random(seed)
+    codes = valid_codes(random.Random(seed), 20)
+    lines = []
+    for i in range(count):
+        kind = i % 4
+        if kind == 0:
+            lines.append(["show", f"arch={fuzzed_arch(rng, codes, [str(root)])}", f"out={root / 'x.png'}"])
+        elif kind == 1:
+            lines.append(["sample", f"n={rng.choice(TYPE_CONFUSION[:8] + INTERPOLATIONS[:3])}"])
+        elif kind == 2:
+            lines.append(["run", "proxy_eval=toy", f"search.run_dir={root / str(i)}",
+                          f"search.budget={rng.choice(['-1', 'abc', '0', '1.5', '${oops}', '[]'])}"])
+        else:
+            lines.append(["report", f"run={mutate(rng, str(root / 'nope'))}"])
+    return lines
+
+
+@pytest.mark.parametrize("count", [pytest.param(6, id="ci"), pytest.param(20, id="slow", marks=pytest.mark.slow)])
+def test_a_sample_of_hostile_command_lines_in_real_subprocesses(tmp_path, count):
+    failures = []
+    for argv in subprocess_sample(count, 3, tmp_path):
+        done = run_cli("search", *argv, timeout=120)
+        if done.returncode == 0:
+            continue  # a value that happens to be valid
+        try:
+            assert_one_line_bad_input(done, f"python -m search {argv!r}")
+        except AssertionError as err:
+            failures.append(str(err)[:400])
+    assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------------- malformed datasets
+def write_coco(root: Path, annotations: str | None = None, images: dict[str, bytes] | None = None) -> Path:
+    """A COCO-layout folder (train2017/val2017) with the given annotation text and images."""
+    from PIL import Image
+
+    for split in ("train2017", "val2017"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        (root / "annotations").mkdir(exist_ok=True)
+        Image.new("RGB", (64, 64), (10, 200, 30)).save(root / split / "a.png")
+        for name, data in (images or {}).items():
+            (root / split / name).write_bytes(data)
+        text = annotations if annotations is not None else json.dumps({
+            "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "area": 400,
+                             "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "thing"}]})
+        (root / "annotations" / f"instances_{split}.json").write_text(text)
+    return root
+
+
+def missing_image_annotations() -> str:
+    return json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64},
+                   {"id": 2, "file_name": "gone.png", "width": 64, "height": 64}],
+        "annotations": [], "categories": [{"id": 1, "name": "thing"}]})
+
+
+DATA_CASES = {
+    "truncated JSON": (lambda root: write_coco(root, '{"images": [{"id": 1, "file_na'), "not valid JSON"),
+    "missing image file": (lambda root: write_coco(root, missing_image_annotations()), "gone.png"),
+    "root that does not exist": (lambda root: root / "nowhere", "nowhere"),
+}
+
+
+def train_on(root: Path, tmp_path: Path) -> list[str]:
+    return ["train", "data=coco", f"data.root={root}", "data.num_classes=1", "device=cpu",
+            f"out_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "schedule.iterations=1",
+            "train.workers=0", "train.batch_size=1"]
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_a_malformed_dataset_stops_training_with_one_line(tmp_path, case):
+    make, fragment = DATA_CASES[case]
+    root = make(tmp_path / "coco")
+    if case == "truncated JSON":  # one through a real process, the others in-process (same dispatch)
+        outcome = run_cli("detector", *train_on(root, tmp_path), timeout=300)
+        line = assert_one_line_bad_input(outcome, case, strict=False)
+    else:
+        line = assert_one_line_bad_input(run_cli_in_process("detector", train_on(root, tmp_path)), case,
+                                         strict=False)
+    assert fragment in line
+    assert not (tmp_path / "out" / "last.pt").exists()
