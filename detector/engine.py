@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -97,11 +98,19 @@ def _to_device(images: list[torch.Tensor], targets: list[dict], device: torch.de
     return images, targets
 
 
+def _resume_flag(cfg: Any) -> bool:
+    value = cfg.get("resume", False)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise UserError(f"resume={value}: training resumes with resume=true out_dir=<the run directory> "
+                    "(resume=<dir> is the search's form)")
+
+
 def _checked_run_dir(cfg: Any, code: str) -> str:
     path = run_dirs.resolve(cfg.get("out_dir", None), code)
-    if bool(cfg.resume) and not (cfg.get("out_dir", None) or run_dirs.hydra_job_dir()):
+    if _resume_flag(cfg) and not (cfg.get("out_dir", None) or run_dirs.hydra_job_dir()):
         raise run_dirs.RunDirError("resume=true needs out_dir=<the run directory to continue>")
-    run_dirs.prepare_check(path, bool(cfg.resume))
+    run_dirs.prepare_check(path, _resume_flag(cfg))
     return str(path)
 
 
@@ -136,7 +145,7 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     schedule = Schedule.from_cfg(cfg.schedule)
     batch = per_process_batch(int(cfg.train.batch_size), ctx)
     run_dir = Path(_main_first(ctx, lambda: _checked_run_dir(cfg, code)))
-    if bool(cfg.resume) and run_dirs.is_finished(run_dir):
+    if _resume_flag(cfg) and run_dirs.is_finished(run_dir):
         return _finished_metrics(run_dir)
 
     seed_everything(int(cfg.seed))
@@ -154,7 +163,7 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
 
     start, train_seconds, evals = 0, 0.0, []
-    if bool(cfg.resume):
+    if _resume_flag(cfg):
         payload, path = load_latest(run_dir)
         check_arch(payload, code, source=f"checkpoint {path}")
         model.load_state_dict(payload["model"])
@@ -206,6 +215,7 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     last_losses: dict[str, float] = {}
     bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, leave=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0,  # redirected logs stay small
                disable=not (ctx.is_main and bool(cfg.train.progress)))
     net.train()
     window_start, window_iters = time.perf_counter(), 0

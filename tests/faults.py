@@ -190,6 +190,43 @@ def parse_history_lines(path: Path) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------- guards for fuzzing
+class CaseTimeout(BaseException):
+    """A fuzz case ran past its time limit (a BaseException: code under test cannot swallow it)."""
+
+
+@contextlib.contextmanager
+def memory_limit(extra_bytes: int):
+    """While active, this process may grow its address space by at most ``extra_bytes``
+    (RLIMIT_AS): an input that makes the code allocate without bound raises MemoryError here
+    instead of waking the kernel's OOM killer."""
+    import resource
+
+    with open("/proc/self/status") as f:
+        size_kb = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (size_kb * 1024 + extra_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise :class:`CaseTimeout` in the main thread after ``seconds`` (SIGALRM)."""
+    def expire(signum, frame):
+        raise CaseTimeout(f"still running after {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 # ---------------------------------------------------------------------- a full disk
 @contextlib.contextmanager
 def file_size_limit(max_bytes: int):

@@ -23,12 +23,15 @@ import pytest
 
 from detector.arch import ArchError, parse
 from detector.zoo import ZOO, resolve_arch
-from faults import CliOutcome, assert_one_line_bad_input, run_cli, run_cli_in_process
+from faults import (CaseTimeout, CliOutcome, assert_one_line_bad_input, memory_limit, run_cli, run_cli_in_process,
+                    time_limit)
 from search.space import space_from_cfg
 
 FUZZ_CASES = 10_000
 CI_OVERRIDE_CASES = 240
 CI_CLI_CODES = 60
+CASE_SECONDS = 20  # per fuzzed command line; an input that makes a command hang fails the test
+CASE_MEMORY = 3 << 30  # bytes the fuzz loop may add to this process; past it allocations fail
 HOSTILE_ALPHABET = string.printable + "é中\x00\x7f\x85\u2028\U0001F600'\"\\${}[](),=~+@#%&*"
 
 
@@ -124,7 +127,7 @@ TARGETS = [
            ("search.run", "_prepare")),
     Target("search", "sample", lambda d: ["n=2"],
            {"n": ["3"], "seed": ["1"], "space": ["default", "with_c2"], "space.num_blocks": ["5"],
-            "space.head_layers": ["4"], "space.head_ops": ["[conv3,skip]"], "space.aggregations": ["[sum]"]},
+            "space.num_head_layers": ["4"], "space.head_ops": ["[conv3,skip]"], "space.aggregations": ["[sum]"]},
            ("search.show", "random")),
     Target("detector", "train",
            lambda d: ["experiment=synthetic_tiny", "device=cpu", f"out_dir={d / 'train'}", f"cache_dir={d / 'cache'}"],
@@ -202,6 +205,12 @@ def run_override_fuzz(cases: int, seed: int, workdir: Path, monkeypatch) -> Fuzz
     rng = random.Random(seed)
     codes = valid_codes(random.Random(seed), 20)
     report = FuzzReport()
+    with memory_limit(CASE_MEMORY):
+        fuzz_cases(cases, rng, codes, workdir, report)
+    return report
+
+
+def fuzz_cases(cases: int, rng: random.Random, codes: list[str], workdir: Path, report: FuzzReport) -> None:
     for case in range(cases):
         target = TARGETS[case % len(TARGETS)]
         casedir = workdir / f"case-{case}"
@@ -209,11 +218,12 @@ def run_override_fuzz(cases: int, seed: int, workdir: Path, monkeypatch) -> Fuzz
                 *(fuzzed_override(rng, target, codes) for _ in range(1 + (rng.random() < 0.2)))]
         report.cases += 1
         try:
-            outcome = run_cli_in_process(target.app, argv)
+            with time_limit(CASE_SECONDS):
+                outcome = run_cli_in_process(target.app, argv)
         except Accepted:
             report.accepted += 1
             continue
-        except Exception as err:  # noqa: BLE001 - a crash is what the fuzz looks for
+        except (Exception, CaseTimeout) as err:  # noqa: BLE001 - a crash is what the fuzz looks for
             report.failures.append(f"{target.app} {argv!r}: crashed with {type(err).__name__}: {err}"[:400])
             continue
         if outcome.code == 0:
@@ -225,7 +235,6 @@ def run_override_fuzz(cases: int, seed: int, workdir: Path, monkeypatch) -> Fuzz
             report.failures.append(str(err)[:400])
         else:
             report.refused += 1
-    return report
 
 
 def assert_fuzz_clean(report: FuzzReport) -> None:

@@ -120,6 +120,11 @@ def test_resume_without_a_run_is_refused(tmp_path):
         train(_tiny(tmp_path, "resume=true"))
 
 
+def test_resume_with_a_path_instead_of_true_is_refused(tmp_path):
+    with pytest.raises(UserError, match="resume=true out_dir="):
+        train(_tiny(tmp_path, f"resume={tmp_path}"))
+
+
 def test_out_dir_holding_a_run_is_not_overwritten(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
