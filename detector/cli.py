@@ -34,8 +34,19 @@ class Command:
 
 def fail(message: str) -> None:
     """Print one line for the user and exit with the bad-input code."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {one_line(message)}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
+
+
+def one_line(message: str) -> str:
+    """``message`` as one printable line: OmegaConf's context lines (``full_key: k``,
+    ``object_type=...``) become `` (at k)``, other line breaks a space, control characters escapes."""
+    import re
+
+    text = re.sub(r"\n\s*full_key: *([^\n]*)", lambda m: f" (at {m.group(1)})" if m.group(1) else "", str(message))
+    text = re.sub(r"\n\s*(object_type|reference_type)=[^\n)]*", "", text)
+    text = " ".join(part.strip() for part in text.strip().split("\n"))
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _usage(app: str, commands: dict[str, Command]) -> str:
@@ -53,7 +64,26 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def compose(config_name: str, overrides: Sequence[str]):
-    """Compose ``conf/<config_name>.yaml`` with overrides; bad overrides raise UserError."""
+    """Compose ``conf/<config_name>.yaml`` with overrides; bad overrides raise UserError.
+
+    Besides Hydra's own checks, each value an override sets must be of the kind of its default
+    (:func:`check_override_kinds`), so that ``seed=abc`` is refused here in one line instead of
+    failing deep inside a command.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    from detector.errors import UserError
+
+    cfg = _compose(config_name, overrides)
+    try:
+        check_override_kinds(cfg, _default_config(config_name), overrides)
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve
+        raise UserError(f"{one_line(str(err))} (see the README's override tables for valid keys and values)") \
+            from None
+    return cfg
+
+
+def _compose(config_name: str, overrides: Sequence[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -66,9 +96,77 @@ def compose(config_name: str, overrides: Sequence[str]):
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as err:
+    # Hydra also lets ValueError (a number as a group option), TypeError (a list of lists as one)
+    # and OSError (an option name too long for a file name) escape for bad overrides.
+    except (HydraException, OmegaConfBaseException, ValueError, TypeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{first} (see the README's override tables for valid keys and values)") from None
+
+
+_DEFAULTS: dict[str, dict] = {}
+# Keys whose default is not null but that accept null (their config comment says what null means).
+NULLABLE_KEYS = frozenset({"proxy_eval.train_images", "proxy_eval.width", "controller.minibatch"})
+
+
+def _default_config(config_name: str) -> dict:
+    """The primary config without overrides, as plain containers (composed once per process)."""
+    if config_name not in _DEFAULTS:
+        from omegaconf import OmegaConf
+
+        _DEFAULTS[config_name] = OmegaConf.to_container(_compose(config_name, []), resolve=True)
+    return _DEFAULTS[config_name]
+
+
+def check_override_kinds(cfg, default: dict, overrides: Sequence[str]) -> None:
+    """Refuse (UserError) an override whose value is not of the kind of the key's default.
+
+    Kinds: a flag takes true/false; a number takes a finite number (an integer default takes a
+    float too: some integer settings accept fractions); a text takes a single value; a list
+    takes a list or one item; a section (a config group) takes a mapping. Null is accepted where
+    the default is null or the key is in :data:`NULLABLE_KEYS`. Keys without a default (new keys,
+    another group option's keys) are left to the command.
+    """
+    import math
+
+    from omegaconf import OmegaConf
+
+    from detector.errors import UserError
+
+    for override in overrides:
+        if override.startswith("~") or "=" not in override:
+            continue
+        key = override.split("=", 1)[0].lstrip("+").split("@")[0]
+        expected: object = default
+        for part in key.split("."):
+            expected = expected.get(part, KeyError) if isinstance(expected, dict) else KeyError
+        if expected is KeyError or expected is None:
+            continue
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=True)
+        if value is None:
+            problem = None if key in NULLABLE_KEYS else "must not be null"
+        elif isinstance(expected, bool):
+            problem = None if isinstance(value, bool) else "expected true or false"
+        elif isinstance(expected, (int, float)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            problem = None if number and math.isfinite(value) else "expected a finite number"
+        elif isinstance(expected, str):
+            problem = None if isinstance(value, (str, int, float, bool)) else "expected a single value"
+        elif isinstance(expected, list):
+            problem = None if OmegaConf.is_list(value) or isinstance(value, str) else "expected a list like [a,b]"
+        else:  # a section
+            problem = None if OmegaConf.is_dict(value) else "expected a config group option or a mapping"
+        if problem:
+            shown = override.split("=", 1)[1]
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise UserError(f"{key}={shown}: {problem} (default: {_shown_default(expected)}); see the README's "
+                            "override tables")
+
+
+def _shown_default(value: object) -> str:
+    if isinstance(value, dict):
+        return "a section"
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _run_multirun(config_name: str, overrides: list[str], func: Callable) -> None:
