@@ -23,6 +23,7 @@ from torch import nn
 from detector import fcos_head, standard_fpn
 from detector.arch import Arch, FCOSHead, SearchedFPN, SearchedHead, StandardFPN
 from detector.backbone import Backbone, ShapeSpec, build_backbone
+from detector.errors import UserError
 from detector.fcos import FCOS
 from detector.recipe import Recipe
 from detector.searched_fpn import SearchedFPNModule
@@ -95,6 +96,8 @@ def build_decoder(
     "bbox_reg", "centerness"}`` lists of per-level maps. ``recipe`` (or None for the authors'
     settings) decides the head's box activation and which tower feeds centerness.
     """
+    if width < 32:  # GroupNorm(32) in the heads; 0 or less fails deep inside torch otherwise
+        raise UserError(f"model.width={width}: the decoder width must be a positive multiple of 32, e.g. 256")
     return build_fpn(arch, in_shapes, width), build_head(arch, num_classes, recipe, width)
 
 

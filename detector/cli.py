@@ -148,7 +148,8 @@ def check_override_kinds(cfg, default: dict, overrides: Sequence[str]) -> None:
             problem = None if isinstance(value, bool) else "expected true or false"
         elif isinstance(expected, (int, float)):
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            problem = None if number and math.isfinite(value) else "expected a finite number"
+            finite = number and (abs(value) < 2**63 if isinstance(value, int) else math.isfinite(value))
+            problem = None if finite else "expected a finite number (integers within 64 bits)"
         elif isinstance(expected, str):
             problem = None if isinstance(value, (str, int, float, bool)) else "expected a single value"
         elif isinstance(expected, list):

@@ -47,7 +47,13 @@ def resolve_arch(value: str, num_blocks: int | None = None, num_head_layers: int
         return zoo_arch(value)
     if value.startswith("fpn:"):
         return parse(value, num_blocks, num_head_layers)
-    path = Path(value).expanduser()
+    try:
+        path = Path(value).expanduser()
+        path.is_dir()
+    except (OSError, RuntimeError, ValueError) as err:  # too long a name, '~nobody', a NUL byte
+        reason = getattr(err, "strerror", None) or str(err)
+        raise ArchError(f"arch: '{value[:80]}' is neither a zoo name, a code starting with 'fpn:', nor a "
+                        f"usable path ({reason})") from None
     if value and path.is_dir():
         best = path / BEST_FILE
         if not best.is_file():

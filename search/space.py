@@ -38,6 +38,7 @@ from detector.arch import (
 )
 
 STAGES = ("fpn", "head", "joint")
+MAX_SPACE_DEPTH = 64  # FPN blocks and head layers; a 64-block code is still within MAX_CODE_LENGTH
 DECISION_KINDS = ("input", "fpn_op", "agg", "share", "head_op")
 
 
@@ -83,6 +84,9 @@ class SearchSpace:
             raise ArchError(f"space.num_blocks: {num_blocks} is too few; at least {MIN_UNUSED_OUTPUTS} are needed")
         if num_head_layers < 1:
             raise ArchError("space.num_head_layers: must be at least 1")
+        if max(num_blocks, num_head_layers) > MAX_SPACE_DEPTH:  # the decision lists grow with them
+            raise ArchError(f"space: num_blocks={num_blocks}, num_head_layers={num_head_layers}; at most "
+                            f"{MAX_SPACE_DEPTH} each")
         if stage == "head" and fixed_fpn is None:
             raise ArchError("search: the head stage needs a fixed FPN (the FPN stage's best or a given code)")
         self.stage = stage

@@ -28,8 +28,8 @@ from faults import (CaseTimeout, CliOutcome, assert_one_line_bad_input, memory_l
 from search.space import space_from_cfg
 
 FUZZ_CASES = 10_000
-CI_OVERRIDE_CASES = 240
-CI_CLI_CODES = 60
+CI_OVERRIDE_CASES = 120
+CI_CLI_CODES = 40
 CASE_SECONDS = 20  # per fuzzed command line; an input that makes a command hang fails the test
 CASE_MEMORY = 3 << 30  # bytes the fuzz loop may add to this process; past it allocations fail
 HOSTILE_ALPHABET = string.printable + "é中\x00\x7f\x85\u2028\U0001F600'\"\\${}[](),=~+@#%&*"
