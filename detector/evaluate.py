@@ -29,7 +29,7 @@ from detector.checkpoint import CheckpointError, check_arch, load_checkpoint
 from detector.coco_eval import METRIC_NAMES, evaluate_detections, format_metrics, to_coco_results
 from detector.data.coco import CocoDetection, build_dataset
 from detector.data.transforms import collate
-from detector.distributed import Context, autocast_dtype, gather_objects, setup, teardown
+from detector.distributed import Context, autocast_dtype, broadcast_object, gather_objects, setup, teardown
 from detector.errors import UserError
 from detector.run_dir import ensure_writable, write_json
 from detector.zoo import resolve_arch
@@ -83,11 +83,12 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: Context | None = None,
             image_ids += [int(t["image_id"]) for t in targets]
     finally:
         model.train(was_training)
-    if ctx is not None and ctx.distributed:
-        detections = [d for part in gather_objects(detections, ctx) for d in part]
-        image_ids = [i for part in gather_objects(image_ids, ctx) for i in part]
-    metrics = evaluate_detections(dataset.coco, detections, image_ids=image_ids)
-    return metrics, detections
+    if ctx is None or not ctx.distributed:
+        return evaluate_detections(dataset.coco, detections, image_ids=image_ids), detections
+    detections = [d for part in gather_objects(detections, ctx) for d in part]
+    image_ids = [i for part in gather_objects(image_ids, ctx) for i in part]
+    metrics = evaluate_detections(dataset.coco, detections, image_ids=image_ids) if ctx.is_main else None
+    return broadcast_object(metrics, ctx), detections  # scored once, on rank 0
 
 
 def model_from_checkpoint(payload: dict[str, Any], device: torch.device | str = "cpu") -> nn.Module:
