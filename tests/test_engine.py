@@ -96,7 +96,7 @@ def test_the_run_directory_holds_config_log_metrics_and_weights(memorised):
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(10, 151, 10))
     assert {"classification", "bbox_regression", "bbox_ctrness", "lr", "images_per_s"} <= set(steps[0])
-    assert steps[-1]["loss"] < 0.6 * steps[0]["loss"]
+    assert steps[-1]["loss"] < steps[0]["loss"]  # the learning itself: test_a_tiny_run_learns_far_beyond_the_untrained_model
     assert steps[1]["lr"] > steps[0]["lr"]  # warming up
     assert any("val/AP" in r for r in records) and "summary" in records[-1]
     metrics = json.loads((run / "metrics.json").read_text())
