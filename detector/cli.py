@@ -120,8 +120,8 @@ def _default_config(config_name: str) -> dict:
 def check_override_kinds(cfg, default: dict, overrides: Sequence[str]) -> None:
     """Refuse (UserError) an override whose value is not of the kind of the key's default.
 
-    Kinds: a flag takes true/false; a number takes a finite number (an integer default takes a
-    float too: some integer settings accept fractions); a text takes a single value; a list
+    Kinds: a flag or a text takes a single value (not a list or mapping); a number takes a finite
+    number (an integer default takes a float too: some integer settings accept fractions); a list
     takes a list or one item; a section (a config group) takes a mapping. Null is accepted where
     the default is null or the key is in :data:`NULLABLE_KEYS`. Keys without a default (new keys,
     another group option's keys) are left to the command.
@@ -144,8 +144,8 @@ def check_override_kinds(cfg, default: dict, overrides: Sequence[str]) -> None:
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=True)
         if value is None:
             problem = None if key in NULLABLE_KEYS else "must not be null"
-        elif isinstance(expected, bool):
-            problem = None if isinstance(value, bool) else "expected true or false"
+        elif isinstance(expected, bool):  # other scalars are the command's to interpret (resume=<dir>)
+            problem = None if isinstance(value, (bool, str, int, float)) else "expected true or false"
         elif isinstance(expected, (int, float)):
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             finite = number and (abs(value) < 2**63 if isinstance(value, int) else math.isfinite(value))

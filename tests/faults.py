@@ -11,10 +11,15 @@ Real faults, at moments chosen precisely:
 - :func:`run_cli_in_process` calls :func:`detector.cli.dispatch` like ``python -m <app>`` does
   and returns the exit code with what went to stdout and stderr (for fuzzing thousands of inputs
   without a process start each).
-- :func:`parse_history_lines` is the "no data lost" check on ``history.jsonl``: every line
-  must be one complete JSON object.
+- :func:`file_size_limit` / :func:`disk_full_on_call` / :func:`limit_file_size_in_child` make a
+  chosen write hit a full disk for real (RLIMIT_FSIZE: the kernel cuts the write short, then fails
+  it), in this process or in a CLI subprocess.
+- :func:`ray_worker_kill_hook` makes a Ray worker SIGKILL itself inside a chosen evaluation.
+- :func:`memory_limit` / :func:`time_limit` keep a fuzz case from taking the machine down.
+- :func:`parse_history_lines`, :func:`rows_lost`, :func:`files_changed` measure "no data lost";
+  :func:`record_fault` reports it to experiments/fault_suite.py.
 
-The pause wrapper lives in this file (not in the package) because it is test machinery only.
+This is test machinery only, so it lives under tests/ and not in the package.
 """
 from __future__ import annotations
 
@@ -304,6 +309,31 @@ def ray_worker_kill_hook() -> None:
         return real_evaluate(self, arch, seed, report)
 
     ToyProxy.evaluate = evaluate
+
+
+# ---------------------------------------------------------------------- accounting
+def rows_lost(before: Sequence[dict], after: Sequence[dict]) -> int:
+    """History rows present before a fault that are missing or changed after it (must be 0)."""
+    return sum(1 for i, row in enumerate(before) if i >= len(after) or after[i] != row)
+
+
+def files_changed(before: dict[str, bytes], directory: Path) -> int:
+    """Files of ``before`` (name -> bytes) that are gone or different in ``directory`` now."""
+    return sum(1 for name, data in before.items()
+               if not (directory / name).is_file() or (directory / name).read_bytes() != data)
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every regular file directly in ``directory`` (the lock file aside), name -> bytes."""
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def record_fault(record_property: Callable[[str, object], None], injected: int, data_lost: int | None) -> None:
+    """Report a fault case to experiments/fault_suite.py (junit XML properties): how many faults
+    were injected and how much data written before them was lost (None: no data at stake)."""
+    record_property("faults_injected", injected)
+    if data_lost is not None:
+        record_property("data_lost", data_lost)
 
 
 # ---------------------------------------------------------------------- the pause wrapper

@@ -24,7 +24,8 @@ import torch
 from controller.base import Searcher
 from detector.cli import compose
 from detector.errors import WriteError
-from faults import assert_one_line_bad_input, disk_full_on_call, parse_history_lines, run_cli_in_process
+from faults import (assert_one_line_bad_input, disk_full_on_call, files_changed, parse_history_lines, record_fault,
+                    rows_lost, run_cli_in_process, snapshot)
 from proxy_eval.feature_cache import FeatureCache
 from search import run_dir as run_dir_module
 from search.history import History
@@ -69,7 +70,7 @@ def no_temp_files(directory: Path) -> list[str]:
 # ---------------------------------------------------------------------- history.jsonl
 @pytest.mark.parametrize("damage", ["cut mid-line", "binary garbage"])
 def test_a_damaged_last_history_line_is_dropped_with_a_warning_and_the_run_resumes(tmp_path, monkeypatch, caplog,
-                                                                                   damage):
+                                                                                   damage, record_property):
     run_dir = partial_run(tmp_path, monkeypatch)
     path = run_dir / "history.jsonl"
     good = path.read_bytes().splitlines(keepends=True)
@@ -83,10 +84,12 @@ def test_a_damaged_last_history_line_is_dropped_with_a_warning_and_the_run_resum
         resume(run_dir)
     assert "dropped a truncated last line" in caplog.text
     rows = check_completed_run(run_dir, STAGES, BUDGET)
-    assert parse_history_lines(path) == rows and rows[: len(kept)] == kept
+    record_fault(record_property, 1, rows_lost(kept, rows))
+    assert parse_history_lines(path) == rows and rows_lost(kept, rows) == 0
 
 
-def test_a_damaged_history_line_before_the_last_is_refused_in_one_line_and_left_alone(tmp_path, monkeypatch):
+def test_a_damaged_history_line_before_the_last_is_refused_in_one_line_and_left_alone(tmp_path, monkeypatch,
+                                                                                      record_property):
     run_dir = partial_run(tmp_path, monkeypatch)
     path = run_dir / "history.jsonl"
     lines = path.read_text().splitlines(keepends=True)
@@ -96,11 +99,13 @@ def test_a_damaged_history_line_before_the_last_is_refused_in_one_line_and_left_
     line = assert_one_line_bad_input(run_cli_in_process("search", ["run", f"resume={run_dir}"]), "resume",
                                      strict=False)
     assert "history.jsonl: line 2 is not a valid history row" in line and "restore it" in line
+    record_fault(record_property, 1, int(path.read_bytes() != damaged))
     assert path.read_bytes() == damaged  # nothing was cut or rewritten
 
 
 # ---------------------------------------------------------------------- other run files
-def test_a_damaged_searcher_state_is_refused_in_one_line_and_the_run_resumes_without_it(tmp_path, monkeypatch):
+def test_a_damaged_searcher_state_is_refused_in_one_line_and_the_run_resumes_without_it(tmp_path, monkeypatch,
+                                                                                        record_property):
     run_dir = partial_run(tmp_path, monkeypatch)
     state = run_dir / "searcher-1-head.pt"  # row 4 belongs to the head stage
     state.write_bytes(state.read_bytes()[:100])
@@ -111,24 +116,30 @@ def test_a_damaged_searcher_state_is_refused_in_one_line_and_the_run_resumes_wit
     state.unlink()  # the recovery: the stage continues with a fresh searcher; history keeps the budget
     resume(run_dir)
     rows = check_completed_run(run_dir, STAGES, BUDGET)
-    assert rows[: len(before)] == before
+    record_fault(record_property, 1, rows_lost(before, rows))
+    assert rows_lost(before, rows) == 0
 
 
-def test_a_damaged_config_is_refused_in_one_line(tmp_path, monkeypatch):
+def test_a_damaged_config_is_refused_in_one_line(tmp_path, monkeypatch, record_property):
     run_dir = partial_run(tmp_path, monkeypatch)
     (run_dir / "config.yaml").write_text("search: [unclosed\n  budget: {")
+    before = snapshot(run_dir)
     line = assert_one_line_bad_input(run_cli_in_process("search", ["run", f"resume={run_dir}"]), "resume",
                                      strict=False)
     assert "config.yaml: unreadable" in line
+    record_fault(record_property, 1, files_changed(before, run_dir))
+    assert files_changed(before, run_dir) == 0
 
 
-def test_a_damaged_state_json_is_ignored_because_history_is_the_source_of_truth(tmp_path, monkeypatch):
+def test_a_damaged_state_json_is_ignored_because_history_is_the_source_of_truth(tmp_path, monkeypatch,
+                                                                                record_property):
     run_dir = partial_run(tmp_path, monkeypatch)
     before = rows_of(run_dir)
     (run_dir / "state.json").write_bytes(b"\x00garbage{")
     resume(run_dir)
     rows = check_completed_run(run_dir, STAGES, BUDGET)  # it also reads the rewritten state.json
-    assert rows[: len(before)] == before
+    record_fault(record_property, 1, rows_lost(before, rows))
+    assert rows_lost(before, rows) == 0
 
 
 # ---------------------------------------------------------------------- feature cache
@@ -168,7 +179,7 @@ def only_cache(cache_dir: Path) -> FeatureCache:
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped bytes", "empty checksum", "tensor file deleted"])
 def test_a_damaged_feature_cache_is_detected_and_rebuilt_to_the_same_features(built_cache, tmp_path, caplog,
-                                                                               damage):
+                                                                               damage, record_property):
     from proxy_eval.prepare import prepare
 
     cache_dir, features = built_cache
@@ -179,10 +190,13 @@ def test_a_damaged_feature_cache_is_detected_and_rebuilt_to_the_same_features(bu
     rebuilt.verify()
     assert only_cache(cache_dir).path == rebuilt.path and no_temp_files(cache_dir / "features") == []
     after = rebuilt.load().train.features
-    assert all(torch.equal(after[level], tensor) for level, tensor in features.items())  # seeded: same features
+    differing = sum(not torch.equal(after[level], tensor) for level, tensor in features.items())
+    record_fault(record_property, 1, differing)
+    assert differing == 0  # seeded: the same features again
 
 
-def test_a_search_over_a_truncated_feature_cache_rebuilds_it_and_completes(built_cache, tmp_path, caplog):
+def test_a_search_over_a_truncated_feature_cache_rebuilds_it_and_completes(built_cache, tmp_path, caplog,
+                                                                           record_property):
     cache_dir, _ = built_cache
     damage_cache(only_cache(cache_dir), "truncated")
     with caplog.at_level(logging.WARNING, logger="proxy_eval.prepare"):
@@ -190,6 +204,7 @@ def test_a_search_over_a_truncated_feature_cache_rebuilds_it_and_completes(built
     assert "rebuilding the cache" in caplog.text
     rows = check_completed_run(tmp_path / "run", ["fpn"], 1)
     assert rows[0]["status"] == "ok"
+    record_fault(record_property, 1, 1 - len(rows))
 
 
 # ---------------------------------------------------------------------- a full disk
@@ -209,13 +224,14 @@ FULL_DISK_WRITES = {
 
 
 @pytest.mark.parametrize("write", list(FULL_DISK_WRITES))
-def test_a_full_disk_is_one_line_keeps_every_file_whole_and_the_run_resumes(tmp_path, monkeypatch, write):
+def test_a_full_disk_is_one_line_keeps_every_file_whole_and_the_run_resumes(tmp_path, monkeypatch, write,
+                                                                            record_property):
     owner, attr, call, limit, name, read_back, reason = FULL_DISK_WRITES[write]
     run_dir = tmp_path / "run"
     before: dict[str, bytes] = {}
 
     def snapshot_then_fail(*args, **kwargs):
-        before.update({p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"})
+        before.update(snapshot(run_dir))
         return limit(*args, **kwargs)
 
     calls = disk_full_on_call(monkeypatch, owner, attr, call, snapshot_then_fail)
@@ -225,19 +241,19 @@ def test_a_full_disk_is_one_line_keeps_every_file_whole_and_the_run_resumes(tmp_
     monkeypatch.undo()
     assert len(calls) == call
     assert f"cannot write {run_dir / name} ({reason}" in line and "free disk space" in line
-    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
-    assert after == before, "a file written before the full disk changed"  # the cut write left no trace
+    record_fault(record_property, 1, files_changed(before, run_dir))
+    assert snapshot(run_dir) == before, "a file written before the full disk changed"  # the cut write left no trace
     read_back(run_dir / name)  # still whole
     assert no_temp_files(run_dir) == []
 
     history = rows_of(run_dir)
     resume(run_dir)
     rows = check_completed_run(run_dir, STAGES, BUDGET)
-    assert rows[: len(history)] == history
+    assert rows_lost(history, rows) == 0
 
 
 def test_a_full_disk_while_the_feature_cache_is_written_leaves_no_cache_and_the_next_prepare_builds_it(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, record_property):
     from proxy_eval.prepare import prepare
 
     cache_dir = tmp_path / "cache"
@@ -248,3 +264,4 @@ def test_a_full_disk_while_the_feature_cache_is_written_leaves_no_cache_and_the_
     monkeypatch.undo()
     assert list((cache_dir / "features").iterdir()) == []  # no cache, no temporary folder
     prepare(cfg).verify()
+    record_fault(record_property, 1, None)  # nothing existed before

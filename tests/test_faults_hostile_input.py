@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -23,8 +23,8 @@ import pytest
 
 from detector.arch import ArchError, parse
 from detector.zoo import ZOO, resolve_arch
-from faults import (CaseTimeout, CliOutcome, assert_one_line_bad_input, memory_limit, run_cli, run_cli_in_process,
-                    time_limit)
+from faults import (CaseTimeout, CliOutcome, assert_one_line_bad_input, memory_limit, record_fault, run_cli,
+                    run_cli_in_process, time_limit)
 from search.space import space_from_cfg
 
 FUZZ_CASES = 10_000
@@ -178,12 +178,9 @@ def fuzzed_override(rng: random.Random, target: Target, codes: list[str]) -> str
 @dataclass
 class FuzzReport:
     cases: int = 0
-    accepted: int = 0
-    refused: int = 0
-    failures: list[str] = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.failures = []
+    accepted: int = 0  # got through every check (exit 0 or the boundary)
+    refused: int = 0  # exit 2 with one error line
+    failures: list[str] = field(default_factory=list)  # anything else: crash, hang, bad output
 
 
 def run_override_fuzz(cases: int, seed: int, workdir: Path, monkeypatch) -> FuzzReport:
@@ -257,7 +254,7 @@ def render_cli_error(message: str) -> CliOutcome:
     return CliOutcome(int(exit_info.value.code), "", err.getvalue())
 
 
-def test_10000_fuzzed_arch_values_resolve_or_fail_in_one_line(tmp_path):
+def test_10000_fuzzed_arch_values_resolve_or_fail_in_one_line(tmp_path, record_property):
     rng = random.Random(0)
     seeds, paths = valid_codes(rng, 50), hostile_paths(tmp_path)
     resolved = refused = 0
@@ -279,6 +276,7 @@ def test_10000_fuzzed_arch_values_resolve_or_fail_in_one_line(tmp_path):
             assert parse(str(arch), None, None) == arch  # whatever resolves is a canonical code
     assert not failures, f"{len(failures)} arch values broke the contract:\n" + "\n".join(failures[:15])
     assert refused > FUZZ_CASES // 2 and resolved > 50
+    record_fault(record_property, FUZZ_CASES, None)
 
 
 def rejected_codes(count: int, seed: int, root: Path) -> list[str]:
@@ -305,21 +303,25 @@ def check_codes_through_dispatch(codes: list[str]) -> list[str]:
     return failures
 
 
-def test_rejected_arch_values_through_the_real_dispatch_give_one_line(tmp_path):
+def test_rejected_arch_values_through_the_real_dispatch_give_one_line(tmp_path, record_property):
     failures = check_codes_through_dispatch(rejected_codes(CI_CLI_CODES, 1, tmp_path))
     assert not failures, "\n".join(failures[:15])
+    record_fault(record_property, CI_CLI_CODES, None)
 
 
 # ---------------------------------------------------------------------- overrides
-def test_fuzzed_overrides_are_accepted_or_refused_in_one_line(tmp_path, monkeypatch):
+def test_fuzzed_overrides_are_accepted_or_refused_in_one_line(tmp_path, monkeypatch, record_property):
     assert_fuzz_clean(run_override_fuzz(CI_OVERRIDE_CASES, 0, tmp_path, monkeypatch))
+    record_fault(record_property, CI_OVERRIDE_CASES, None)
 
 
 @pytest.mark.slow
-def test_10000_fuzzed_overrides_are_accepted_or_refused_in_one_line(tmp_path, monkeypatch):
+def test_10000_fuzzed_overrides_are_accepted_or_refused_in_one_line(tmp_path, monkeypatch, record_property):
     assert_fuzz_clean(run_override_fuzz(FUZZ_CASES, 1, tmp_path, monkeypatch))
+    (tmp_path / "codes").mkdir()
     failures = check_codes_through_dispatch(rejected_codes(1000, 2, tmp_path / "codes"))
     assert not failures, "\n".join(failures[:15])
+    record_fault(record_property, FUZZ_CASES + 1000, None)
 
 
 def subprocess_sample(count: int, seed: int, root: Path) -> list[list[str]]:
@@ -342,7 +344,7 @@ def subprocess_sample(count: int, seed: int, root: Path) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("count", [pytest.param(6, id="ci"), pytest.param(20, id="slow", marks=pytest.mark.slow)])
-def test_a_sample_of_hostile_command_lines_in_real_subprocesses(tmp_path, count):
+def test_a_sample_of_hostile_command_lines_in_real_subprocesses(tmp_path, count, record_property):
     failures = []
     for argv in subprocess_sample(count, 3, tmp_path):
         done = run_cli("search", *argv, timeout=120)
@@ -353,6 +355,7 @@ def test_a_sample_of_hostile_command_lines_in_real_subprocesses(tmp_path, count)
         except AssertionError as err:
             failures.append(str(err)[:400])
     assert not failures, "\n".join(failures)
+    record_fault(record_property, count, None)
 
 
 # ---------------------------------------------------------------------- malformed datasets
@@ -396,7 +399,7 @@ def train_on(root: Path, tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case", list(DATA_CASES))
-def test_a_malformed_dataset_stops_training_with_one_line(tmp_path, case):
+def test_a_malformed_dataset_stops_training_with_one_line(tmp_path, case, record_property):
     make, fragment = DATA_CASES[case]
     root = make(tmp_path / "coco")
     if case == "truncated JSON":  # one through a real process, the others in-process (same dispatch)
@@ -407,3 +410,4 @@ def test_a_malformed_dataset_stops_training_with_one_line(tmp_path, case):
                                          strict=False)
     assert fragment in line
     assert not (tmp_path / "out" / "last.pt").exists()
+    record_fault(record_property, 1, None)

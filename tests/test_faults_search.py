@@ -13,17 +13,14 @@ import importlib.util
 import logging
 import math
 import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from detector.cli import compose
-from faults import (PausePoint, assert_one_line_bad_input, parse_history_lines, run_cli, sigkill, start_cli,
-                    wait_for_marker, wait_until)
+from faults import (PausePoint, assert_one_line_bad_input, parse_history_lines, record_fault, rows_lost, run_cli,
+                    sigkill, snapshot, start_cli, wait_for_marker)
 from proxy_eval.result import FLOOR_REWARD
 from search.run import run_search
 from test_search_loop import check_completed_run, rows_of, toy_cfg
@@ -60,7 +57,7 @@ def check_resumed(run_dir: Path, before: list[dict], stages: list[str], budget: 
     """A resumed run is complete, kept every row of ``before`` and left no searcher pending."""
     after = check_completed_run(run_dir, stages, budget)
     assert parse_history_lines(run_dir / "history.jsonl") == after
-    assert after[: len(before)] == before, "a row written before the fault was lost or rewritten"
+    assert rows_lost(before, after) == 0, "a row written before the fault was lost or rewritten"
     for index, stage in enumerate(stages):
         state = torch.load(run_dir / f"searcher-{index}-{stage}.pt", weights_only=True)
         assert state["pending"] == []
@@ -80,7 +77,8 @@ KILL_MOMENTS = {
 
 
 @pytest.mark.parametrize("moment", list(KILL_MOMENTS))
-def test_sigkilled_driver_resumes_to_the_exact_budget_without_training_a_code_twice(tmp_path, moment):
+def test_sigkilled_driver_resumes_to_the_exact_budget_without_training_a_code_twice(tmp_path, moment,
+                                                                                     record_property):
     run_dir = tmp_path / "run"
     pause = PausePoint(marker=tmp_path / "paused", **KILL_MOMENTS[moment])
     proc = start_cli("search", *toy_args(run_dir), pause=pause)
@@ -104,11 +102,13 @@ def test_sigkilled_driver_resumes_to_the_exact_budget_without_training_a_code_tw
         run_search(compose("search", [f"resume={run_dir}"]))
 
     after = check_resumed(run_dir, before, STAGES, BUDGET)
+    record_fault(record_property, 1, rows_lost(before, after))
     for index, ids in pending.items():  # pending at the kill: told from history, or run again
         assert set(ids) <= {r["proposal_id"] for r in after if r["stage_index"] == index}
 
 
-def test_sigkill_while_the_feature_cache_is_written_leaves_no_cache_and_resume_rebuilds_it(tmp_path):
+def test_sigkill_while_the_feature_cache_is_written_leaves_no_cache_and_resume_rebuilds_it(tmp_path,
+                                                                                           record_property):
     run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
     args = ["run", *TINY_CACHED, "search.stages=[fpn]", "search.budget=2", f"search.run_dir={run_dir}",
             f"cache_dir={cache_dir}"]
@@ -126,10 +126,12 @@ def test_sigkill_while_the_feature_cache_is_written_leaves_no_cache_and_resume_r
     assert not (partial[0] / "features.pt.sha256").exists()
     assert [p for p in features.iterdir() if not p.name.startswith(".")] == []  # no cache under a key
     assert (run_dir / "config.yaml").is_file() and not (run_dir / "history.jsonl").exists()
+    config = (run_dir / "config.yaml").read_bytes()
 
     run_search(compose("search", [f"resume={run_dir}"]))
 
     check_resumed(run_dir, [], ["fpn"], 2)
+    record_fault(record_property, 1, int((run_dir / "config.yaml").read_bytes() != config))
     from proxy_eval.feature_cache import FeatureCache
 
     (complete,) = [p for p in features.iterdir() if not p.name.startswith(".")]
@@ -137,21 +139,20 @@ def test_sigkill_while_the_feature_cache_is_written_leaves_no_cache_and_resume_r
 
 
 # ---------------------------------------------------------------------- two searches, one run dir
-def test_a_second_search_on_a_run_dir_in_use_is_refused_and_the_first_completes(tmp_path):
+def test_a_second_search_on_a_run_dir_in_use_is_refused_and_the_first_completes(tmp_path, record_property):
     run_dir = tmp_path / "run"
     release = tmp_path / "release"
     pause = PausePoint("search.history:History.append", tmp_path / "paused", call=1, release=release)
     first = start_cli("search", *toy_args(run_dir), pause=pause)
     try:
         wait_for_marker(pause, first)
-        config = (run_dir / "config.yaml").read_bytes()
-        history = (run_dir / "history.jsonl").read_bytes()
+        before = snapshot(run_dir)
+        first_rows = rows_of(run_dir)
         for second in (("run", f"resume={run_dir}"),  # resume it while it runs
                        toy_args(run_dir)):  # start a fresh search in the same directory
             line = assert_one_line_bad_input(run_cli("search", *second), f"second search {second[:2]}")
             assert f"in use by another search (pid {first.pid})" in line
-        assert (run_dir / "config.yaml").read_bytes() == config  # the refused searches wrote nothing
-        assert (run_dir / "history.jsonl").read_bytes() == history
+        assert snapshot(run_dir) == before  # the refused searches wrote nothing
         release.touch()
         out, err = first.communicate(timeout=300)
     finally:
@@ -159,12 +160,15 @@ def test_a_second_search_on_a_run_dir_in_use_is_refused_and_the_first_completes(
             sigkill(first)
     assert first.returncode == 0, err[-3000:]
     assert "search finished" in out
-    check_completed_run(run_dir, STAGES, BUDGET)
-    assert parse_history_lines(run_dir / "history.jsonl")[0] == rows_of(run_dir)[0]
+    rows = check_completed_run(run_dir, STAGES, BUDGET)
+    assert parse_history_lines(run_dir / "history.jsonl") == rows
+    record_fault(record_property, 2, rows_lost(first_rows, rows))
+    assert rows_lost(first_rows, rows) == 0
 
 
 # ---------------------------------------------------------------------- trial workers
-def test_a_trial_that_crashes_is_retried_and_one_that_keeps_crashing_is_recorded(tmp_path, monkeypatch):
+def test_a_trial_that_crashes_is_retried_and_one_that_keeps_crashing_is_recorded(tmp_path, monkeypatch,
+                                                                                  record_property):
     """executor=local: an exception escaping the evaluator (what a dying worker looks like to the
     driver) is an ``error`` attempt; it is retried, and the search goes on either way."""
     from proxy_eval.build import ToyProxy
@@ -190,11 +194,12 @@ def test_a_trial_that_crashes_is_retried_and_one_that_keeps_crashing_is_recorded
     assert (trained[2]["status"], trained[2]["attempts"], trained[2]["reward"]) == ("error", 3, FLOOR_REWARD)
     assert "worker crashed again" in trained[2]["error"]
     assert all(r["status"] == "ok" and r["attempts"] == 1 for i, r in enumerate(trained) if i not in (1, 2))
+    record_fault(record_property, 1 + 3, len(STAGES) * BUDGET - len(trained))  # every trial has its row
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed")
-def test_a_ray_worker_sigkilled_mid_trial_is_restarted_and_the_search_completes(tmp_path):
+def test_a_ray_worker_sigkilled_mid_trial_is_restarted_and_the_search_completes(tmp_path, record_property):
     """executor=ray: the worker process running the 2nd trial dies by SIGKILL inside the evaluation
     (:func:`faults.ray_worker_kill_hook`); Tune's FailureConfig (search.retries=1) restarts the trial
     and its result is recorded once. Fast twins: the local-executor crash test above, and
@@ -224,10 +229,12 @@ def test_a_ray_worker_sigkilled_mid_trial_is_restarted_and_the_search_completes(
     assert parse_history_lines(run_dir / "history.jsonl") == rows
     # Tune recorded the crash of the killed attempt in the run's own Ray folder
     assert any(p.name.startswith("error") for p in (run_dir / "ray").rglob("*")), "no Tune error record"
+    record_fault(record_property, 1, 3 - len(rows))
 
 
 # ---------------------------------------------------------------------- NaN / inf in a trial
-def test_a_trial_whose_loss_becomes_nan_or_inf_is_diverged_and_the_search_completes(tmp_path, monkeypatch):
+def test_a_trial_whose_loss_becomes_nan_or_inf_is_diverged_and_the_search_completes(tmp_path, monkeypatch,
+                                                                                     record_property):
     """Real trials on cached features; the 1st trial's training loss is multiplied by NaN and the
     2nd's by +inf inside the real training loop; the 3rd trains normally."""
     from proxy_eval import trial as trial_module
@@ -260,9 +267,10 @@ def test_a_trial_whose_loss_becomes_nan_or_inf_is_diverged_and_the_search_comple
     assert all(r["reward"] == FLOOR_REWARD and r["loss"] is None for r in trained[:2])
     assert (run_dir / "best.txt").read_text().strip() == trained[2]["code"]
     assert parse_history_lines(run_dir / "history.jsonl") == rows  # NaN never reaches the JSON
+    record_fault(record_property, 2, 3 - len(trained))
 
 
-def test_toy_inject_nan_diverges_every_trial_and_the_stage_still_completes(tmp_path):
+def test_toy_inject_nan_diverges_every_trial_and_the_stage_still_completes(tmp_path, record_property):
     """``proxy_eval.inject_nan`` through the CLI config: every trial diverged, none ok; the fpn stage
     spends its budget, and a head stage after it stops with a one-line reason (no ok FPN to fix)."""
     from detector.errors import UserError
@@ -276,3 +284,5 @@ def test_toy_inject_nan_diverges_every_trial_and_the_stage_still_completes(tmp_p
     run_dir = tmp_path / "fpn-only"
     run_search(toy_cfg(run_dir, "search.budget=2", "proxy_eval.inject_nan=0", "search.stages=[fpn]"))
     assert not (run_dir / "best.txt").exists()  # no ok trial: no best code claimed
+    assert sum(not r["reused"] for r in rows_of(run_dir)) == 2
+    record_fault(record_property, 4, 0)

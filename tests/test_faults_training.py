@@ -22,8 +22,8 @@ from detector.checkpoint import load_checkpoint
 from detector.cli import compose
 from detector.engine import train
 from detector.errors import WriteError
-from faults import (PausePoint, assert_one_line_bad_input, disk_full_on_call, limit_file_size_in_child, run_cli,
-                    run_cli_in_process, sigkill, start_cli, wait_for_marker)
+from faults import (PausePoint, assert_one_line_bad_input, disk_full_on_call, limit_file_size_in_child,
+                    record_fault, run_cli, run_cli_in_process, sigkill, start_cli, wait_for_marker)
 
 ITERATIONS = 6
 
@@ -76,23 +76,38 @@ def assert_same_result(resumed: dict, run: Path, unbroken: Path) -> None:
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+def checkpoints_lost(run: Path, expected: dict[str, int]) -> int:
+    """Checkpoints (name -> iteration) that should have survived the fault but are unreadable or
+    hold another iteration."""
+    lost = 0
+    for name, iteration in expected.items():
+        try:
+            lost += load_checkpoint(run / name)["iteration"] != iteration
+        except Exception:  # noqa: BLE001 - unreadable counts as lost
+            lost += 1
+    return lost
+
+
 def copy_run(source: Path, tmp_path: Path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(source, run)
     return run
 
 
-def test_sigkilled_training_resumes_to_the_same_iteration_metrics_and_weights(cache, unbroken, killed, tmp_path):
+def test_sigkilled_training_resumes_to_the_same_iteration_metrics_and_weights(cache, unbroken, killed, tmp_path,
+                                                                             record_property):
     run = copy_run(killed, tmp_path)
+    record_fault(record_property, 1, checkpoints_lost(run, {"last.pt": 3, "previous.pt": 2}))
     resumed = train(compose("train", tiny_args(cache, run, "resume=true")))
     assert_same_result(resumed, run, unbroken)
 
 
 def test_a_truncated_last_checkpoint_is_reported_and_the_previous_one_used(cache, unbroken, killed, tmp_path,
-                                                                            caplog):
+                                                                            caplog, record_property):
     run = copy_run(killed, tmp_path)
     data = (run / "last.pt").read_bytes()
     (run / "last.pt").write_bytes(data[: len(data) // 3])  # a copy cut short
+    record_fault(record_property, 1, checkpoints_lost(run, {"previous.pt": 2}))  # the damaged one is the fault
     with caplog.at_level(logging.WARNING, logger="detector.checkpoint"):
         resumed = train(compose("train", tiny_args(cache, run, "resume=true")))
     assert "last.pt is damaged" in caplog.text and "resuming from previous.pt" in caplog.text
@@ -100,21 +115,23 @@ def test_a_truncated_last_checkpoint_is_reported_and_the_previous_one_used(cache
 
 
 def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_last_good_one_and_resume_completes(
-        cache, unbroken, tmp_path, monkeypatch):
+        cache, unbroken, tmp_path, monkeypatch, record_property):
     run = tmp_path / "run"
     # the 3rd checkpoint write runs into a real file-size limit (the kernel cuts the write short)
     disk_full_on_call(monkeypatch, checkpoint_module, "_dump_to_temp", call=3, limit=lambda *a, **k: 64 * 1024)
     with pytest.raises(WriteError, match=r"cannot write .*last\.pt \(the write was cut short"):
         train(compose("train", tiny_args(cache, run)))
     monkeypatch.undo()
-    assert load_checkpoint(run / "last.pt")["iteration"] == 2  # the good checkpoints are intact
-    assert load_checkpoint(run / "previous.pt")["iteration"] == 1
+    lost = checkpoints_lost(run, {"last.pt": 2, "previous.pt": 1})  # the good checkpoints are intact
+    record_fault(record_property, 1, lost)
+    assert lost == 0
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "last.pt", "log.jsonl", "previous.pt"]
     resumed = train(compose("train", tiny_args(cache, run, "resume=true")))
     assert_same_result(resumed, run, unbroken)
 
 
-def test_the_cli_reports_a_full_disk_in_one_line_and_leaves_no_partial_file(cache, unbroken, tmp_path):
+def test_the_cli_reports_a_full_disk_in_one_line_and_leaves_no_partial_file(cache, unbroken, tmp_path,
+                                                                             record_property):
     """A real subprocess under a 2 MB file-size limit: checkpoints (tens of MB) cannot be written."""
     run = tmp_path / "run"
     done = run_cli("detector", "train", *tiny_args(cache, run), preexec_fn=limit_file_size_in_child(2 << 20))
@@ -124,9 +141,10 @@ def test_the_cli_reports_a_full_disk_in_one_line_and_leaves_no_partial_file(cach
     from omegaconf import OmegaConf
 
     assert OmegaConf.load(run / "config.yaml").arch == "fcos"  # the files written before are whole
+    record_fault(record_property, 1, 0)
 
 
-def test_every_checkpoint_damaged_is_one_line_exit_2(cache, killed, tmp_path):
+def test_every_checkpoint_damaged_is_one_line_exit_2(cache, killed, tmp_path, record_property):
     run = copy_run(killed, tmp_path)
     for name in ("last.pt", "previous.pt"):
         (run / name).write_bytes(b"\x00" * 100)
@@ -136,3 +154,4 @@ def test_every_checkpoint_damaged_is_one_line_exit_2(cache, killed, tmp_path):
     outcome = run_cli_in_process("detector", ["eval", f"ckpt={run / 'last.pt'}", f"cache_dir={cache}",
                                               "experiment=synthetic_tiny", "device=cpu"])
     assert "is damaged or not a torch checkpoint" in assert_one_line_bad_input(outcome, "eval a damaged file")
+    record_fault(record_property, 2, None)
