@@ -10,7 +10,8 @@ warmup from lr/3, cosine decay, gradient-norm clipping; bf16 autocast on GPU, fp
 features kept on the device), then evaluates it on proxy-val: the mean validation loss sum and
 COCO box AP (pycocotools, against a ground truth built from the cached proxy-val boxes at proxy
 resolution, so small / medium / large follow proxy-pixel areas). ``reward`` is ``ap`` (default)
-or ``neg_loss`` = minus the mean validation loss sum (the authors' reward). ``params`` and
+or ``neg_loss`` = exp(-mean validation loss sum): the authors' reward (minus the loss) mapped
+monotonically into (0, 1], so failures (reward 0) rank below every finished candidate. ``params`` and
 ``gflops`` are the decoder's, at the proxy resolution, batch 1 (``detector.describe``
 conventions: 2 x MACs, DCN counted as a dense conv). ``loss`` is the mean validation loss sum;
 the last training loss is in ``extra["train_loss"]``. ``deform_impl`` picks the DCN kernel
@@ -383,7 +384,9 @@ class CachedEvaluator:
         finally:
             set_deform_impl(previous_impl)
         ap = coco_metrics["AP"]
-        reward = ap if self.settings.reward == "ap" else -val_loss
+        # neg_loss is exp(-loss): ranks exactly like minus the loss, but stays in (0, 1] so that the
+        # floor reward 0 of a failed trial remains the worst value a searcher can see.
+        reward = ap if self.settings.reward == "ap" else math.exp(-val_loss)
         return TrialResult(status="ok", reward=float(reward), ap=ap, ap50=coco_metrics["AP50"], loss=val_loss,
                            seconds=time.perf_counter() - start,
                            extra={"train_loss": train_loss, "AP75": coco_metrics["AP75"], "seed": seed},

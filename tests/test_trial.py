@@ -20,6 +20,7 @@ from detector.zoo import resolve_arch, zoo_arch
 from proxy_eval import trial as trial_module
 from proxy_eval.build import ToyProxy, build_evaluator
 from proxy_eval.prepare import BackboneSpec, PrepareSettings, prepare_features
+from proxy_eval.result import FLOOR_REWARD
 from proxy_eval.trial import CachedEvaluator, TrialSettings, decoder_cost, injected_failure
 
 RECIPE = Recipe.from_cfg(OmegaConf.load(CONF_DIR / "recipe" / "nasfcos.yaml"))
@@ -79,10 +80,11 @@ def test_same_seed_gives_the_same_result_and_another_seed_another(prepared):
     assert other.loss != first.loss
 
 
-def test_neg_loss_reward_is_minus_the_validation_loss(prepared):
+def test_neg_loss_reward_ranks_like_minus_the_loss_and_above_the_failure_floor(prepared):
     _, cache = prepared
     result = evaluator(cache, reward="neg_loss").evaluate("fcos", seed=0)
-    assert result.status == "ok" and result.reward == -result.loss
+    assert result.status == "ok" and result.reward == pytest.approx(math.exp(-result.loss))
+    assert result.reward > FLOOR_REWARD  # a failed trial must never outrank a finished one
 
 
 def test_training_lowers_the_validation_loss(prepared):

@@ -1,0 +1,378 @@
+"""Search quality: do the searchers beat random search on real proxy trials, and does the proxy
+rank architectures like full training does?
+
+Two studies, each resumable (finished pieces are kept under ``--work`` and skipped when the command
+is run again), each writing a markdown table and a PNG under ``--out``:
+
+    # 1. searchers: `python -m search run` (fpn stage, executor=local) per controller and seed
+    PYTHONPATH=. python experiments/search_quality.py searchers --budget 64 --seeds 0 1 2 --jobs 2
+    # 2. proxy fidelity: proxy rewards at two proxy budgets vs AP after full training
+    PYTHONPATH=. python experiments/search_quality.py fidelity --proxy-iters 30 120 --jobs 2
+
+Both studies use the same proxy task: the search config (``conf/search.yaml``) with the overrides
+of ``--search`` (default :data:`PROXY_OVERRIDES`), and one shared feature cache (``--cache-dir``).
+Full training is ``python -m detector train`` with the overrides of ``--train`` (default
+:data:`TRAIN_OVERRIDES`). The fidelity architectures are the zoo's ``nasfcos``, ``nasfcos-fpn`` and
+``fcos`` plus codes picked from the searcher runs at evenly spaced reward ranks (good to bad), or
+uniformly sampled codes where no searcher run exists yet.
+
+Statistics: Kendall's tau-b and Spearman's rho (scipy.stats) between proxy reward and trained AP,
+with 95% bootstrap confidence intervals over architectures (percentile, 2,000 resamples).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+for entry in (ROOT, ROOT / "experiments"):
+    if str(entry) not in sys.path:
+        sys.path.insert(0, str(entry))
+
+from controller_study import COLORS, best_so_far, mean_std  # noqa: E402  (experiments/ helpers)
+
+CONTROLLERS = ("ppo", "reinforce", "random", "evolution")
+# The proxy task of both studies: the synthetic data of the default training experiment
+# (experiment=synthetic_fcos), so that proxy and full training see the same images.
+SYNTHETIC_DATA = ("data.num_train=1024", "data.num_val=128", "data.image_min_side=64", "data.image_max_side=128",
+                  "data.large_every=0", "data.max_objects=4", "data.min_object_size=16")
+PROXY_OVERRIDES = SYNTHETIC_DATA + ("proxy_eval.resolution=128", "proxy_eval.train_images=256",
+                                    "proxy_eval.val_images=64", "proxy_eval.adapt_iters=150",
+                                    "proxy_eval.iters=30", "proxy_eval.batch_size=8")
+TRAIN_OVERRIDES = ("experiment=synthetic_fcos", "schedule.iterations=600")
+BOOTSTRAP = 2000
+
+
+# ---------------------------------------------------------------------- processes
+def python_module(args: Sequence[str], log: Path) -> int:
+    """``python -m <args>`` from the repository root, one torch thread, output appended to ``log``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    with open(log, "a") as out:
+        out.write(f"$ python -m {' '.join(shlex.quote(a) for a in args)}\n")
+        out.flush()
+        return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=out,
+                              stderr=subprocess.STDOUT).returncode
+
+
+def run_parallel(jobs: Sequence[Callable[[], Any]], workers: int) -> list[Any]:
+    """Run the callables ``workers`` at a time (each starts its own process) and return their results."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(lambda job: job(), jobs))
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    from search.history import read_history
+
+    return read_history(run_dir / "history.jsonl").rows
+
+
+# ---------------------------------------------------------------------- study 1: searchers
+def searcher_run(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One fpn-stage search of ``args.budget`` trials (resumed if an earlier one was cut short)."""
+    run_dir = Path(args.work) / "searchers" / f"{name}-seed{seed}"
+    rows = read_rows(run_dir)
+    if len(rows) < args.budget:
+        common = [f"cache_dir={args.cache_dir}", "executor=local", "search.workers=1", "device=cpu",
+                  "proxy_eval.threads=1"]
+        if (run_dir / "config.yaml").exists():
+            command = ["search", "run", f"resume={run_dir}", *common]
+        else:
+            command = ["search", "run", f"controller={name}", f"seed={seed}", "search.stages=[fpn]",
+                       f"search.budget={args.budget}", f"search.run_dir={run_dir}", f"reward={args.reward}",
+                       *common, *args.search]
+        started = time.perf_counter()
+        code = python_module(command, Path(args.work) / "searchers.log")
+        rows = read_rows(run_dir)
+        print(f"{name:>10} seed {seed}: exit {code}, {len(rows)} trials, {time.perf_counter() - started:.0f} s",
+              flush=True)
+    return {"name": name, "seed": seed, "rows": rows}
+
+
+def trained_rewards(rows: list[dict[str, Any]]) -> list[float]:
+    """Rewards of the trials actually trained, in order (failed trials at their floor reward)."""
+    return [float(row["reward"]) for row in rows if not row["reused"]]
+
+
+def searchers_study(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    jobs = [lambda n=n, s=s: searcher_run(n, s, args) for n in args.controllers for s in args.seeds]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.controllers}
+    for result in run_parallel(jobs, args.jobs):
+        runs[result["name"]].append(result)
+    curves = {name: [trained_rewards(r["rows"]) for r in group] for name, group in runs.items()}
+    length = min(len(c) for group in curves.values() for c in group)
+    if length == 0:
+        print("error: a searcher run has no finished trial; see <work>/searchers.log", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_searchers(curves, length, out / "searchers.png", args)
+    write_searchers_markdown(curves, runs, length, out / "searchers.md", args, time.perf_counter() - started)
+    print((out / "searchers.md").read_text())
+    return 0
+
+
+def plot_searchers(curves: dict[str, list[list[float]]], length: int, path: Path, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = range(1, length + 1)
+    for name, group in curves.items():
+        columns = list(zip(*(best_so_far(c[:length]) for c in group)))
+        mean = [statistics.mean(c) for c in columns]
+        ax.plot(x, mean, color=COLORS.get(name), label=name)
+        ax.fill_between(x, [min(c) for c in columns], [max(c) for c in columns], color=COLORS.get(name),
+                        alpha=0.15, linewidth=0)
+    ax.set_xlabel("proxy trials (trained candidates)")
+    ax.set_ylabel(f"best-so-far proxy reward ({args.reward})")
+    ax.set_title(f"fpn stage, {len(args.seeds)} seeds: mean, band = min..max across seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_searchers_markdown(curves: dict[str, list[list[float]]], runs: dict[str, list[dict[str, Any]]],
+                             length: int, path: Path, args: argparse.Namespace, wall: float) -> None:
+    random_final = statistics.mean(max(c[:length]) for c in curves.get("random", [[math.nan]]))
+    lines = ["# Searchers on the real proxy", "", "```", command_line(), "```", "",
+             f"fpn stage (head fixed to `head:fcos`), {length} trained candidates per run, seeds "
+             f"{' '.join(map(str, args.seeds))}, reward `{args.reward}`; proxy overrides: "
+             f"`{' '.join(args.search)}`. Wall time of this invocation {wall:.0f} s "
+             f"({args.jobs} runs at a time, one torch thread each).", "",
+             "![best-so-far](searchers.png)", "",
+             "| searcher | final best-so-far | best-so-far at half budget | mean reward, last quarter | "
+             "failed trials | seconds per trial |", "|---|---|---|---|---|---|"]
+    quarter = max(1, length // 4)
+    for name, group in curves.items():
+        finals = [max(c[:length]) for c in group]
+        halves = [max(c[:length // 2]) for c in group]
+        lasts = [statistics.mean(c[length - quarter:length]) for c in group]
+        rows = [row for r in runs[name] for row in r["rows"] if not row["reused"]]
+        failed = sum(row["status"] != "ok" for row in rows) / len(group)
+        seconds = statistics.mean(float(row.get("seconds") or 0.0) for row in rows)
+        lines.append(f"| {name} | {mean_std(finals)} | {mean_std(halves)} | {mean_std(lasts)} | {failed:.1f} | "
+                     f"{seconds:.1f} |")
+    lines += ["", "Mean ± standard deviation across seeds.", ""]
+    if not math.isnan(random_final):
+        better = [n for n in curves if n != "random"
+                  and statistics.mean(max(c[:length]) for c in curves[n]) > random_final]
+        lines.append(f"Beat random search on the mean final best-so-far: {', '.join(better) or 'none'}.")
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------- study 2: fidelity
+def pick_architectures(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(label, code): the zoo's three plus codes at evenly spaced reward ranks of the searcher runs."""
+    from detector.zoo import resolve_arch
+
+    picked = [(name, str(resolve_arch(name))) for name in ("nasfcos", "nasfcos-fpn", "fcos")]
+    seen = {code for _, code in picked}
+    rows = [row for run in sorted((Path(args.work) / "searchers").glob("*/")) for row in read_rows(run)
+            if row["status"] == "ok" and not row["reused"] and row["code"] not in seen]
+    rows.sort(key=lambda row: -float(row["reward"]))
+    wanted = args.archs - len(picked)
+    if len(rows) >= wanted:
+        for rank in [round(i * (len(rows) - 1) / max(1, wanted - 1)) for i in range(wanted)]:
+            picked.append((f"searched-rank{rank + 1}of{len(rows)}", rows[rank]["code"]))
+        return picked
+    from search.space import SearchSpace
+
+    space, rng = SearchSpace("fpn"), random.Random(0)
+    while len(picked) < args.archs:
+        code = str(space.sample(rng))
+        if code not in seen:
+            seen.add(code)
+            picked.append((f"random-{len(picked) - 2}", code))
+    return picked
+
+
+def proxy_scores(code: str, iters: int, seeds: Sequence[int], args: argparse.Namespace) -> dict[str, float]:
+    """Mean AP and validation loss of the proxy trial at ``iters`` iterations over ``seeds``."""
+    import torch
+
+    from detector.cli import compose
+    from proxy_eval.build import build_evaluator
+
+    torch.set_num_threads(1)
+    cfg = compose("search", [f"cache_dir={args.cache_dir}", "device=cpu", f"proxy_eval.iters={iters}",
+                             "proxy_eval.threads=1", *args.search])
+    evaluator = build_evaluator(cfg)
+    results = [evaluator.evaluate(code, seed=seed) for seed in seeds]
+    if any(not r.ok for r in results):
+        return {"ap": 0.0, "loss": math.inf, "status": next(r.status for r in results if not r.ok)}
+    return {"ap": statistics.mean(r.ap for r in results), "loss": statistics.mean(r.loss for r in results),
+            "seconds": statistics.mean(r.seconds for r in results), "status": "ok"}
+
+
+def trained_ap(label: str, code: str, args: argparse.Namespace) -> dict[str, float]:
+    """AP of ``python -m detector train`` for the code (kept in <work>/fidelity/train/<label>)."""
+    out_dir = Path(args.work) / "fidelity" / "train" / label
+    metrics = out_dir / "metrics.json"
+    if not metrics.exists():
+        resume = ["resume=true"] if (out_dir / "last.pt").exists() else []
+        python_module(["detector", "train", f"arch={code}", f"out_dir={out_dir}", f"cache_dir={args.cache_dir}",
+                       "device=cpu", *resume, *args.train], Path(args.work) / "fidelity.log")
+    if not metrics.exists():
+        return {"AP": math.nan, "AP50": math.nan}
+    data = json.loads(metrics.read_text())
+    return {"AP": float(data["AP"]), "AP50": float(data["AP50"]), "seconds": float(data.get("train_seconds", 0))}
+
+
+def fidelity_row(label: str, code: str, args: argparse.Namespace) -> dict[str, Any]:
+    store = Path(args.work) / "fidelity" / "proxy" / f"{label}.json"
+    row = json.loads(store.read_text()) if store.exists() else {"label": label, "code": code, "proxy": {}}
+    for iters in args.proxy_iters:
+        if str(iters) not in row["proxy"]:
+            row["proxy"][str(iters)] = proxy_scores(code, iters, args.proxy_seeds, args)
+            store.parent.mkdir(parents=True, exist_ok=True)
+            store.write_text(json.dumps(row, indent=1))
+    row["trained"] = trained_ap(label, code, args)
+    print(f"{label:>22}: trained AP {row['trained']['AP']:.4f}; proxy "
+          + ", ".join(f"{k} it AP {v['ap']:.4f} loss {v['loss']:.3f}" for k, v in row["proxy"].items()), flush=True)
+    return row
+
+
+def rank_correlations(x: Sequence[float], y: Sequence[float], seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """Kendall's tau-b and Spearman's rho with 95% percentile bootstrap intervals over the pairs."""
+    import numpy as np
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, fn in (("tau", lambda a, b: stats.kendalltau(a, b).statistic),
+                     ("rho", lambda a, b: stats.spearmanr(a, b).statistic)):
+        point = float(fn(x, y))
+        samples = []
+        for _ in range(BOOTSTRAP):
+            index = rng.integers(0, len(x), len(x))
+            value = fn(x[index], y[index])
+            if np.isfinite(value):  # a resample of one repeated pair has no ranking
+                samples.append(float(value))
+        low, high = (np.percentile(samples, [2.5, 97.5]) if samples else (math.nan, math.nan))
+        out[name] = (point, float(low), float(high))
+    return out
+
+
+def fidelity_study(args: argparse.Namespace) -> int:
+    from proxy_eval.prepare import prepare
+    from detector.cli import compose
+
+    started = time.perf_counter()
+    prepare(compose("search", [f"cache_dir={args.cache_dir}", "device=cpu", *args.search]))  # once, before the jobs
+    archs = pick_architectures(args)
+    rows = run_parallel([lambda a=a: fidelity_row(*a, args) for a in archs], args.jobs)
+    rows = [r for r in rows if math.isfinite(r["trained"]["AP"])]
+    if len(rows) < 3:
+        print("error: fewer than 3 architectures finished training; see <work>/fidelity.log", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = {}
+    for iters in args.proxy_iters:
+        for reward in ("ap", "neg_loss"):
+            proxy = [r["proxy"][str(iters)]["ap"] if reward == "ap" else -r["proxy"][str(iters)]["loss"] for r in rows]
+            table[(iters, reward)] = rank_correlations(proxy, [r["trained"]["AP"] for r in rows])
+    plot_fidelity(rows, args, out / "fidelity.png")
+    write_fidelity_markdown(rows, table, args, out / "fidelity.md", time.perf_counter() - started)
+    print((out / "fidelity.md").read_text())
+    return 0
+
+
+def plot_fidelity(rows: list[dict[str, Any]], args: argparse.Namespace, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(args.proxy_iters), 2, figsize=(10, 4 * len(args.proxy_iters)), squeeze=False)
+    trained = [r["trained"]["AP"] for r in rows]
+    for i, iters in enumerate(args.proxy_iters):
+        for j, (reward, key, sign) in enumerate((("ap", "ap", 1), ("neg_loss (-loss)", "loss", -1))):
+            ax = axes[i][j]
+            proxy = [sign * r["proxy"][str(iters)][key] for r in rows]
+            ax.scatter(proxy, trained)
+            for r, px, ty in zip(rows, proxy, trained):
+                ax.annotate(r["label"], (px, ty), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.set_xlabel(f"proxy {reward}, {iters} iterations")
+            ax.set_ylabel("AP after full training")
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_fidelity_markdown(rows: list[dict[str, Any]], table: dict, args: argparse.Namespace, path: Path,
+                            wall: float) -> None:
+    budgets = args.proxy_iters
+    lines = ["# Proxy fidelity: proxy reward vs AP after full training", "", "```", command_line(), "```", "",
+             f"{len(rows)} architectures; proxy: search config with `{' '.join(args.search)}`, "
+             f"mean over proxy seeds {' '.join(map(str, args.proxy_seeds))}; full training: "
+             f"`python -m detector train {' '.join(args.train)}`. Wall time of this invocation {wall:.0f} s.", "",
+             "![fidelity](fidelity.png)", "",
+             "| proxy budget (iterations) | reward | Kendall tau [95% CI] | Spearman rho [95% CI] |",
+             "|---|---|---|---|"]
+    for (iters, reward), stats_ in table.items():
+        tau, rho = stats_["tau"], stats_["rho"]
+        lines.append(f"| {iters} | {reward} | {tau[0]:.2f} [{tau[1]:.2f}, {tau[2]:.2f}] | "
+                     f"{rho[0]:.2f} [{rho[1]:.2f}, {rho[2]:.2f}] |")
+    header = " | ".join(f"proxy AP / loss @{i}" for i in budgets)
+    lines += ["", f"| architecture | trained AP | trained AP50 | {header} | code |",
+              "|---|---|---|" + "---|" * len(budgets) + "---|"]
+    for r in sorted(rows, key=lambda r: -r["trained"]["AP"]):
+        cells = " | ".join(f"{r['proxy'][str(i)]['ap']:.4f} / {r['proxy'][str(i)]['loss']:.3f}" for i in budgets)
+        lines.append(f"| {r['label']} | {r['trained']['AP']:.4f} | {r['trained']['AP50']:.4f} | {cells} | "
+                     f"`{r['code']}` |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------- command line
+def command_line() -> str:
+    return "PYTHONPATH=. python experiments/search_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", choices=("searchers", "fidelity"))
+    parser.add_argument("--work", default=str(ROOT / "runs" / "search_quality"),
+                        help="where runs, trainings and partial results are kept (resumable)")
+    parser.add_argument("--out", default=str(ROOT / "experiments" / "search_quality"), help="tables and plots")
+    parser.add_argument("--cache-dir", default=None, help="feature cache shared by every run (default <work>/cache)")
+    parser.add_argument("--jobs", type=int, default=2, help="processes at a time (one torch thread each)")
+    parser.add_argument("--search", nargs="*", default=list(PROXY_OVERRIDES), help="overrides of the proxy task")
+    parser.add_argument("--reward", default="ap", choices=("ap", "neg_loss"), help="searchers: the reward searched")
+    parser.add_argument("--controllers", nargs="+", default=list(CONTROLLERS), choices=CONTROLLERS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--budget", type=int, default=64, help="searchers: trained candidates per run")
+    parser.add_argument("--archs", type=int, default=8, help="fidelity: architectures (3 from the zoo + the rest)")
+    parser.add_argument("--proxy-iters", nargs="+", type=int, default=[30, 120])
+    parser.add_argument("--proxy-seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--train", nargs="*", default=list(TRAIN_OVERRIDES), help="overrides of full training")
+    args = parser.parse_args(argv)
+    if args.budget < 4 or args.archs < 3 or args.jobs < 1:
+        print("error: --budget must be >= 4, --archs >= 3 and --jobs >= 1", file=sys.stderr)
+        return 2
+    args.cache_dir = args.cache_dir or str(Path(args.work) / "cache")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    return searchers_study(args) if args.study == "searchers" else fidelity_study(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

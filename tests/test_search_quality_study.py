@@ -1,0 +1,60 @@
+"""experiments/search_quality.py: the statistics and the selection logic of the search-quality study."""
+import importlib.util
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("search_quality", ROOT / "experiments" / "search_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rank_correlations_are_one_for_the_same_order_and_minus_one_for_the_reverse(study):
+    proxy = [0.1, 0.4, 0.2, 0.9, 0.5, 0.3, 0.7, 0.8]
+    same = study.rank_correlations(proxy, [10 * p + 1 for p in proxy])
+    reverse = study.rank_correlations(proxy, [-p for p in proxy])
+    assert same["tau"][0] == pytest.approx(1.0) and same["rho"][0] == pytest.approx(1.0)
+    assert reverse["tau"][0] == pytest.approx(-1.0) and reverse["rho"][0] == pytest.approx(-1.0)
+
+
+def test_the_bootstrap_interval_contains_the_estimate_and_widens_with_noise(study):
+    proxy = list(range(10))
+    noisy = [0, 2, 1, 4, 3, 6, 5, 9, 7, 8]
+    point, low, high = study.rank_correlations(proxy, noisy)["tau"]
+    assert low <= point <= high and high - low > 0.05
+    assert 0.5 < point < 1.0
+
+
+def test_only_trained_trials_enter_the_curves_and_failures_count_at_their_floor(study):
+    rows = [{"reward": 0.2, "reused": False, "status": "ok"}, {"reward": 0.2, "reused": True, "status": "ok"},
+            {"reward": 0.0, "reused": False, "status": "error"}, {"reward": 0.5, "reused": False, "status": "ok"}]
+    assert study.trained_rewards(rows) == [0.2, 0.0, 0.5]
+
+
+def test_fidelity_picks_the_zoo_then_searched_codes_from_best_to_worst(study, tmp_path):
+    from search.space import SearchSpace
+    import random
+
+    space, rng = SearchSpace("fpn"), random.Random(3)
+    run = tmp_path / "searchers" / "random-seed0"
+    run.mkdir(parents=True)
+    rows = [{"trial": i, "stage": "fpn", "stage_index": 0, "code": str(space.sample(rng)), "status": "ok",
+             "reward": r, "reused": False}
+            for i, r in enumerate([0.3, 0.9, 0.1, 0.5, 0.7, 0.2])]
+    (run / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = Namespace(work=str(tmp_path), archs=6)
+    picked = study.pick_architectures(args)
+    labels = [label for label, _ in picked]
+    assert labels[:3] == ["nasfcos", "nasfcos-fpn", "fcos"]
+    codes = [code for _, code in picked[3:]]
+    by_code = {row["code"]: row["reward"] for row in rows}
+    rewards = [by_code[c] for c in codes]
+    assert rewards[0] == 0.9 and rewards[-1] == 0.1 and rewards == sorted(rewards, reverse=True)
