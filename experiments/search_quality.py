@@ -49,7 +49,7 @@ SYNTHETIC_DATA = ("data.num_train=1024", "data.num_val=128", "data.image_min_sid
                   "data.large_every=0", "data.max_objects=4", "data.min_object_size=16")
 PROXY_OVERRIDES = SYNTHETIC_DATA + ("proxy_eval.resolution=128", "proxy_eval.train_images=256",
                                     "proxy_eval.val_images=64", "proxy_eval.adapt_iters=150",
-                                    "proxy_eval.iters=30", "proxy_eval.batch_size=8")
+                                    "proxy_eval.iters=30", "proxy_eval.batch_size=4")
 TRAIN_OVERRIDES = ("experiment=synthetic_fcos", "schedule.iterations=600")
 BOOTSTRAP = 2000
 
@@ -211,8 +211,8 @@ def proxy_scores(code: str, iters: int, seeds: Sequence[int], args: argparse.Nam
     from proxy_eval.build import build_evaluator
 
     torch.set_num_threads(1)
-    cfg = compose("search", [f"cache_dir={args.cache_dir}", "device=cpu", f"proxy_eval.iters={iters}",
-                             "proxy_eval.threads=1", *args.search])
+    cfg = compose("search", [f"cache_dir={args.cache_dir}", "device=cpu", "proxy_eval.threads=1", *args.search,
+                             f"proxy_eval.iters={iters}"])  # last: the study's budget wins over --search
     evaluator = build_evaluator(cfg)
     results = [evaluator.evaluate(code, seed=seed) for seed in seeds]
     if any(not r.ok for r in results):
