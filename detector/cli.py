@@ -106,6 +106,8 @@ def _compose(config_name: str, overrides: Sequence[str]):
 _DEFAULTS: dict[str, dict] = {}
 # Keys whose default is not null but that accept null (their config comment says what null means).
 NULLABLE_KEYS = frozenset({"proxy_eval.train_images", "proxy_eval.width", "controller.minibatch"})
+# Keys whose default is a word (all / none / auto / one name) but that also take a list of names.
+WORD_OR_LIST_KEYS = frozenset({"bench.fast_paths", "bench.compile", "bench.torchvision", "train.fast_paths"})
 
 
 def _default_config(config_name: str) -> dict:
@@ -151,7 +153,9 @@ def check_override_kinds(cfg, default: dict, overrides: Sequence[str]) -> None:
             finite = number and (abs(value) < 2**63 if isinstance(value, int) else math.isfinite(value))
             problem = None if finite else "expected a finite number (integers within 64 bits)"
         elif isinstance(expected, str):
-            problem = None if isinstance(value, (str, int, float, bool)) else "expected a single value"
+            single = isinstance(value, (str, int, float, bool))
+            listed = key in WORD_OR_LIST_KEYS and OmegaConf.is_list(value)
+            problem = None if single or listed else "expected a single value"
         elif isinstance(expected, list):
             problem = None if OmegaConf.is_list(value) or isinstance(value, str) else "expected a list like [a,b]"
         else:  # a section

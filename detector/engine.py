@@ -51,6 +51,7 @@ from detector.distributed import (Context, autocast_dtype, barrier, broadcast_ob
                                   per_process_batch, setup, teardown)
 from detector.errors import UserError
 from detector.evaluate import eval_loader, evaluate
+from detector.fast_paths import set_fast_paths, training_fast_paths
 from detector.loggers import build_logger
 from detector.optim import Schedule, build_optimizer, build_scheduler
 from detector.train_data import build_train_stream
@@ -142,6 +143,7 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     arch = resolve_arch(str(cfg.arch))
     code = str(arch)
     amp_dtype = autocast_dtype(str(cfg.train.amp), ctx.device)
+    fast_paths = training_fast_paths(cfg.train.get("fast_paths", "auto"), ctx.device)  # checked before any file
     schedule = Schedule.from_cfg(cfg.schedule)
     batch = per_process_batch(int(cfg.train.batch_size), ctx)
     run_dir = Path(_main_first(ctx, lambda: _checked_run_dir(cfg, code)))
@@ -158,6 +160,9 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     model = _main_first(ctx, lambda: build_detector_from_cfg(cfg, arch)).to(ctx.device)
     if bool(cfg.train.channels_last):
         model = model.to(memory_format=torch.channels_last)
+    set_fast_paths(model, fast_paths)  # same function and state dict keys as the reference code
+    if ctx.is_main and fast_paths:
+        log.info("fast paths on: %s", ", ".join(fast_paths))
     optimizer = build_optimizer(model, schedule)
     scheduler = build_scheduler(optimizer, schedule)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)

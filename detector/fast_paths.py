@@ -143,6 +143,20 @@ def set_fast_paths(model: FCOS, paths: str | Iterable[str] | None) -> FCOS:
     return model
 
 
+# What training switches on with train.fast_paths=auto on CUDA: every path that is used in training
+# (cuda_graphs only serves inference, and the periodic evaluation sees few shapes twice).
+TRAINING_FAST_PATHS = ("frozen_bn", "group_norm", "losses", "points", "postprocess")
+
+
+def training_fast_paths(value: str | Iterable[str] | None, device: torch.device) -> tuple[str, ...]:
+    """``train.fast_paths`` -> names: ``auto`` is :data:`TRAINING_FAST_PATHS` on CUDA and none
+    elsewhere (on the CPU the fast paths gain nothing and the reference code is the one to trust);
+    anything else as :func:`parse_paths` reads it. Unknown names raise :class:`FastPathError`."""
+    if isinstance(value, str) and value.strip() == "auto":
+        return TRAINING_FAST_PATHS if device.type == "cuda" else ()
+    return parse_paths(value)
+
+
 def active_fast_paths(model: FCOS) -> tuple[str, ...]:
     """The fast paths currently on, in FAST_PATHS order."""
     modules = list(model.modules())

@@ -114,3 +114,20 @@ def test_wandb_logger_runs_offline_and_records_the_arch_code(tmp_path):
     assert len(runs) == 1 and b"fpn:standard+head:fcos" in runs[0].read_bytes()
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert lines[0]["loss"] == 1.5 and lines[1]["summary"] == {"AP": 0.25}
+
+
+def test_training_with_the_cpu_safe_fast_paths_logs_the_reference_losses(tmp_path):
+    """train.fast_paths swaps in equivalent code: the same run logs the same losses and AP."""
+    def run(name: str, paths: str) -> tuple[list[float], float]:
+        out = tmp_path / name
+        train(compose("train", ["experiment=synthetic_tiny", "device=cpu", f"cache_dir={tmp_path / 'cache'}",
+                                f"out_dir={out}", f"train.fast_paths={paths}", "train.max_eval_images=8"]))
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        metrics = json.loads((out / "metrics.json").read_text())
+        return [r["loss"] for r in records if "loss" in r], metrics["AP50"]
+
+    reference_losses, reference_ap50 = run("reference", "none")
+    fast_losses, fast_ap50 = run("fast", "[losses,points,postprocess]")
+    assert len(reference_losses) == 4
+    assert fast_losses == pytest.approx(reference_losses, rel=1e-4)
+    assert fast_ap50 == pytest.approx(reference_ap50, abs=1e-6)

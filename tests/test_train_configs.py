@@ -179,3 +179,18 @@ def test_cli_device_cuda_without_gpu_exits_2(tmp_path):
     result = _cli("train", "experiment=synthetic_tiny", "device=cuda", f"out_dir={tmp_path / 'run'}", cwd=tmp_path)
     _assert_one_line_exit_2(result, "device=cuda")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_training_fast_path_is_refused_before_any_file(tmp_path):
+    with pytest.raises(UserError, match="unknown fast path"):
+        train(_tiny(tmp_path, "train.fast_paths=[losses,warp]"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_fast_paths_auto_is_the_training_set_on_cuda_and_none_on_cpu():
+    from detector.fast_paths import TRAINING_FAST_PATHS, training_fast_paths
+
+    assert training_fast_paths("auto", torch.device("cpu")) == ()
+    assert training_fast_paths("auto", torch.device("cuda")) == TRAINING_FAST_PATHS
+    assert "cuda_graphs" not in TRAINING_FAST_PATHS
+    assert training_fast_paths(["losses", "points"], torch.device("cpu")) == ("losses", "points")
