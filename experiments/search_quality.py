@@ -40,7 +40,7 @@ for entry in (ROOT, ROOT / "experiments"):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
 
-from controller_study import COLORS, best_so_far, mean_std  # noqa: E402  (experiments/ helpers)
+from controller_study import COLORS, best_so_far  # noqa: E402  (experiments/ helpers)
 
 CONTROLLERS = ("ppo", "reinforce", "random", "evolution")
 # The proxy task of both studies: the synthetic data of the default training experiment
@@ -50,7 +50,7 @@ SYNTHETIC_DATA = ("data.num_train=1024", "data.num_val=128", "data.image_min_sid
 PROXY_OVERRIDES = SYNTHETIC_DATA + ("proxy_eval.resolution=128", "proxy_eval.train_images=256",
                                     "proxy_eval.val_images=64", "proxy_eval.adapt_iters=150",
                                     "proxy_eval.iters=30", "proxy_eval.batch_size=4")
-TRAIN_OVERRIDES = ("experiment=synthetic_fcos", "schedule.iterations=600")
+TRAIN_OVERRIDES = ("experiment=synthetic_fcos", "schedule.iterations=600", "train.progress=false")
 BOOTSTRAP = 2000
 
 
@@ -78,10 +78,15 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     return read_history(run_dir / "history.jsonl").rows
 
 
+def mean_std(values: Sequence[float]) -> str:
+    """Mean ± standard deviation with 4 decimals (proxy APs are small numbers)."""
+    return f"{statistics.mean(values):.4f} ± {statistics.pstdev(values):.4f}"
+
+
 # ---------------------------------------------------------------------- study 1: searchers
 def searcher_run(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One fpn-stage search of ``args.budget`` trials (resumed if an earlier one was cut short)."""
-    run_dir = Path(args.work) / "searchers" / f"{name}-seed{seed}"
+    run_dir = Path(args.work) / "searchers" / f"{name}{args.tag}-seed{seed}"
     rows = read_rows(run_dir)
     if len(rows) < args.budget:
         common = [f"cache_dir={args.cache_dir}", "executor=local", "search.workers=1", "device=cpu",
@@ -89,7 +94,7 @@ def searcher_run(name: str, seed: int, args: argparse.Namespace) -> dict[str, An
         if (run_dir / "config.yaml").exists():
             command = ["search", "run", f"resume={run_dir}", *common]
         else:
-            command = ["search", "run", f"controller={name}", f"seed={seed}", "search.stages=[fpn]",
+            command = ["search", "run", f"controller={name}", *args.controller_set, f"seed={seed}", "search.stages=[fpn]",
                        f"search.budget={args.budget}", f"search.run_dir={run_dir}", f"reward={args.reward}",
                        *common, *args.search]
         started = time.perf_counter()
@@ -108,9 +113,9 @@ def trained_rewards(rows: list[dict[str, Any]]) -> list[float]:
 def searchers_study(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     jobs = [lambda n=n, s=s: searcher_run(n, s, args) for n in args.controllers for s in args.seeds]
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.controllers}
+    runs: dict[str, list[dict[str, Any]]] = {name + args.tag: [] for name in args.controllers}
     for result in run_parallel(jobs, args.jobs):
-        runs[result["name"]].append(result)
+        runs[result["name"] + args.tag].append(result)
     curves = {name: [trained_rewards(r["rows"]) for r in group] for name, group in runs.items()}
     length = min(len(c) for group in curves.values() for c in group)
     if length == 0:
@@ -118,9 +123,10 @@ def searchers_study(args: argparse.Namespace) -> int:
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_searchers(curves, length, out / "searchers.png", args)
-    write_searchers_markdown(curves, runs, length, out / "searchers.md", args, time.perf_counter() - started)
-    print((out / "searchers.md").read_text())
+    name = f"searchers{args.tag}"
+    plot_searchers(curves, length, out / f"{name}.png", args)
+    write_searchers_markdown(curves, runs, length, out / f"{name}.md", args, time.perf_counter() - started)
+    print((out / f"{name}.md").read_text())
     return 0
 
 
@@ -135,8 +141,9 @@ def plot_searchers(curves: dict[str, list[list[float]]], length: int, path: Path
     for name, group in curves.items():
         columns = list(zip(*(best_so_far(c[:length]) for c in group)))
         mean = [statistics.mean(c) for c in columns]
-        ax.plot(x, mean, color=COLORS.get(name), label=name)
-        ax.fill_between(x, [min(c) for c in columns], [max(c) for c in columns], color=COLORS.get(name),
+        color = COLORS.get(name.split("-")[0])
+        ax.plot(x, mean, color=color, label=name)
+        ax.fill_between(x, [min(c) for c in columns], [max(c) for c in columns], color=color,
                         alpha=0.15, linewidth=0)
     ax.set_xlabel("proxy trials (trained candidates)")
     ax.set_ylabel(f"best-so-far proxy reward ({args.reward})")
@@ -150,13 +157,18 @@ def plot_searchers(curves: dict[str, list[list[float]]], length: int, path: Path
 
 def write_searchers_markdown(curves: dict[str, list[list[float]]], runs: dict[str, list[dict[str, Any]]],
                              length: int, path: Path, args: argparse.Namespace, wall: float) -> None:
-    random_final = statistics.mean(max(c[:length]) for c in curves.get("random", [[math.nan]]))
+    random_curves = curves.get("random") or [trained_rewards(read_rows(Path(args.work) / "searchers" / f"random-seed{s}"))
+                                             for s in args.seeds]
+    random_curves = [c for c in random_curves if len(c) >= length] or [[math.nan]]
+    random_final = statistics.mean(max(c[:length]) for c in random_curves)
     lines = ["# Searchers on the real proxy", "", "```", command_line(), "```", "",
-             f"fpn stage (head fixed to `head:fcos`), {length} trained candidates per run, seeds "
+             f"fpn stage (head fixed to `head:fcos`), {length} trained candidates per run, controller overrides "
+             f"`{' '.join(args.controller_set) or 'none'}`, seeds "
              f"{' '.join(map(str, args.seeds))}, reward `{args.reward}`; proxy overrides: "
-             f"`{' '.join(args.search)}`. Wall time of this invocation {wall:.0f} s "
-             f"({args.jobs} runs at a time, one torch thread each).", "",
-             "![best-so-far](searchers.png)", "",
+             f"`{' '.join(args.search)}`. Trial time summed over all runs "
+             f"{sum(float(row.get('seconds') or 0) for g in runs.values() for r in g for row in r['rows']):.0f} s "
+             f"(runs {args.jobs} at a time, one torch thread each; this invocation {wall:.0f} s).", "",
+             f"![best-so-far](searchers{args.tag}.png)", "",
              "| searcher | final best-so-far | best-so-far at half budget | mean reward, last quarter | "
              "failed trials | seconds per trial |", "|---|---|---|---|---|---|"]
     quarter = max(1, length // 4)
@@ -173,7 +185,7 @@ def write_searchers_markdown(curves: dict[str, list[list[float]]], runs: dict[st
     if not math.isnan(random_final):
         better = [n for n in curves if n != "random"
                   and statistics.mean(max(c[:length]) for c in curves[n]) > random_final]
-        lines.append(f"Beat random search on the mean final best-so-far: {', '.join(better) or 'none'}.")
+        lines.append(f"Random search's mean final best-so-far: {random_final:.4f}. Beat it: {', '.join(better) or 'none'}.")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -360,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reward", default="ap", choices=("ap", "neg_loss"), help="searchers: the reward searched")
     parser.add_argument("--controllers", nargs="+", default=list(CONTROLLERS), choices=CONTROLLERS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--controller-set", nargs="*", default=[], help="searchers: e.g. controller.lr=0.01")
+    parser.add_argument("--tag", default="", help="searchers: suffix of the run names and outputs, e.g. -lr1e-2")
     parser.add_argument("--budget", type=int, default=64, help="searchers: trained candidates per run")
     parser.add_argument("--archs", type=int, default=8, help="fidelity: architectures (3 from the zoo + the rest)")
     parser.add_argument("--proxy-iters", nargs="+", type=int, default=[30, 120])
