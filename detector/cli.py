@@ -101,6 +101,10 @@ def _compose(config_name: str, overrides: Sequence[str]):
     except (HydraException, OmegaConfBaseException, ValueError, TypeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{first} (see the README's override tables for valid keys and values)") from None
+    except AssertionError:  # Hydra asserts that a group option is a name: `backbone=${oc.select:x}` fails there
+        groups = sorted({o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o and "${" in o.split("=", 1)[1]})
+        raise UserError(f"{', '.join(groups) or 'an override'}: a config group option must be a name from "
+                        "conf/<group>/, not an interpolation (see the README's override tables)") from None
 
 
 _DEFAULTS: dict[str, dict] = {}
