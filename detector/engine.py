@@ -107,11 +107,11 @@ def _resume_flag(cfg: Any) -> bool:
                     "(resume=<dir> is the search's form)")
 
 
-def _checked_run_dir(cfg: Any, code: str) -> str:
+def _checked_run_dir(cfg: Any, code: str, resume: bool) -> str:
     path = run_dirs.resolve(cfg.get("out_dir", None), code)
-    if _resume_flag(cfg) and not (cfg.get("out_dir", None) or run_dirs.hydra_job_dir()):
+    if resume and not (cfg.get("out_dir", None) or run_dirs.hydra_job_dir()):
         raise run_dirs.RunDirError("resume=true needs out_dir=<the run directory to continue>")
-    run_dirs.prepare_check(path, _resume_flag(cfg))
+    run_dirs.prepare_check(path, resume)
     return str(path)
 
 
@@ -144,10 +144,11 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     code = str(arch)
     amp_dtype = autocast_dtype(str(cfg.train.amp), ctx.device)
     fast_paths = training_fast_paths(cfg.train.get("fast_paths", "auto"), ctx.device)  # checked before any file
+    resume = _resume_flag(cfg)
     schedule = Schedule.from_cfg(cfg.schedule)
     batch = per_process_batch(int(cfg.train.batch_size), ctx)
-    run_dir = Path(_main_first(ctx, lambda: _checked_run_dir(cfg, code)))
-    if _resume_flag(cfg) and run_dirs.is_finished(run_dir):
+    run_dir = Path(_main_first(ctx, lambda: _checked_run_dir(cfg, code, resume)))
+    if resume and run_dirs.is_finished(run_dir):
         return _finished_metrics(run_dir)
 
     seed_everything(int(cfg.seed))
@@ -168,7 +169,7 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
 
     start, train_seconds, evals = 0, 0.0, []
-    if _resume_flag(cfg):
+    if resume:
         payload, path = load_latest(run_dir)
         check_arch(payload, code, source=f"checkpoint {path}")
         model.load_state_dict(payload["model"])

@@ -41,6 +41,7 @@ for entry in (ROOT, ROOT / "experiments"):
         sys.path.insert(0, str(entry))
 
 from controller_study import COLORS, best_so_far  # noqa: E402  (experiments/ helpers)
+from search.history import read_history, trained_rows  # noqa: E402
 
 CONTROLLERS = ("ppo", "reinforce", "random", "evolution")
 # The proxy task of both studies: the synthetic data of the default training experiment
@@ -73,8 +74,6 @@ def run_parallel(jobs: Sequence[Callable[[], Any]], workers: int) -> list[Any]:
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    from search.history import read_history
-
     return read_history(run_dir / "history.jsonl").rows
 
 
@@ -107,7 +106,7 @@ def searcher_run(name: str, seed: int, args: argparse.Namespace) -> dict[str, An
 
 def trained_rewards(rows: list[dict[str, Any]]) -> list[float]:
     """Rewards of the trials actually trained, in order (failed trials at their floor reward)."""
-    return [float(row["reward"]) for row in rows if not row["reused"]]
+    return [float(row["reward"]) for row in trained_rows(rows)]
 
 
 def searchers_study(args: argparse.Namespace) -> int:
@@ -176,7 +175,7 @@ def write_searchers_markdown(curves: dict[str, list[list[float]]], runs: dict[st
         finals = [max(c[:length]) for c in group]
         halves = [max(c[:length // 2]) for c in group]
         lasts = [statistics.mean(c[length - quarter:length]) for c in group]
-        rows = [row for r in runs[name] for row in r["rows"] if not row["reused"]]
+        rows = [row for r in runs[name] for row in trained_rows(r["rows"])]
         failed = sum(row["status"] != "ok" for row in rows) / len(group)
         seconds = statistics.mean(float(row.get("seconds") or 0.0) for row in rows)
         lines.append(f"| {name} | {mean_std(finals)} | {mean_std(halves)} | {mean_std(lasts)} | {failed:.1f} | "
@@ -196,8 +195,8 @@ def pick_architectures(args: argparse.Namespace) -> list[tuple[str, str]]:
 
     picked = [(name, str(resolve_arch(name))) for name in ("nasfcos", "nasfcos-fpn", "fcos")]
     seen = {code for _, code in picked}
-    rows = [row for run in sorted((Path(args.work) / "searchers").glob("*/")) for row in read_rows(run)
-            if row["status"] == "ok" and not row["reused"] and row["code"] not in seen]
+    rows = [row for run in sorted((Path(args.work) / "searchers").glob("*/")) for row in trained_rows(read_rows(run))
+            if row["status"] == "ok" and row["code"] not in seen]
     rows.sort(key=lambda row: -float(row["reward"]))
     wanted = args.archs - len(picked)
     if len(rows) >= wanted:

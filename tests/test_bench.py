@@ -5,10 +5,8 @@ The bench runs in its quick mode on the CPU; tests assert keys and positive numb
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +17,7 @@ from detector.bench import bench_command, format_table, settings_from_cfg
 from detector.cli import compose, dispatch
 from detector.throughput import (BenchError, BenchSettings, default_variants, make_batches, ratios, time_calls)
 from detector.zoo import zoo_arch
-
-ROOT = Path(__file__).resolve().parents[1]
+from experiment_scripts import load_experiment
 
 
 @pytest.fixture(scope="module")
@@ -119,15 +116,8 @@ def test_time_calls_runs_the_warmup_untimed_then_times_each_call():
     assert calls == [0, 1, 2, 3, 4] and len(times) == 3 and all(t >= 0 for t in times)
 
 
-def load_bench_loader():
-    spec = importlib.util.spec_from_file_location("bench_loader", ROOT / "experiments" / "bench_loader.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_loader_bench_writes_coco_sized_jpegs_and_measures_the_train_stream(tmp_path):
-    bench_loader = load_bench_loader()
+    bench_loader = load_experiment("bench_loader")
     kb = bench_loader.write_dataset(tmp_path, 20, processes=1)
     assert kb > 5
     with Image.open(next((tmp_path / bench_loader.SPLIT).glob("*.jpg"))) as image:

@@ -1,20 +1,15 @@
 """experiments/search_quality.py: the statistics and the selection logic of the search-quality study."""
-import importlib.util
 import json
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiment_scripts import load_experiment
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("search_quality", ROOT / "experiments" / "search_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("search_quality")
 
 
 def test_rank_correlations_are_one_for_the_same_order_and_minus_one_for_the_reverse(study):

@@ -17,6 +17,7 @@ from detector.data.synthetic import write_dataset
 from detector.recipe import Recipe
 from detector.backbone import ShapeSpec
 from detector.zoo import resolve_arch, zoo_arch
+from experiment_scripts import load_experiment
 from proxy_eval import trial as trial_module
 from proxy_eval.build import ToyProxy, build_evaluator
 from proxy_eval.prepare import BackboneSpec, PrepareSettings, prepare_features
@@ -186,11 +187,7 @@ def test_toy_proxy_follows_the_contract_and_injects_faults():
 
 def test_the_benchmark_reads_the_coco_proxy_settings_like_hydra():
     """experiments/bench_proxy.py parses conf/proxy_eval/coco.yaml without omegaconf; it must agree."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_proxy", CONF_DIR.parent / "experiments" / "bench_proxy.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_experiment("bench_proxy")
     flat, resolution, val_images = bench.trial_settings(
         bench.read_flat_yaml(CONF_DIR / "proxy_eval" / "coco.yaml"), "cuda", quick=False)
     cfg = compose("search", ["proxy_eval=coco", "device=cuda"])
