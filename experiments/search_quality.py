@@ -87,7 +87,7 @@ def searcher_run(name: str, seed: int, args: argparse.Namespace) -> dict[str, An
     """One fpn-stage search of ``args.budget`` trials (resumed if an earlier one was cut short)."""
     run_dir = Path(args.work) / "searchers" / f"{name}{args.tag}-seed{seed}"
     rows = read_rows(run_dir)
-    if len(rows) < args.budget:
+    if len(trained_rows(rows)) < args.budget:  # the budget counts trained trials, not reused results
         common = [f"cache_dir={args.cache_dir}", "executor=local", "search.workers=1", "device=cpu",
                   "proxy_eval.threads=1"]
         if (run_dir / "config.yaml").exists():

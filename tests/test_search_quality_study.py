@@ -53,3 +53,19 @@ def test_fidelity_picks_the_zoo_then_searched_codes_from_best_to_worst(study, tm
     by_code = {row["code"]: row["reward"] for row in rows}
     rewards = [by_code[c] for c in codes]
     assert rewards[0] == 0.9 and rewards[-1] == 0.1 and rewards == sorted(rewards, reverse=True)
+
+
+def test_a_searcher_run_is_complete_only_when_the_budget_of_trained_trials_is(study, tmp_path, monkeypatch):
+    run = tmp_path / "searchers" / "ppo-seed0"
+    run.mkdir(parents=True)
+    rows = [{"trial": i, "stage": "fpn", "stage_index": 0, "code": f"c{i % 4}", "status": "ok", "reward": 0.1,
+             "reused": i >= 4} for i in range(6)]
+    (run / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (run / "config.yaml").write_text("seed: 0\n")
+    started = []
+    monkeypatch.setattr(study, "python_module", lambda command, log: started.append(command) or 0)
+    args = Namespace(work=str(tmp_path), tag="", budget=4, cache_dir=str(tmp_path / "cache"))
+    study.searcher_run("ppo", 0, args)
+    assert started == []  # 4 trained trials: done
+    study.searcher_run("ppo", 0, Namespace(**{**vars(args), "budget": 6}))
+    assert started and f"resume={run}" in started[0]  # 6 rows, but 2 of them reused: resume
