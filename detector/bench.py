@@ -132,8 +132,15 @@ def format_table(result: dict[str, Any]) -> str:
         if "error" in check:
             lines.append(f"self-check FAILED to run: {check['error']}")
         else:
-            parts = [f"{p}: loss rel diff {check[p]['max_loss_rel_diff']:.1e}, grad rel diff {check[p]['grad_rel_diff']:.1e}"
-                     for p in ("fp32", "bf16") if p in check]
+            parts = []
+            for p in ("fp32", "bf16"):
+                if p in check:
+                    c = check[p]
+                    text = f"{p}: loss rel diff {c['max_loss_rel_diff']:.1e}, grad rel diff {c['grad_rel_diff']:.1e}"
+                    if "fast_bf16_error" in c:
+                        text += (f" (vs fp32 gradient: fast {c['fast_bf16_error']:.1e}, "
+                                 f"reference {c['reference_bf16_error']:.1e})")
+                    parts.append(text)
             det = check["detections"]
             parts.append(f"detections counts {det['counts']}, max score diff {det['max_score_diff']:.1e}")
             if "cuda_graphs" in check:

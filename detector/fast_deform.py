@@ -15,13 +15,15 @@ How it works, per chunk of images (DESIGN section 10 has the motivation):
    the offset position and multiply by the mask, giving columns ``(n*L, Gw, K, Cw)`` (L output
    pixels, Gw weight groups of Cw channels, K taps) in the compute dtype; coordinates and
    interpolation weights are always float32 (float64 for float64 inputs);
-2. *GEMM*: per image and weight group ``(Cout/Gw, K*Cw) @ columns^T`` (batched, columns read
-   transposed) writes the NCHW output directly -- tensor cores in bf16/fp16;
+2. *GEMM*: per weight group one ``columns @ (Cout/Gw, K*Cw)^T`` over the pixels of all images of
+   the chunk, bias fused, writes the NHWC (channels_last) output directly -- tensor cores in
+   bf16/fp16;
 3. backward recomputes the columns (nothing column-sized is saved; the forward keeps only an
    NHWC copy of the input), takes the weight gradient from one batched GEMM, the column gradient
    from another, and scatters it back to the input (atomics), the offsets and the masks.
 
-The output is NCHW-contiguous like torchvision's. Extra memory per call is bounded by
+The output has the input's memory format, like ``conv2d``: channels_last for a channels_last input
+(no layout copies in a channels_last model, in either direction), NCHW-contiguous otherwise. Extra memory per call is bounded by
 ``COLUMN_BUDGET_BYTES`` (the batch is processed in chunks of images).
 
 Two samplers implement steps 1 and 3: ``torch`` (gather / scatter_add, any device, the tested
@@ -303,65 +305,73 @@ def _weight_columns(weight: Tensor, geo: DeformGeometry) -> Tensor:
     return per_group.transpose(2, 3).reshape(geo.weight_groups, out_channels // geo.weight_groups, -1)
 
 
-def _columns_times_weight(columns: Tensor, weight_cols: Tensor, out: Tensor) -> None:
-    """out (n, Cout, L) = weight_cols (Gw, Cout/Gw, K*Cw) x columns (n*L, Gw, K, Cw)^T per image and group.
+def _group_columns(columns: Tensor) -> Tensor:
+    """(rows, Gw, K, Cw) -> (rows, Gw, K*Cw), a view."""
+    return columns.view(columns.shape[0], columns.shape[1], -1)
 
-    Batched GEMMs with the columns read transposed: the result lands in NCHW directly.
+
+def _columns_times_weight(columns: Tensor, weight_cols: Tensor, bias: Tensor | None, out_rows: Tensor) -> None:
+    """out_rows (rows, Cout) = columns (rows, Gw, K, Cw) x weight_cols (Gw, Cout/Gw, K*Cw)^T (+ bias).
+
+    One GEMM per weight group over all pixels of all images: the result is NHWC, the
+    channels_last layout of the output (bias fused into the GEMM).
     """
-    n, groups, per_group = out.shape[0], weight_cols.shape[0], weight_cols.shape[1]
-    per_image = columns.view(n, -1, groups, weight_cols.shape[2])  # (n, L, Gw, K*Cw)
-    for g in range(groups):
-        weight = weight_cols[g].expand(n, -1, -1)  # (n, Cout/Gw, K*Cw), stride 0 over images
-        if groups == 1:
-            torch.bmm(weight, per_image[:, :, 0].transpose(1, 2), out=out)
+    grouped = _group_columns(columns)
+    groups, per_group = weight_cols.shape[:2]
+    if groups == 1:  # straight into the output rows (a contiguous slice of the output)
+        if bias is None:
+            torch.mm(grouped[:, 0], weight_cols[0].t(), out=out_rows)
         else:
-            out[:, g * per_group:(g + 1) * per_group] = torch.bmm(weight, per_image[:, :, g].transpose(1, 2))
+            torch.addmm(bias, grouped[:, 0], weight_cols[0].t(), out=out_rows)
+        return
+    for g in range(groups):
+        part = slice(g * per_group, (g + 1) * per_group)
+        product = grouped[:, g] @ weight_cols[g].t()
+        out_rows[:, part] = product if bias is None else product + bias[part]
 
 
-def _grad_columns(grad_out: Tensor, weight_cols: Tensor, taps: int) -> Tensor:
-    """grad_out (n, Cout, L) x weight_cols (Gw, Cout/Gw, K*Cw) -> column gradient (n*L, Gw, K, Cw)."""
-    n, _, pixels = grad_out.shape
+def _grad_columns(grad_rows: Tensor, weight_cols: Tensor, taps: int) -> Tensor:
+    """grad_rows (rows, Cout) x weight_cols (Gw, Cout/Gw, K*Cw) -> column gradient (rows, Gw, K, Cw)."""
     groups, per_group, width = weight_cols.shape
-    grad = grad_out.new_empty(n, pixels, groups, width)
-    for g in range(groups):
-        grad_g = grad_out[:, g * per_group:(g + 1) * per_group].transpose(1, 2)  # (n, L, Cout/Gw)
-        if groups == 1:
-            torch.bmm(grad_g, weight_cols[0].expand(n, -1, -1), out=grad.view(n, pixels, width))
-        else:
-            grad[:, :, g] = torch.bmm(grad_g, weight_cols[g].expand(n, -1, -1))
-    return grad.view(n * pixels, groups, taps, -1)
+    grad = grad_rows.new_empty(grad_rows.shape[0], groups, width)
+    if groups == 1:
+        torch.mm(grad_rows, weight_cols[0], out=grad.view(grad_rows.shape[0], width))
+    else:
+        for g in range(groups):
+            grad[:, g] = grad_rows[:, g * per_group:(g + 1) * per_group] @ weight_cols[g]
+    return grad.view(grad_rows.shape[0], groups, taps, -1)
 
 
-def _accumulate_grad_weight(grad_out: Tensor, columns: Tensor, grad_weight_cols: Tensor) -> None:
-    """grad_weight_cols (Gw, Cout/Gw, K*Cw) += sum over images of grad_out (n, Cout, L) x columns (n, L, K*Cw)."""
-    n = grad_out.shape[0]
-    groups, per_group, width = grad_weight_cols.shape
-    per_image = columns.view(n, -1, groups, width)
-    for g in range(groups):
-        products = torch.bmm(grad_out[:, g * per_group:(g + 1) * per_group], per_image[:, :, g])  # (n, Cout/Gw, K*Cw)
-        grad_weight_cols[g] += products.sum(0, dtype=grad_weight_cols.dtype)
+def _accumulate_grad_weight(grad_rows: Tensor, columns: Tensor, grad_weight_cols: Tensor) -> None:
+    """grad_weight_cols (Gw, Cout/Gw, K*Cw) += grad_rows (rows, Cout)^T x columns (rows, Gw, K*Cw), per group."""
+    grouped = _group_columns(columns)
+    per_group = grad_weight_cols.shape[1]
+    for g in range(grad_weight_cols.shape[0]):
+        grad_weight_cols[g] += (grad_rows[:, g * per_group:(g + 1) * per_group].t() @ grouped[:, g]).to(
+            grad_weight_cols.dtype)
 
 
 class _DeformConvColumns(torch.autograd.Function):
+    """Rows are output pixels in NHWC order (image, y, x): GEMM outputs and gradients are channels_last."""
+
     @staticmethod
     def forward(ctx, x, offset, mask, weight, bias, geo, sampler, images_per_chunk):
         # x (N, C, H, W) compute dtype; offset (N, 2GK, Ho, Wo) / mask (N, GK, Ho, Wo) coord dtype
         batch = x.shape[0]
         x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C); free if x is channels_last
         weight_cols = _weight_columns(weight, geo)
-        out = x.new_empty(batch, weight.shape[0], geo.out_pixels)  # (N, Cout, L)
+        pixels = geo.out_pixels
+        out_rows = x.new_empty(batch * pixels, weight.shape[0])  # (N*L, Cout): NHWC
         for start in range(0, batch, images_per_chunk):
             stop = min(start + images_per_chunk, batch)
             columns = sampler.sample(x_nhwc[start:stop], offset[start:stop],
                                      None if mask is None else mask[start:stop], geo)
-            _columns_times_weight(columns, weight_cols, out[start:stop])
+            _columns_times_weight(columns, weight_cols, bias, out_rows[start * pixels:stop * pixels])
             del columns
-        if bias is not None:
-            out += bias.view(1, -1, 1)
         # x_nhwc, not x: backward needs this layout, and keeping it saves a copy there
         ctx.save_for_backward(x_nhwc, offset, mask, weight, bias)
         ctx.geo, ctx.sampler, ctx.images_per_chunk = geo, sampler, images_per_chunk
-        return out.view(batch, -1, geo.out_height, geo.out_width)  # (N, Cout, Ho, Wo)
+        return out_rows.view(batch, geo.out_height, geo.out_width, -1).permute(0, 3, 1, 2)  # channels_last
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -369,8 +379,9 @@ class _DeformConvColumns(torch.autograd.Function):
         geo, sampler, chunk = ctx.geo, ctx.sampler, ctx.images_per_chunk
         need_x, need_offset, need_mask, need_weight, need_bias = ctx.needs_input_grad[:5]
         with torch.autocast(x_nhwc.device.type, enabled=False):
-            batch = x_nhwc.shape[0]
-            grad_out = grad_out.to(x_nhwc.dtype).contiguous().view(batch, -1, geo.out_pixels)  # (N, Cout, L)
+            batch, pixels = x_nhwc.shape[0], geo.out_pixels
+            # (N*L, Cout); free when grad_out is channels_last, one copy otherwise
+            grad_rows = grad_out.to(x_nhwc.dtype).permute(0, 2, 3, 1).reshape(batch * pixels, -1)
             weight_cols = _weight_columns(weight, geo)  # (Gw, Cout/Gw, K*Cw)
             acc_dtype = offset.dtype
             zeros = functools.partial(torch.zeros, device=x_nhwc.device, dtype=acc_dtype)
@@ -381,22 +392,22 @@ class _DeformConvColumns(torch.autograd.Function):
             grad_mask = torch.empty_like(mask) if need_columns_grad and mask is not None else None
             for start in range(0, batch, chunk):
                 stop = min(start + chunk, batch)
+                rows = grad_rows[start * pixels:stop * pixels]
                 mask_chunk = None if mask is None else mask[start:stop]
                 if need_weight:
                     columns = sampler.sample(x_nhwc[start:stop], offset[start:stop], mask_chunk, geo)
-                    _accumulate_grad_weight(grad_out[start:stop], columns, grad_weight_cols)
+                    _accumulate_grad_weight(rows, columns, grad_weight_cols)
                     del columns
                 if need_columns_grad:
-                    grad_columns = _grad_columns(grad_out[start:stop], weight_cols, geo.taps)  # (n*L, Gw, K, Cw)
+                    grad_columns = _grad_columns(rows, weight_cols, geo.taps)  # (n*L, Gw, K, Cw)
                     sampler.backward(
                         grad_columns, x_nhwc[start:stop], offset[start:stop], mask_chunk, geo,
                         grad_x_nhwc[start:stop], grad_offset[start:stop],
                         None if grad_mask is None else grad_mask[start:stop],
                     )
                     del grad_columns
-            grad_x = None
-            if need_x:  # one pass: NHWC accumulator -> NCHW in the input dtype
-                grad_x = x_nhwc.new_empty(x_nhwc.permute(0, 3, 1, 2).shape).copy_(grad_x_nhwc.permute(0, 3, 1, 2))
+            # NHWC accumulator -> the input dtype, channels_last (one pass, no layout change)
+            grad_x = grad_x_nhwc.to(x_nhwc.dtype).permute(0, 3, 1, 2) if need_x else None
             grad_weight = None
             if need_weight:
                 groups, out_per_group = weight_cols.shape[:2]
@@ -404,7 +415,7 @@ class _DeformConvColumns(torch.autograd.Function):
                     grad_weight_cols.view(groups, out_per_group, geo.taps, weight.shape[1])
                     .transpose(2, 3).reshape(weight.shape).to(weight.dtype)
                 )
-            grad_bias = grad_out.sum((0, 2), dtype=acc_dtype).to(bias.dtype) if need_bias else None
+            grad_bias = grad_rows.sum(0, dtype=acc_dtype).to(bias.dtype) if need_bias else None
         return (grad_x, grad_offset if need_offset else None, grad_mask if need_mask else None,
                 grad_weight, grad_bias, None, None, None)
 
@@ -436,11 +447,13 @@ def deform_conv2d_columns(
         bytes_per_image = geo.out_pixels * geo.taps * x.shape[1] * sampler.column_dtype_bytes(
             x, offset.new_empty(0, dtype=coord_dtype))
         images_per_chunk = max(1, min(x.shape[0], column_budget_bytes // bytes_per_image))
-        return _DeformConvColumns.apply(
+        out = _DeformConvColumns.apply(
             x, offset.to(coord_dtype).contiguous(), None if mask is None else mask.to(coord_dtype).contiguous(),
             weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype),
             geo, sampler, images_per_chunk,
-        )
+        )  # channels_last
+        # the input's layout, like conv2d: channels_last stays so, anything else gets NCHW-contiguous
+        return out if input.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 
 def deform_conv2d_fast(

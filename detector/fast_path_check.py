@@ -3,9 +3,13 @@
 :func:`check_fast_paths` switches the model's active fast paths off and on
 (:func:`detector.fast_paths.set_fast_paths`; same weights) and compares
 
-- the three losses and the whole gradient vector, in float32 and, if asked, under bf16 autocast
+- the three losses and the whole gradient vector, in true float32 (TF32 off) and, if asked, under bf16 autocast
   (relative tolerances: float32 1e-4 on losses, 1e-3 on the gradient; bf16 1e-2 and 5e-2, as
-  rounding happens in different places);
+  rounding happens in different places). A bf16 gradient further than 5e-2 from the reference's
+  still passes when the float32 run is there and the fast path's bf16 gradient is no further from
+  the float32 reference gradient than the reference's own bf16 gradient is (x 1.5): bf16 rounding
+  alone moves some models' gradients (DCN offsets) by more than 5e-2, and the question is whether
+  the fast path is less accurate than the reference, not whether bf16 is;
 - the batched post-processing against the reference on the same float32 head outputs (counts and
   scores);
 - with ``cuda_graphs`` on CUDA: detections by graph replay against eager ones (bitwise).
@@ -14,6 +18,7 @@ Returns a JSON-able report with ``ok``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -28,15 +33,31 @@ from detector.postprocess import postprocess
 TOLERANCES = {"fp32": (1e-4, 1e-3), "bf16": (1e-2, 5e-2)}  # (losses, gradient vector), relative
 
 
+@contextlib.contextmanager
+def true_float32():
+    """No TF32 in cuDNN convolutions or matmuls (cuDNN allows it by default): TF32's 10-bit
+    mantissa would put 1e-3 of noise into the float32 comparison."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 def losses_and_gradient(model: FCOS, images: list[Tensor], targets: list[dict[str, Tensor]],
                         bf16: bool) -> tuple[dict[str, float], Tensor]:
-    """Train-mode losses and the flattened float32 gradient of their sum (gradients cleared after)."""
+    """Train-mode losses and the flattened float32 gradient of their sum (gradients cleared after).
+
+    Without ``bf16`` the run is true float32 (no TF32)."""
     model.train()
     model.zero_grad(set_to_none=True)
     device = images[0].device.type
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16), \
+            (contextlib.nullcontext() if bf16 else true_float32()):
         losses = model(images, targets)
-    sum(losses.values()).backward()
+        sum(losses.values()).backward()
     gradient = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
     model.zero_grad(set_to_none=True)
     return {k: float(v.detach()) for k, v in losses.items()}, gradient
@@ -48,6 +69,7 @@ def check_fast_paths(model: FCOS, images: list[Tensor], targets: list[dict[str, 
     fast = active_fast_paths(model)
     report: dict[str, Any] = {"fast_paths": list(fast)}
     passed = True
+    fp32_grad = None
     for precision in precisions:
         loss_tol, grad_tol = TOLERANCES[precision]
         set_fast_paths(model, ())
@@ -55,11 +77,19 @@ def check_fast_paths(model: FCOS, images: list[Tensor], targets: list[dict[str, 
         set_fast_paths(model, fast)
         fast_losses, fast_grad = losses_and_gradient(model, images, targets, precision == "bf16")
         loss_diff = max(abs(fast_losses[k] - ref_losses[k]) / max(abs(ref_losses[k]), 1e-12) for k in ref_losses)
-        grad_diff = float((fast_grad - ref_grad).norm() / ref_grad.norm().clamp(min=1e-30))
-        ok = loss_diff <= loss_tol and grad_diff <= grad_tol and all(math.isfinite(v) for v in fast_losses.values())
+        grad_diff = relative_distance(fast_grad, ref_grad)
+        entry = {"reference_losses": ref_losses, "fast_losses": fast_losses,
+                 "max_loss_rel_diff": loss_diff, "grad_rel_diff": grad_diff}
+        grad_ok = grad_diff <= grad_tol
+        if precision == "fp32":
+            fp32_grad = ref_grad
+        elif fp32_grad is not None:  # bf16: as accurate as the reference, measured against float32
+            entry["reference_bf16_error"] = relative_distance(ref_grad, fp32_grad)
+            entry["fast_bf16_error"] = relative_distance(fast_grad, fp32_grad)
+            grad_ok |= entry["fast_bf16_error"] <= 1.5 * entry["reference_bf16_error"]
+        ok = loss_diff <= loss_tol and grad_ok and all(math.isfinite(v) for v in fast_losses.values())
         passed &= ok
-        report[precision] = {"reference_losses": ref_losses, "fast_losses": fast_losses,
-                             "max_loss_rel_diff": loss_diff, "grad_rel_diff": grad_diff, "ok": ok}
+        report[precision] = {**entry, "ok": ok}
     report["detections"] = check_detections(model, images[:2])
     passed &= report["detections"]["ok"]
     if "cuda_graphs" in fast and images[0].is_cuda:
@@ -67,6 +97,11 @@ def check_fast_paths(model: FCOS, images: list[Tensor], targets: list[dict[str, 
         passed &= report["cuda_graphs"]["ok"]
     report["ok"] = passed
     return report
+
+
+def relative_distance(a: Tensor, reference: Tensor) -> float:
+    """||a - reference|| / ||reference||."""
+    return float((a - reference).norm() / reference.norm().clamp(min=1e-30))
 
 
 @torch.no_grad()

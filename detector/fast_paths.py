@@ -16,6 +16,9 @@ postprocess    batched scoring / top-k / decoding, one sync per batch
                (``detector.batched_postprocess``)
 cuda_graphs    inference on CUDA replays backbone + FPN + head as one CUDA graph per input
                shape (``detector.graphed_inference``)
+resize         searched-FPN bilinear resizes as two small GEMMs (``detector.fast_fpn``)
+cat_reduce     the ``cat`` aggregation's grouped 1x1 conv as two multiply-adds
+               (``detector.fast_fpn``)
 =============  ===============================================================================
 
 ``compile_parts(model, parts)`` additionally wraps parts in ``torch.compile(dynamic=True)``
@@ -33,6 +36,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from detector.batched_postprocess import postprocess_batched
 from detector.dense_loss import compute_losses_dense
 from detector.errors import UserError
+from detector.fast_fpn import CAT_REDUCE_CLASSES, RESIZE_CLASSES
 from detector.fast_norm import DtypeKeepingFrozenBatchNorm2d, FusedGroupNorm
 from detector.fcos import FCOS
 from detector.graphed_inference import GraphedInference
@@ -40,7 +44,7 @@ from detector.loss import compute_losses
 from detector.points import Points, points_for
 from detector.postprocess import postprocess
 
-FAST_PATHS = ("frozen_bn", "group_norm", "losses", "points", "postprocess", "cuda_graphs")
+FAST_PATHS = ("frozen_bn", "group_norm", "losses", "points", "postprocess", "cuda_graphs", "resize", "cat_reduce")
 COMPILE_PARTS = ("backbone", "fpn", "head")
 
 
@@ -128,11 +132,25 @@ def _set_frozen_bn(model: nn.Module, fast: bool) -> None:
             module.__class__ = target
 
 
+def _swap_classes(model: nn.Module, reference_to_fast: dict[type, type], fast: bool) -> None:
+    """Every module of a reference class becomes its fast class (or back): same state, same keys."""
+    table = reference_to_fast if fast else {f: r for r, f in reference_to_fast.items()}
+    for module in model.modules():
+        if type(module) in table:
+            module.__class__ = table[type(module)]
+
+
+def _uses_any(model: nn.Module, classes) -> bool:
+    return any(type(m) in classes for m in model.modules())
+
+
 def set_fast_paths(model: FCOS, paths: str | Iterable[str] | None) -> FCOS:
     """Turn exactly ``paths`` on (see the table above) and every other fast path off; returns model."""
     wanted = set(parse_paths(paths))
     _set_frozen_bn(model, "frozen_bn" in wanted)
     _set_group_norm(model, "group_norm" in wanted)
+    _swap_classes(model, RESIZE_CLASSES, "resize" in wanted)
+    _swap_classes(model, CAT_REDUCE_CLASSES, "cat_reduce" in wanted)
     model.loss_impl = compute_losses_dense if "losses" in wanted else compute_losses
     model.postprocess_impl = postprocess_batched if "postprocess" in wanted else postprocess
     model.points_cache = PointsCache() if "points" in wanted else None
@@ -145,7 +163,7 @@ def set_fast_paths(model: FCOS, paths: str | Iterable[str] | None) -> FCOS:
 
 # What training switches on with train.fast_paths=auto on CUDA: every path that is used in training
 # (cuda_graphs only serves inference, and the periodic evaluation sees few shapes twice).
-TRAINING_FAST_PATHS = ("frozen_bn", "group_norm", "losses", "points", "postprocess")
+TRAINING_FAST_PATHS = ("frozen_bn", "group_norm", "losses", "points", "postprocess", "resize", "cat_reduce")
 
 
 def training_fast_paths(value: str | Iterable[str] | None, device: torch.device) -> tuple[str, ...]:
@@ -167,6 +185,8 @@ def active_fast_paths(model: FCOS) -> tuple[str, ...]:
         "points": model.points_cache is not None,
         "postprocess": model.postprocess_impl is postprocess_batched,
         "cuda_graphs": model.graphs is not None,
+        "resize": _uses_any(model, RESIZE_CLASSES.values()),
+        "cat_reduce": _uses_any(model, CAT_REDUCE_CLASSES.values()),
     }
     return tuple(name for name in FAST_PATHS if on[name])
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from detector.backbone import Backbone
-from detector.data.transforms import pad_batch
+from detector.data.transforms import pad_batch, unit_float
 from detector.loss import compute_losses
 from detector.points import Points, points_for
 from detector.postprocess import postprocess
@@ -90,8 +90,8 @@ class FCOS(nn.Module):
         self.graphs = None  # a detector.graphed_inference.GraphedInference once installed
 
     def normalize(self, image: Tensor) -> Tensor:
-        """(3, H, W) RGB in 0..1 -> what the backbone was trained on (same shape)."""
-        image = image.to(self.pixel_mean.device, torch.float32)
+        """(3, H, W) RGB in 0..1 (float) or 0..255 (uint8) -> what the backbone was trained on (same shape)."""
+        image = unit_float(image.to(self.pixel_mean.device, non_blocking=True)).to(torch.float32)
         if self.input_format == "bgr255":
             image = image.flip(0) * 255.0  # RGB 0..1 -> BGR 0..255
         return (image - self.pixel_mean) / self.pixel_std

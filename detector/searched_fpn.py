@@ -45,6 +45,8 @@ def adapter(in_channels: int, width: int) -> nn.Module:
 class FPNCell(nn.Module):
     """One block: op on each input, upsample the coarser to the finer, aggregate."""
 
+    resize = staticmethod(resize_to)  # the ``resize`` fast path swaps in detector.fast_fpn.resize_gemm
+
     def __init__(self, block: FPNBlock, width: int) -> None:
         super().__init__()
         self.ops = nn.ModuleList([build_fpn_op(name, width) for name in block.ops])
@@ -54,9 +56,9 @@ class FPNCell(nn.Module):
         # x: (N, w, Hx, Wx), y: (N, w, Hy, Wy); the output has the larger of the two sizes.
         x, y = self.ops[0](x), self.ops[1](y)
         if x.shape[-2] * x.shape[-1] >= y.shape[-2] * y.shape[-1]:
-            y = resize_to(y, x.shape[-2:])
+            y = self.resize(y, x.shape[-2:])
         else:
-            x = resize_to(x, y.shape[-2:])
+            x = self.resize(x, y.shape[-2:])
         return self.agg(x, y)
 
 
@@ -70,6 +72,8 @@ class SearchedFPNModule(nn.Module):
             (c2 only if the code reads it). Checked here, before any module is built.
         width: decoder width (channels of every block and of P3-P7).
     """
+
+    resize = staticmethod(resize_to)  # the ``resize`` fast path swaps in detector.fast_fpn.resize_gemm
 
     def __init__(self, fpn_code: SearchedFPN, in_shapes: Mapping[str, ShapeSpec], width: int = 256) -> None:
         super().__init__()
@@ -117,8 +121,8 @@ class SearchedFPNModule(nn.Module):
         for index, level in zip((self.plan.p5, self.plan.p4, self.plan.p3), OUTPUT_SIZE_LEVELS):
             merged = outputs[index]
             for extra in self.plan.extras:
-                merged = merged + resize_to(outputs[extra], merged.shape[-2:])
-            pyramid.append(resize_to(merged, features[level].shape[-2:]))
+                merged = merged + self.resize(outputs[extra], merged.shape[-2:])
+            pyramid.append(self.resize(merged, features[level].shape[-2:]))
         p5, p4, p3 = pyramid
         p6 = self.p6(p5)  # (N, w, H/64, W/64)
         p7 = self.p7(F.relu(p6))  # (N, w, H/128, W/128)

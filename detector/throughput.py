@@ -441,6 +441,8 @@ def cumulative_ablation(deform_impl: str) -> list[Variant]:
              ("+frozen_bn", ("losses", "points", "frozen_bn")),
              ("+group_norm", ("losses", "points", "frozen_bn", "group_norm")),
              ("+postprocess", ("losses", "points", "frozen_bn", "group_norm", "postprocess")),
+             ("+resize+cat_reduce", ("losses", "points", "frozen_bn", "group_norm", "postprocess", "resize",
+                                     "cat_reduce")),
              ("+cuda_graphs (all)", FAST_PATHS)]
     suffix = "" if deform_impl == "torchvision" else f" (dcn={deform_impl})"
     return [Variant(name=f"ours {label}{suffix}", fast_paths=tuple(paths), deform_impl=deform_impl)

@@ -7,7 +7,9 @@ instances file into a temporary folder, then measures images/s of
 - ``build_loader``: ``detector.data.coco.build_loader`` (training transform: resize to short
   side 800 / long side <= 1333, flip), as evaluation and simple scripts use it;
 - ``train stream``: ``detector.train_data.build_train_stream``, what ``python -m detector train``
-  iterates, with ``pin_memory`` on CUDA machines;
+  iterates: uint8 images (the model converts them on the GPU), ``pin_memory`` on CUDA machines;
+- ``train stream f32`` (``--float-stream``): the same with float32 images, as before uint8 (the
+  main process pinning 4x the bytes was the bottleneck: 1.27x the training speed on the H100);
 
 for each ``--workers`` count, after ``--warmup-batches`` untimed batches (worker start-up). It also
 times one image's stages in the main process (decode, resize, to-tensor) and pinning a batch, and,
@@ -117,7 +119,7 @@ def _transforms_module():
 class JsonDetection(torch.utils.data.Dataset):
     """Fallback without pycocotools: the per-image work of CocoDetection (decode, transform)."""
 
-    def __init__(self, root: Path, cfg_data: dict[str, Any]) -> None:
+    def __init__(self, root: Path, cfg_data: dict[str, Any], uint8_images: bool = False) -> None:
         self.transforms = _transforms_module()
         data = json.loads((root / "annotations" / f"instances_{SPLIT}.json").read_text())
         self.images = data["images"]
@@ -131,7 +133,7 @@ class JsonDetection(torch.utils.data.Dataset):
             boxes = np.asarray([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                                 for a in anns], dtype=np.float32).reshape(-1, 4)
             self.targets.append((boxes, np.asarray([a["category_id"] - 1 for a in anns], dtype=np.int64)))
-        self.transform = self.transforms.build_transform(cfg_data, train=True)
+        self.transform = self.transforms.build_transform(cfg_data, train=True, uint8_images=uint8_images)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -145,14 +147,14 @@ class JsonDetection(torch.utils.data.Dataset):
                         "image_id": self.images[index]["id"], "scale": scale}
 
 
-def build_dataset(root: Path):
+def build_dataset(root: Path, uint8_images: bool = False):
     """(dataset, how): the real CocoDetection when pycocotools imports, else the fallback."""
     cfg = data_config(root)
     try:
         from detector.data.coco import build_dataset as coco_dataset
     except ImportError as err:
-        return JsonDetection(root, cfg), f"fallback JsonDetection ({err})"
-    return coco_dataset(cfg, "train", train=True), "detector.data.coco.CocoDetection"
+        return JsonDetection(root, cfg, uint8_images), f"fallback JsonDetection ({err})"
+    return coco_dataset(cfg, "train", train=True, uint8_images=uint8_images), "detector.data.coco.CocoDetection"
 
 
 def measure(loader, warmup: int, batches: int) -> float:
@@ -256,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images-per-s", type=float, default=None)
     parser.add_argument("--bench-json", default=None, help="output of python -m detector bench format=json")
     parser.add_argument("--out", default=None, help="folder for loader.json")
+    parser.add_argument("--float-stream", action="store_true", help="also time the train stream with float32 images")
     args = parser.parse_args(argv)
     if args.images < args.batch * (args.warmup_batches + 1):
         print(f"error: --images {args.images} is too few for batch {args.batch}; use at least "
@@ -277,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         from detector.train_data import build_train_stream
 
         transforms = _transforms_module()
+        stream_set, _ = build_dataset(root, uint8_images=True)  # what the training engine iterates
+        kinds = ("build_loader", "train stream") + (("train stream f32",) if args.float_stream else ())
         for workers in args.workers:
-            for kind in ("build_loader", "train stream"):
+            for kind in kinds:
                 if kind == "build_loader":
                     try:
                         from detector.data.coco import build_loader
@@ -288,11 +293,12 @@ def main(argv: list[str] | None = None) -> int:
                                                              num_workers=workers, collate_fn=transforms.collate,
                                                              persistent_workers=workers > 0)
                 else:
-                    loader = build_train_stream(dataset, args.batch, 0, 0, 1, 0, workers, pin_memory=cuda)
+                    source = stream_set if kind == "train stream" else dataset
+                    loader = build_train_stream(source, args.batch, 0, 0, 1, 0, workers, pin_memory=cuda)
                 rate = measure(loader, args.warmup_batches, args.batches)
                 del loader
                 result["rows"].append({"loader": kind, "workers": workers, "images_per_s": rate})
-                print(f"{kind:<14} workers {workers:>3}: {rate:8.1f} images/s", flush=True)
+                print(f"{kind:<16} workers {workers:>3}: {rate:8.1f} images/s", flush=True)
                 save(result, args)  # after every row: a timeout still leaves the rows so far
         speed = training_speed(args)
         if speed and any(r["loader"] == "train stream" for r in result["rows"]):

@@ -7,11 +7,14 @@
 # (../shared/tools/gpu-wheels.sh puts them there); the script installs them into /tmp/site.
 #
 # Steps, most important first; each runs under `timeout`, a failing step does not stop the others,
-# and steps are skipped once SESSION_BUDGET seconds (default 440) are spent:
+# and steps are skipped once SESSION_BUDGET seconds (default 440) are spent. STEPS="a b ..." runs
+# only the named steps (default: all); ABLATE=false drops the fcos ablation rows, NASFCOS_ABLATE=true
+# adds them to nasfcos. Everything under $OUT is also packed into $OUT/session.tgz (one file to fetch):
 #   bench_fcos      python -m detector bench arch=fcos (torchvision recipe), both torchvision
 #                   layouts, fast-path ablation, self-check                     -> bench_fcos.{out,txt}
 #   bench_nasfcos   arch=nasfcos, fast and torchvision DCN                        -> bench_nasfcos.{out,txt}
 #   loader          experiments/bench_loader.py, 2/4/8/16 workers vs the fcos training speed
+#   fpn_ops         experiments/bench_fpn_ops.py: resize / cat reduce / DCN predictor, reference vs fast
 #   dcn             experiments/bench_dcn.py --device cuda (if present)
 #   proxy           experiments/bench_proxy.py --device cuda (if present)
 #   profile         experiments/profile_breakdown.py, fcos and nasfcos, reference vs fast, torchvision,
@@ -26,6 +29,9 @@ OUT=${OUT:-/tmp/gpu_session_out}
 BUDGET=${SESSION_BUDGET:-440}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-}
+STEPS=${STEPS:-all}
+ABLATE=${ABLATE:-true}
+NASFCOS_ABLATE=${NASFCOS_ABLATE:-false}
 BENCH_QUICK_ARGS=""
 PROFILE_QUICK=()
 LOADER_IMAGES=384
@@ -51,6 +57,9 @@ export PYTHONUNBUFFERED=1
 step() {  # step NAME LIMIT_S COMMAND...: run under timeout, stdout/stderr to $OUT/NAME.{out,err}
   local name=$1 limit=$2
   shift 2
+  if [ "$STEPS" != all ] && [[ " $STEPS " != *" $name "* ]]; then
+    return 0
+  fi
   local left=$(( BUDGET - (SECONDS - START) ))
   if (( left < 25 )); then
     echo "[skip] $name: session budget of ${BUDGET}s spent" | tee -a "$LOG"
@@ -103,28 +112,35 @@ export -f bench
   > "$OUT/env.out" 2>&1
 cat "$OUT/env.out" | tee -a "$LOG"
 
-step bench_fcos 180 bench fcos torchvision bench.ablate=true "bench.torchvision=[frozen_bn,bn]" bench.time_limit=130 \
+step bench_fcos 180 bench fcos torchvision "bench.ablate=$ABLATE" "bench.torchvision=[frozen_bn,bn]" bench.time_limit=130 \
   bench.iters=15 bench.infer_iters=16
-render bench_fcos
-step bench_nasfcos 170 bench nasfcos nasfcos "bench.deform_impl=[fast,torchvision]" bench.time_limit=120 \
+[ -s "$OUT/bench_fcos.out" ] && render bench_fcos
+NASFCOS_LIMIT=170
+[ "$NASFCOS_ABLATE" = true ] && NASFCOS_LIMIT=300
+step bench_nasfcos $NASFCOS_LIMIT bench nasfcos nasfcos "bench.deform_impl=[fast,torchvision]" \
+  "bench.time_limit=$(( NASFCOS_LIMIT - 50 ))" "bench.ablate=$NASFCOS_ABLATE" \
   bench.iters=15 bench.infer_iters=16
-render bench_nasfcos
-step loader 100 python3 experiments/bench_loader.py --images "$LOADER_IMAGES" --workers 2 4 8 16 --batches 20 \
+[ -s "$OUT/bench_nasfcos.out" ] && render bench_nasfcos
+step loader 100 python3 experiments/bench_loader.py --images "$LOADER_IMAGES" --workers 2 4 8 16 --batches 20 --float-stream \
   --bench-json "$OUT/bench_fcos.out" --out "$OUT/loader"
-tail -n 12 "$OUT/loader.out"
+[ -f "$OUT/loader.out" ] && tail -n 12 "$OUT/loader.out"
+step fpn_ops 60 python3 experiments/bench_fpn_ops.py --device "$DEVICE" ${QUICK:+--quick}
+[ -f "$OUT/fpn_ops.out" ] && cat "$OUT/fpn_ops.out"
 if [ -f experiments/bench_dcn.py ]; then
   step dcn 80 python3 experiments/bench_dcn.py --device "$DEVICE" --time-limit 60 ${QUICK:+--quick}
-  tail -n 15 "$OUT/dcn.out"
+  [ -f "$OUT/dcn.out" ] && tail -n 15 "$OUT/dcn.out"
 fi
 if [ -f experiments/bench_proxy.py ]; then
   step proxy 80 python3 experiments/bench_proxy.py --device "$DEVICE"
-  tail -n 15 "$OUT/proxy.out"
+  [ -f "$OUT/proxy.out" ] && tail -n 15 "$OUT/proxy.out"
 fi
-step profile 150 python3 experiments/profile_breakdown.py --device "$DEVICE" --arch fcos nasfcos --fast-paths none all \
+read -r -a PROFILE_ARCHS <<< "${PROFILE_ARCHS:-fcos nasfcos}"
+read -r -a PROFILE_PATHS <<< "${PROFILE_PATHS:-none all}"
+step profile 150 python3 experiments/profile_breakdown.py --device "$DEVICE" --arch "${PROFILE_ARCHS[@]}" --fast-paths "${PROFILE_PATHS[@]}" \
   --torchvision --profiler --top 20 --out "$OUT/profile" "${PROFILE_QUICK[@]}"
-head -n 16 "$OUT/profile.out"
+[ -f "$OUT/profile.out" ] && head -n 16 "$OUT/profile.out"
 step tests 90 python3 -m pytest -q -x tests/test_fast_paths.py
-tail -n 3 "$OUT/tests.out"
+[ -f "$OUT/tests.out" ] && tail -n 3 "$OUT/tests.out"
 step compile 150 bench fcos torchvision bench.torchvision=none "bench.compile=[backbone]" bench.self_check=false \
   "bench.infer_batches=[1]" "bench.fast_paths=[frozen_bn,group_norm,losses,points,postprocess]"
 [ -s "$OUT/compile.out" ] && render compile
@@ -178,3 +194,4 @@ print("\n".join(lines))
 PY
 echo "=== summary (session $(( SECONDS - START )) s) ==="
 cat "$OUT/SUMMARY.txt"
+tar czf /tmp/session.tgz -C "$OUT" . && mv /tmp/session.tgz "$OUT/session.tgz"

@@ -81,7 +81,7 @@ def test_variants_one_ours_row_without_dcn_one_per_kernel_with_dcn():
                                torchvision_layouts=("none",))
     assert [v.deform_impl for v in nasfcos[:2]] == ["fast", "torchvision"]
     ablation = nasfcos[2:]
-    assert [len(v.fast_paths) for v in ablation] == [0, 2, 3, 4, 5, 6] and all(v.deform_impl == "fast" for v in ablation)
+    assert [len(v.fast_paths) for v in ablation] == [0, 2, 3, 4, 5, 7, 8] and all(v.deform_impl == "fast" for v in ablation)
     with pytest.raises(BenchError, match="deform_impl"):
         default_variants(zoo_arch("nasfcos"), deform_impls=("cuda_magic",))
 

@@ -63,6 +63,26 @@ def test_sample_contract(synth_root):
         assert (boxes[:, 0::2] <= w).all() and (boxes[:, 1::2] <= h).all() and (boxes >= 0).all()
 
 
+def test_uint8_images_are_the_same_pixels_and_the_model_converts_them_bit_identically(synth_root):
+    """The training loader's uint8 transport changes no bit of what the model sees."""
+    from detector.build import build_detector
+    from detector.throughput import load_recipe
+    from detector.zoo import zoo_arch
+
+    floats = build_dataset(_synth_cfg(synth_root), "train", train=True)
+    bytes_ = build_dataset(_synth_cfg(synth_root), "train", train=True, uint8_images=True)
+    model = build_detector(zoo_arch("fcos"), 6, load_recipe("nasfcos"), "resnet18", width=32)
+    for index in range(3):
+        torch.manual_seed(index)  # same augmentation draw for both
+        image, target = floats[index]
+        torch.manual_seed(index)
+        pixels, target_u8 = bytes_[index]
+        assert pixels.dtype == torch.uint8 and pixels.shape == image.shape and pixels.is_contiguous()
+        assert torch.equal(pixels.float() / 255.0, image)
+        assert torch.equal(target["boxes"], target_u8["boxes"])
+        assert torch.equal(model.normalize(pixels), model.normalize(image))
+
+
 def test_resize_scales_image_and_boxes_together(synth_root):
     native = build_dataset(_synth_cfg(synth_root), "val", train=False)
     resized = build_dataset(_synth_cfg(synth_root, val_size=128, max_size=200), "val", train=False)

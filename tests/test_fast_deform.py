@@ -98,6 +98,21 @@ def test_chunking_over_the_batch_changes_nothing():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("weight_groups", [1, 2])
+def test_output_keeps_the_input_memory_format_with_torchvision_values(weight_groups):
+    """channels_last in -> channels_last out (no layout copies in a channels_last model); NCHW in -> NCHW."""
+    tensors, conv_kwargs = make_case(batch=3, channels=4, out_channels=4, weight_groups=weight_groups)
+    expected = run_with_grads(torchvision.ops.deform_conv2d, tensors, conv_kwargs)
+    plain = run_with_grads(deform_conv2d_fast, tensors, conv_kwargs)
+    assert plain[0].is_contiguous()
+    last = dict(tensors, input=tensors["input"].detach().to(memory_format=torch.channels_last).requires_grad_())
+    nhwc = run_with_grads(deform_conv2d_fast, last, conv_kwargs)
+    assert nhwc[0].is_contiguous(memory_format=torch.channels_last) and not nhwc[0].is_contiguous()
+    for got in (plain, nhwc):
+        for a, e in zip(got, expected):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
 def test_gradcheck_tiny_case():
     tensors, conv_kwargs = make_case(batch=1, channels=2, out_channels=2, height=4, width=4, offset_groups=2, offset_scale=1.0)
     args = (tensors["input"], tensors["offset"], tensors["weight"], tensors["bias"])

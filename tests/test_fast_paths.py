@@ -333,7 +333,8 @@ def test_fast_paths_switch_on_and_off_keeping_state_dict_and_outputs():
     with torch.no_grad():
         expected = model(images)
     set_fast_paths(model, "all")
-    assert active_fast_paths(model) == FAST_PATHS
+    # resize / cat_reduce swap searched-FPN modules, which the fcos code has none of
+    assert active_fast_paths(model) == tuple(p for p in FAST_PATHS if p not in ("resize", "cat_reduce"))
     assert any(type(m) is FusedGroupNorm and m.fuse_relu for m in model.modules())
     assert not any(type(m) is nn.ReLU for m in model.head.cls_tower.modules())
     after = model.state_dict()
@@ -374,3 +375,90 @@ def test_points_cache_returns_the_computed_points_and_evicts_the_oldest():
     for width in (3, 4):
         cache.get([torch.zeros(1, 1, 2, width)] * 5, 0.5)
     assert cache.get(features, 0.5) is not first  # evicted, recomputed
+
+
+# --- searched-FPN pieces (resize, cat_reduce) --------------------------------------------------
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("sizes", [((5, 7), (10, 14)), ((6, 8), (24, 32)), ((13, 19), (25, 38)),
+                                   ((10, 14), (5, 7)), ((9, 11), (4, 17))])
+def test_resize_gemm_is_bilinear_interpolate_in_values_gradients_and_layout(layout, sizes):
+    from detector.fast_fpn import resize_gemm
+
+    (h, w), size = sizes
+    x = torch.randn(2, 3, h, w, dtype=torch.float64).to(memory_format=layout).requires_grad_()
+    grad = torch.randn(2, 3, *size, dtype=torch.float64)
+    want = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    (want_grad,) = torch.autograd.grad(want, x, grad)
+    got = resize_gemm(x, size)
+    (got_grad,) = torch.autograd.grad(got, x, grad)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+    assert got.is_contiguous(memory_format=layout)
+    assert resize_gemm(x, (h, w)) is x
+
+
+def test_resize_gemm_matrices_made_in_inference_mode_do_not_break_training():
+    from detector.fast_fpn import resize_gemm
+
+    with torch.inference_mode():
+        resize_gemm(torch.randn(1, 2, 3, 5), (6, 10))
+    x = torch.randn(1, 2, 3, 5, requires_grad=True)
+    resize_gemm(x, (6, 10)).sum().backward()  # an inference tensor saved for backward would raise
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fast_cat_reduce_equals_the_grouped_conv_in_values_and_gradients(layout):
+    from detector.fast_fpn import FastConcatReduce
+    from detector.ops import build_aggregation
+
+    torch.manual_seed(0)
+    reference = build_aggregation("cat", 8).double()
+    nn.init.normal_(reference.reduce[2].weight)
+    fast = build_aggregation("cat", 8).double()
+    fast.load_state_dict(reference.state_dict())
+    fast.__class__ = FastConcatReduce
+    results = []
+    for module in (reference, fast):
+        x = torch.randn(2, 8, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        y = torch.randn(2, 8, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        x = x.to(memory_format=layout).requires_grad_()
+        y = y.to(memory_format=layout).requires_grad_()
+        out = module(x, y)
+        grads = torch.autograd.grad(out, [x, y, *module.parameters()], torch.ones_like(out) * 0.5 + out.detach())
+        results.append((out, grads))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert got.is_contiguous(memory_format=layout)
+
+
+def test_resize_and_cat_reduce_paths_give_the_reference_training_losses():
+    torch.manual_seed(0)
+    model = build_detector(zoo_arch("nasfcos"), NUM_CLASSES, RECIPES["nasfcos"], "resnet18", width=64,
+                           frozen_stages=1, norm="frozen_bn").double().train()
+    images = [torch.rand(3, 96, 128, dtype=torch.float64), torch.rand(3, 80, 112, dtype=torch.float64)]
+    targets = some_targets()[:2]
+    losses = []
+    for paths in ((), ("resize", "cat_reduce")):
+        set_fast_paths(model, paths)
+        torch.manual_seed(0)
+        losses.append({k: float(v.detach()) for k, v in model(images, targets).items()})
+    assert active_fast_paths(model) == ("resize", "cat_reduce")
+    for key in losses[0]:
+        assert losses[1][key] == pytest.approx(losses[0][key], rel=1e-10)
+
+
+def test_self_check_judges_bf16_gradients_against_the_float32_reference():
+    from detector.fast_path_check import check_fast_paths
+
+    model = small_detector("nasfcos", fast=True)
+    images = [torch.rand(3, 96, 128), torch.rand(3, 80, 112), torch.rand(3, 64, 64)]
+    report = check_fast_paths(model, images, some_targets(), ("fp32", "bf16"))
+    bf16 = report["bf16"]
+    assert 0 < bf16["reference_bf16_error"] < 0.5 and 0 < bf16["fast_bf16_error"] < 0.5
+    within = bf16["grad_rel_diff"] <= 5e-2 or bf16["fast_bf16_error"] <= 1.5 * bf16["reference_bf16_error"]
+    assert bf16["ok"] == (within and bf16["max_loss_rel_diff"] <= 1e-2)
+    assert report["fp32"]["ok"] and "fast_bf16_error" not in report["fp32"]

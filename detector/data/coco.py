@@ -326,9 +326,14 @@ def build_dataset(
     split: str,
     train: bool,
     cache_dir: str | os.PathLike | None = None,
+    uint8_images: bool = False,
 ) -> CocoDetection:
-    """The `split` dataset of a data config, with the training (`train`) or evaluation transform."""
-    transform = build_transform(cfg_data, train)
+    """The `split` dataset of a data config, with the training (`train`) or evaluation transform.
+
+    ``uint8_images``: samples carry uint8 pixels instead of float32 in [0, 1] (see
+    detector.data.transforms; the model accepts both).
+    """
+    transform = build_transform(cfg_data, train, uint8_images)
     root = resolve_data_root(cfg_data, cache_dir)
     image_dir, ann_file = split_paths(cfg_data, root, split)
     dataset = CocoDetection(image_dir, ann_file, transform)

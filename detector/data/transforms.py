@@ -2,7 +2,10 @@
 
 Contract with the model: images leave the loader as float32 RGB tensors in [0, 1], shape
 (3, H, W), NOT normalised (per-backbone normalisation is the model's job), each at its own size;
-`collate` keeps them as a list and the model pads them, with `pad_batch` if it likes.
+`collate` keeps them as a list and the model pads them, with `pad_batch` if it likes. A transform
+built with ``uint8_images=True`` hands over the uint8 pixels (0..255) instead: 4x fewer bytes to
+pin and copy to the GPU, where the model divides by 255 -- bit-identical to `to_tensor`'s float32
+image (the training loader uses this; see detector.fcos.FCOS.normalize).
 
 Boxes are float32 (K, 4) arrays in xyxy pixel coordinates. After `DetectionTransform` they are in
 the resized image's pixels: ``resized = original * scale`` (one scale for both axes; the resized
@@ -59,10 +62,23 @@ def hflip(image: Image.Image, boxes: np.ndarray) -> tuple[Image.Image, np.ndarra
     return image.transpose(Image.FLIP_LEFT_RIGHT), flipped
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 (3, H, W) tensor in [0, 1]."""
+def to_tensor(image: Image.Image, uint8: bool = False) -> torch.Tensor:
+    """RGB PIL image -> float32 (3, H, W) tensor in [0, 1] (uint8 0..255 with ``uint8``)."""
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # (H, W, 3)
-    return pixels.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+    if uint8:
+        return pixels.permute(2, 0, 1).contiguous()
+    return unit_float(pixels.permute(2, 0, 1))
+
+
+def unit_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 0..1 (a contiguous copy; float32 images pass through unchanged).
+
+    The one conversion rule for both sides: the loader's float32 images and the model's
+    conversion of uint8 images on the GPU give the same bits (IEEE division is correctly rounded).
+    """
+    if image.dtype != torch.uint8:
+        return image
+    return image.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
 class DetectionTransform:
@@ -71,7 +87,8 @@ class DetectionTransform:
     Called as ``transform(image, boxes) -> (image tensor (3, H, W), boxes (K, 4), scale)``.
     """
 
-    def __init__(self, short_sides: Sequence[int] | None, max_size: int | None, flip_prob: float = 0.0):
+    def __init__(self, short_sides: Sequence[int] | None, max_size: int | None, flip_prob: float = 0.0,
+                 uint8_images: bool = False):
         if short_sides is not None and (len(short_sides) == 0 or min(short_sides) <= 0):
             raise DataError(f"short sides {list(short_sides)} must be a non-empty list of positive ints or null")
         if max_size is not None and max_size <= 0:
@@ -81,6 +98,7 @@ class DetectionTransform:
         self.short_sides = None if short_sides is None else [int(s) for s in short_sides]
         self.max_size = None if max_size is None else int(max_size)
         self.flip_prob = float(flip_prob)
+        self.uint8_images = bool(uint8_images)
 
     def __call__(self, image: Image.Image, boxes: np.ndarray) -> tuple[torch.Tensor, np.ndarray, float]:
         short = None
@@ -90,10 +108,11 @@ class DetectionTransform:
         image, boxes = resize(image, boxes, scale)
         if self.flip_prob > 0 and torch.rand(()).item() < self.flip_prob:
             image, boxes = hflip(image, boxes)
-        return to_tensor(image), boxes, scale
+        return to_tensor(image, self.uint8_images), boxes, scale
 
     def __repr__(self) -> str:
-        return f"DetectionTransform(short_sides={self.short_sides}, max_size={self.max_size}, flip_prob={self.flip_prob})"
+        return (f"DetectionTransform(short_sides={self.short_sides}, max_size={self.max_size}, "
+                f"flip_prob={self.flip_prob}, uint8_images={self.uint8_images})")
 
 
 def _short_sides(value: Any, key: str) -> list[int] | None:
@@ -107,13 +126,13 @@ def _short_sides(value: Any, key: str) -> list[int] | None:
         raise DataError(f"data.{key}={value!r} must be a list of ints (short sides) or null") from None
 
 
-def build_transform(cfg_data: Mapping[str, Any] | Any, train: bool) -> DetectionTransform:
+def build_transform(cfg_data: Mapping[str, Any] | Any, train: bool, uint8_images: bool = False) -> DetectionTransform:
     """Training (`train_sizes`, flip `flip_prob`) or evaluation (`val_size`, no flip) transform."""
     max_size = cfg_data.get("max_size", None)
     if train:
         sizes = _short_sides(cfg_data.get("train_sizes", None), "train_sizes")
-        return DetectionTransform(sizes, max_size, float(cfg_data.get("flip_prob", 0.5)))
-    return DetectionTransform(_short_sides(cfg_data.get("val_size", None), "val_size"), max_size, 0.0)
+        return DetectionTransform(sizes, max_size, float(cfg_data.get("flip_prob", 0.5)), uint8_images)
+    return DetectionTransform(_short_sides(cfg_data.get("val_size", None), "val_size"), max_size, 0.0, uint8_images)
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
