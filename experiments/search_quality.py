@@ -31,7 +31,8 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -190,8 +191,12 @@ def write_searchers_markdown(curves: dict[str, list[list[float]]], runs: dict[st
 
 # ---------------------------------------------------------------------- study 2: fidelity
 def pick_architectures(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(label, code): the zoo's three plus codes at evenly spaced reward ranks of the searcher runs."""
+    """(label, code): the zoo's three plus codes at evenly spaced reward ranks of the searcher runs
+    (or the list of ``--archs-file``)."""
     from detector.zoo import resolve_arch
+
+    if args.archs_file:
+        return [(entry["label"], entry["code"]) for entry in json.loads(Path(args.archs_file).read_text())]
 
     picked = [(name, str(resolve_arch(name))) for name in ("nasfcos", "nasfcos-fpn", "fcos")]
     seen = {code for _, code in picked}
@@ -222,7 +227,7 @@ def proxy_scores(code: str, iters: int, seeds: Sequence[int], args: argparse.Nam
     from proxy_eval.build import build_evaluator
 
     torch.set_num_threads(1)
-    cfg = compose("search", [f"cache_dir={args.cache_dir}", "device=cpu", "proxy_eval.threads=1", *args.search,
+    cfg = compose("search", [f"cache_dir={args.cache_dir}", f"device={args.device}", "proxy_eval.threads=1", *args.search,
                              f"proxy_eval.iters={iters}"])  # last: the study's budget wins over --search
     evaluator = build_evaluator(cfg)
     results = [evaluator.evaluate(code, seed=seed) for seed in seeds]
@@ -232,8 +237,22 @@ def proxy_scores(code: str, iters: int, seeds: Sequence[int], args: argparse.Nam
             "seconds": statistics.mean(r.seconds for r in results), "status": "ok"}
 
 
+def ground_truth_ap(label: str, folder: Path) -> dict[str, Any]:
+    """Mean AP over the runs ``<folder>/<label>-s<seed>/metrics.json`` (experiments/fidelity_gpu.sh)."""
+    runs = sorted(folder.glob(f"{label}-s*/metrics.json"))
+    values = [json.loads(path.read_text()) for path in runs]
+    if not values:
+        return {"AP": math.nan, "AP50": math.nan}
+    return {"AP": statistics.mean(float(v["AP"]) for v in values),
+            "AP50": statistics.mean(float(v["AP50"]) for v in values),
+            "per_seed": {path.parent.name.rsplit("-s", 1)[1]: float(v["AP"]) for path, v in zip(runs, values)}}
+
+
 def trained_ap(label: str, code: str, args: argparse.Namespace) -> dict[str, float]:
-    """AP of ``python -m detector train`` for the code (kept in <work>/fidelity/train/<label>)."""
+    """AP of ``python -m detector train`` for the code (kept in <work>/fidelity/train/<label>),
+    or, with ``--ground-truth``, the mean AP of the runs found there."""
+    if args.ground_truth:
+        return ground_truth_ap(label, Path(args.ground_truth))
     out_dir = Path(args.work) / "fidelity" / "train" / label
     metrics = out_dir / "metrics.json"
     if not metrics.exists():
@@ -246,14 +265,27 @@ def trained_ap(label: str, code: str, args: argparse.Namespace) -> dict[str, flo
     return {"AP": float(data["AP"]), "AP50": float(data["AP50"]), "seconds": float(data.get("train_seconds", 0))}
 
 
+def proxy_dir(args: argparse.Namespace) -> Path:
+    """Where each architecture's proxy scores are kept (``--proxy-dir``, default <work>/fidelity/proxy)."""
+    return Path(args.proxy_dir) if args.proxy_dir else Path(args.work) / "fidelity" / "proxy"
+
+
+def stored_proxy(label: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The proxy scores already kept for ``label`` (budget -> scores)."""
+    store = proxy_dir(args) / f"{label}.json"
+    return json.loads(store.read_text())["proxy"] if store.exists() else {}
+
+
 def fidelity_row(label: str, code: str, args: argparse.Namespace) -> dict[str, Any]:
-    store = Path(args.work) / "fidelity" / "proxy" / f"{label}.json"
+    store = proxy_dir(args) / f"{label}.json"
     row = json.loads(store.read_text()) if store.exists() else {"label": label, "code": code, "proxy": {}}
     for iters in args.proxy_iters:
         if str(iters) not in row["proxy"]:
             row["proxy"][str(iters)] = proxy_scores(code, iters, args.proxy_seeds, args)
             store.parent.mkdir(parents=True, exist_ok=True)
             store.write_text(json.dumps(row, indent=1))
+    if args.proxy_only:
+        return row
     row["trained"] = trained_ap(label, code, args)
     print(f"{label:>22}: trained AP {row['trained']['AP']:.4f}; proxy "
           + ", ".join(f"{k} it AP {v['ap']:.4f} loss {v['loss']:.3f}" for k, v in row["proxy"].items()), flush=True)
@@ -287,9 +319,21 @@ def fidelity_study(args: argparse.Namespace) -> int:
     from detector.cli import compose
 
     started = time.perf_counter()
-    prepare(compose("search", [f"cache_dir={args.cache_dir}", "device=cpu", *args.search]))  # once, before the jobs
     archs = pick_architectures(args)
-    rows = run_parallel([lambda a=a: fidelity_row(*a, args) for a in archs], args.jobs)
+    missing = [label for label, _ in archs if not all(str(i) in stored_proxy(label, args) for i in args.proxy_iters)]
+    if missing:  # the feature cache, once, before the jobs
+        prepare(compose("search", [f"cache_dir={args.cache_dir}", f"device={args.device}", *args.search]))
+    if args.device == "cpu":
+        rows = run_parallel([lambda a=a: fidelity_row(*a, args) for a in archs], args.jobs)
+    else:  # one process per job: launch-bound GPU work does not share a Python interpreter well
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(fidelity_row, *zip(*archs), [args] * len(archs)))
+    if args.proxy_only:  # the list experiments/fidelity_gpu.sh trains
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        listing = Path(args.out) / "fidelity_archs.json"
+        listing.write_text(json.dumps([{"label": label, "code": code} for label, code in archs], indent=1) + "\n")
+        print(f"proxy scores of {len(rows)} architectures in {proxy_dir(args)}; list: {listing}")
+        return 0
     rows = [r for r in rows if math.isfinite(r["trained"]["AP"])]
     if len(rows) < 3:
         print("error: fewer than 3 architectures finished training; see <work>/fidelity.log", file=sys.stderr)
@@ -301,9 +345,9 @@ def fidelity_study(args: argparse.Namespace) -> int:
         for reward in ("ap", "neg_loss"):
             proxy = [r["proxy"][str(iters)]["ap"] if reward == "ap" else -r["proxy"][str(iters)]["loss"] for r in rows]
             table[(iters, reward)] = rank_correlations(proxy, [r["trained"]["AP"] for r in rows])
-    plot_fidelity(rows, args, out / "fidelity.png")
-    write_fidelity_markdown(rows, table, args, out / "fidelity.md", time.perf_counter() - started)
-    print((out / "fidelity.md").read_text())
+    plot_fidelity(rows, args, out / f"{args.name}.png")
+    write_fidelity_markdown(rows, table, args, out / f"{args.name}.md", time.perf_counter() - started)
+    print((out / f"{args.name}.md").read_text())
     return 0
 
 
@@ -333,11 +377,13 @@ def plot_fidelity(rows: list[dict[str, Any]], args: argparse.Namespace, path: Pa
 def write_fidelity_markdown(rows: list[dict[str, Any]], table: dict, args: argparse.Namespace, path: Path,
                             wall: float) -> None:
     budgets = args.proxy_iters
+    training = (f"`python -m detector train {' '.join(args.train)}`" if not args.ground_truth else
+                f"the runs of experiments/fidelity_gpu.sh in `{args.ground_truth}` (mean over their seeds)")
     lines = ["# Proxy fidelity: proxy reward vs AP after full training", "", "```", command_line(), "```", "",
              f"{len(rows)} architectures; proxy: search config with `{' '.join(args.search)}`, "
              f"mean over proxy seeds {' '.join(map(str, args.proxy_seeds))}; full training: "
-             f"`python -m detector train {' '.join(args.train)}`. Wall time of this invocation {wall:.0f} s.", "",
-             "![fidelity](fidelity.png)", "",
+             f"{training}. Wall time of this invocation {wall:.0f} s.", "",
+             f"![fidelity]({args.name}.png)", "",
              "| proxy budget (iterations) | reward | Kendall tau [95% CI] | Spearman rho [95% CI] |",
              "|---|---|---|---|"]
     for (iters, reward), stats_ in table.items():
@@ -368,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help="feature cache shared by every run (default <work>/cache)")
     parser.add_argument("--jobs", type=int, default=2, help="processes at a time (one torch thread each)")
     parser.add_argument("--search", nargs="*", default=list(PROXY_OVERRIDES), help="overrides of the proxy task")
+    parser.add_argument("--search-extra", nargs="*", default=[], help="overrides appended to --search")
     parser.add_argument("--reward", default="ap", choices=("ap", "neg_loss"), help="searchers: the reward searched")
     parser.add_argument("--controllers", nargs="+", default=list(CONTROLLERS), choices=CONTROLLERS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -378,11 +425,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proxy-iters", nargs="+", type=int, default=[30, 120])
     parser.add_argument("--proxy-seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--train", nargs="*", default=list(TRAIN_OVERRIDES), help="overrides of full training")
+    parser.add_argument("--proxy-only", action="store_true",
+                        help="fidelity: proxy scores only, and write <out>/fidelity_archs.json for fidelity_gpu.sh")
+    parser.add_argument("--ground-truth", default=None,
+                        help="fidelity: folder of <label>-s<seed>/metrics.json from experiments/fidelity_gpu.sh "
+                             "instead of training on the CPU")
+    parser.add_argument("--name", default="fidelity", help="fidelity: output name (<out>/<name>.md, .png)")
+    parser.add_argument("--archs-file", default=None, help="fidelity: JSON list of {label, code} to score")
+    parser.add_argument("--proxy-dir", default=None, help="fidelity: folder of <label>.json proxy scores "
+                        "(default <work>/fidelity/proxy); missing budgets are computed and added")
+    parser.add_argument("--device", default="cpu", help="fidelity: device of the proxy (cpu | cuda)")
     args = parser.parse_args(argv)
     if args.budget < 4 or args.archs < 3 or args.jobs < 1:
         print("error: --budget must be >= 4, --archs >= 3 and --jobs >= 1", file=sys.stderr)
         return 2
     args.cache_dir = args.cache_dir or str(Path(args.work) / "cache")
+    args.search = [*args.search, *args.search_extra]
     Path(args.work).mkdir(parents=True, exist_ok=True)
     return searchers_study(args) if args.study == "searchers" else fidelity_study(args)
 

@@ -69,3 +69,18 @@ def test_a_searcher_run_is_complete_only_when_the_budget_of_trained_trials_is(st
     assert started == []  # 4 trained trials: done
     study.searcher_run("ppo", 0, Namespace(**{**vars(args), "budget": 6}))
     assert started and f"resume={run}" in started[0]  # 6 rows, but 2 of them reused: resume
+
+
+def test_gpu_ground_truth_is_the_mean_ap_over_the_seeds_found(study, tmp_path):
+    import json
+    import math
+
+    for seed, ap in (("0", 0.10), ("1", 0.20)):
+        (tmp_path / f"fcos-s{seed}").mkdir()
+        (tmp_path / f"fcos-s{seed}" / "metrics.json").write_text(json.dumps({"AP": ap, "AP50": 2 * ap}))
+    (tmp_path / "fcos-fpn-s0").mkdir()  # another label sharing the prefix must not be counted
+    (tmp_path / "fcos-fpn-s0" / "metrics.json").write_text(json.dumps({"AP": 0.9, "AP50": 0.9}))
+    truth = study.ground_truth_ap("fcos", tmp_path)
+    assert truth["AP"] == pytest.approx(0.15) and truth["AP50"] == pytest.approx(0.30)
+    assert truth["per_seed"] == {"0": 0.10, "1": 0.20}
+    assert math.isnan(study.ground_truth_ap("nasfcos", tmp_path)["AP"])

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Ground truth of the proxy-fidelity study on one GPU: `python -m detector train` (the default
+# synthetic experiment) of every architecture listed in experiments/search_quality/fidelity_archs.json,
+# all at once -- these small models are launch-bound, so parallel runs share the GPU well --
+# with each run's metrics.json and train log under $OUT/gt/<label>-s<seed>/.
+#
+#   carry: [".whl"]      command: bash experiments/fidelity_gpu.sh
+#   then:  PYTHONPATH=. python experiments/search_quality.py fidelity --archs 12 \
+#              --ground-truth <fetched>/gt --name fidelity-gpu
+#
+# Env: SEEDS ("0"), REPEAT ("nasfcos nasfcos-fpn fcos": labels trained with seed 1 as well, to
+# see the seed noise), ITERS (1500), BATCH (16), LIMIT (seconds for all runs, 520).
+set -u
+OUT=${OUT:-/tmp/fidelity_gpu}
+SEEDS=${SEEDS:-0}
+REPEAT=${REPEAT:-nasfcos nasfcos-fpn fcos}
+ITERS=${ITERS:-1500}
+BATCH=${BATCH:-16}
+LIMIT=${LIMIT:-520}
+LIST=${LIST:-experiments/search_quality/fidelity_archs.json}
+mkdir -p "$OUT/gt"
+if [ -d .whl ] && ! python3 -c "import hydra, omegaconf, pycocotools" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$OUT/install.log" 2>&1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+CACHE=/tmp/fidelity_cache
+START=$SECONDS
+python3 - "$CACHE" <<'PY'   # the synthetic data, once, before the parallel runs
+import sys
+from detector.cli import compose
+from detector.data.coco import resolve_data_root
+cfg = compose("train", ["experiment=synthetic_fcos", f"cache_dir={sys.argv[1]}"])
+print("data:", resolve_data_root(cfg.data, sys.argv[1]))
+PY
+jobs_file=$(mktemp)
+python3 - "$LIST" "$SEEDS" "$REPEAT" > "$jobs_file" <<'PY'
+import json, sys
+archs = json.load(open(sys.argv[1]))
+seeds, repeat = sys.argv[2].split(), set(sys.argv[3].split())
+for arch in archs:
+    for seed in sorted(set(seeds) | ({"1"} if arch["label"] in repeat else set())):
+        print(arch["label"], seed, arch["code"])
+PY
+echo "$(wc -l < "$jobs_file") runs of $ITERS iterations x batch $BATCH, limit ${LIMIT}s" | tee "$OUT/runs.log"
+while read -r label seed code; do
+  run=/tmp/fidelity_runs/$label-s$seed
+  timeout --kill-after=10 "$LIMIT" python3 -m detector train "arch=$code" experiment=synthetic_fcos \
+    "schedule.iterations=$ITERS" "train.batch_size=$BATCH" device=cuda "seed=$seed" "out_dir=$run" \
+    "cache_dir=$CACHE" train.progress=false train.ckpt_every=100000 > "$OUT/gt/$label-s$seed.log" 2>&1 &
+done < "$jobs_file"
+wait
+for log in "$OUT"/gt/*.log; do
+  name=$(basename "$log" .log)
+  if [ -f "/tmp/fidelity_runs/$name/metrics.json" ]; then
+    mkdir -p "$OUT/gt/$name" && cp "/tmp/fidelity_runs/$name/metrics.json" "$OUT/gt/$name/"
+    echo "$name: $(python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(f\"AP {m['AP']:.4f} AP50 {m['AP50']:.4f}\")" "/tmp/fidelity_runs/$name/metrics.json")"
+  else
+    echo "$name: no metrics ($(tail -n 1 "$log"))"
+  fi
+done | tee -a "$OUT/runs.log"
+echo "all runs: $(( SECONDS - START )) s" | tee -a "$OUT/runs.log"
+tar czf /tmp/gt.tgz -C "$OUT" gt runs.log && mv /tmp/gt.tgz "$OUT/gt.tgz"
