@@ -1,7 +1,8 @@
 """Faster equivalents of two searched-FPN pieces (the ``resize`` and ``cat_reduce`` fast paths).
 
 - :func:`resize_gemm` computes ``F.interpolate(x, size, mode="bilinear", align_corners=False)``
-  as two small GEMMs with interpolation matrices (width, then height). On an H100 in bf16 +
+  as two small GEMMs with interpolation matrices (width, then height) when it upsamples
+  (downsampling stays with interpolate, which measured faster there). On an H100 in bf16 +
   channels_last the interpolate kernels took ~1 ms per call forward and more backward
   (atomics) in a nasfcos step; GEMMs read and write each map once, in the input's layout, and
   their backward is two more GEMMs.
@@ -19,6 +20,7 @@ import functools
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from detector.ops import ConcatReduce
 from detector.searched_fpn import FPNCell, SearchedFPNModule
@@ -57,6 +59,8 @@ def resize_gemm(x: Tensor, size: tuple[int, int]) -> Tensor:
     n, c, h, w = x.shape
     if (h, w) == (out_h, out_w):
         return x
+    if out_h <= h and out_w <= w:  # downsampling: interpolate's kernel is faster (experiments/PERF.md)
+        return F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False)
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     x = x.to(dtype)
     along_h = _interpolation_matrix(h, out_h, dtype, x.device)  # (out_h, h)

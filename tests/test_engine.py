@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,12 @@ def test_wandb_logger_runs_offline_and_records_the_arch_code(tmp_path):
     logger.log_summary({"AP": 0.25})
     logger.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1 and b"fpn:standard+head:fcos" in runs[0].read_bytes()
+    assert len(runs) == 1
+    # wandb's service process may still be flushing the run file when finish() returns
+    deadline = time.monotonic() + 30
+    while b"fpn:standard+head:fcos" not in runs[0].read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert b"fpn:standard+head:fcos" in runs[0].read_bytes()
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert lines[0]["loss"] == 1.5 and lines[1]["summary"] == {"AP": 0.25}
 
