@@ -45,7 +45,7 @@ def test_fidelity_picks_the_zoo_then_searched_codes_from_best_to_worst(study, tm
              "reward": r, "reused": False}
             for i, r in enumerate([0.3, 0.9, 0.1, 0.5, 0.7, 0.2])]
     (run / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    args = Namespace(work=str(tmp_path), archs=6)
+    args = Namespace(work=str(tmp_path), archs=6, archs_file=None)
     picked = study.pick_architectures(args)
     labels = [label for label, _ in picked]
     assert labels[:3] == ["nasfcos", "nasfcos-fpn", "fcos"]
@@ -53,6 +53,9 @@ def test_fidelity_picks_the_zoo_then_searched_codes_from_best_to_worst(study, tm
     by_code = {row["code"]: row["reward"] for row in rows}
     rewards = [by_code[c] for c in codes]
     assert rewards[0] == 0.9 and rewards[-1] == 0.1 and rewards == sorted(rewards, reverse=True)
+    listing = tmp_path / "archs.json"  # --archs-file: exactly that list, in its order
+    listing.write_text(json.dumps([{"label": label, "code": code} for label, code in picked[::-1]]))
+    assert study.pick_architectures(Namespace(work=str(tmp_path), archs=6, archs_file=str(listing))) == picked[::-1]
 
 
 def test_a_searcher_run_is_complete_only_when_the_budget_of_trained_trials_is(study, tmp_path, monkeypatch):
