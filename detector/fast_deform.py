@@ -19,12 +19,13 @@ How it works, per chunk of images (DESIGN section 10 has the motivation):
    the chunk, bias fused, writes the NHWC (channels_last) output directly -- tensor cores in
    bf16/fp16;
 3. backward recomputes the columns (nothing column-sized is saved; the forward keeps only an
-   NHWC copy of the input), takes the weight gradient from one batched GEMM, the column gradient
-   from another, and scatters it back to the input (atomics), the offsets and the masks.
+   NHWC copy of the input), takes the weight gradient from one GEMM per weight group, the column
+   gradient from another, and scatters it back to the input (atomics), the offsets and the masks.
 
 The output has the input's memory format, like ``conv2d``: channels_last for a channels_last input
-(no layout copies in a channels_last model, in either direction), NCHW-contiguous otherwise. Extra memory per call is bounded by
-``COLUMN_BUDGET_BYTES`` (the batch is processed in chunks of images).
+(no layout copies in a channels_last model, in either direction), NCHW-contiguous otherwise.
+Extra memory per call is bounded by ``COLUMN_BUDGET_BYTES`` (the batch is processed in chunks of
+images).
 
 Two samplers implement steps 1 and 3: ``torch`` (gather / scatter_add, any device, the tested
 reference) and ``triton`` (fused CUDA kernels in :mod:`detector.fast_deform_triton`).

@@ -20,10 +20,9 @@ import functools
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from detector.ops import ConcatReduce
-from detector.searched_fpn import FPNCell, SearchedFPNModule
+from detector.searched_fpn import FPNCell, SearchedFPNModule, resize_to
 
 
 def _interpolation_matrix(in_size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -57,10 +56,8 @@ def resize_gemm(x: Tensor, size: tuple[int, int]) -> Tensor:
     """
     out_h, out_w = (int(s) for s in size)
     n, c, h, w = x.shape
-    if (h, w) == (out_h, out_w):
-        return x
-    if out_h <= h and out_w <= w:  # downsampling: interpolate's kernel is faster (experiments/PERF.md)
-        return F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False)
+    if out_h <= h and out_w <= w:  # same size or downsampling: the reference (faster there, experiments/PERF.md)
+        return resize_to(x, (out_h, out_w))
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     x = x.to(dtype)
     along_h = _interpolation_matrix(h, out_h, dtype, x.device)  # (out_h, h)

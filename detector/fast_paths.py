@@ -46,6 +46,7 @@ from detector.postprocess import postprocess
 
 FAST_PATHS = ("frozen_bn", "group_norm", "losses", "points", "postprocess", "cuda_graphs", "resize", "cat_reduce")
 COMPILE_PARTS = ("backbone", "fpn", "head")
+FROZEN_BN_CLASSES = {FrozenBatchNorm2d: DtypeKeepingFrozenBatchNorm2d}  # reference class -> fast class
 
 
 class FastPathError(UserError):
@@ -124,14 +125,6 @@ def _set_group_norm(model: nn.Module, fast: bool) -> None:
                 parent._modules[second] = after.original
 
 
-def _set_frozen_bn(model: nn.Module, fast: bool) -> None:
-    source, target = (FrozenBatchNorm2d, DtypeKeepingFrozenBatchNorm2d) if fast else (
-        DtypeKeepingFrozenBatchNorm2d, FrozenBatchNorm2d)
-    for module in model.modules():
-        if type(module) is source:
-            module.__class__ = target
-
-
 def _swap_classes(model: nn.Module, reference_to_fast: dict[type, type], fast: bool) -> None:
     """Every module of a reference class becomes its fast class (or back): same state, same keys."""
     table = reference_to_fast if fast else {f: r for r, f in reference_to_fast.items()}
@@ -147,7 +140,7 @@ def _uses_any(model: nn.Module, classes) -> bool:
 def set_fast_paths(model: FCOS, paths: str | Iterable[str] | None) -> FCOS:
     """Turn exactly ``paths`` on (see the table above) and every other fast path off; returns model."""
     wanted = set(parse_paths(paths))
-    _set_frozen_bn(model, "frozen_bn" in wanted)
+    _swap_classes(model, FROZEN_BN_CLASSES, "frozen_bn" in wanted)
     _set_group_norm(model, "group_norm" in wanted)
     _swap_classes(model, RESIZE_CLASSES, "resize" in wanted)
     _swap_classes(model, CAT_REDUCE_CLASSES, "cat_reduce" in wanted)
@@ -177,10 +170,9 @@ def training_fast_paths(value: str | Iterable[str] | None, device: torch.device)
 
 def active_fast_paths(model: FCOS) -> tuple[str, ...]:
     """The fast paths currently on, in FAST_PATHS order."""
-    modules = list(model.modules())
     on = {
-        "frozen_bn": any(type(m) is DtypeKeepingFrozenBatchNorm2d for m in modules),
-        "group_norm": any(type(m) is FusedGroupNorm for m in modules),
+        "frozen_bn": _uses_any(model, FROZEN_BN_CLASSES.values()),
+        "group_norm": _uses_any(model, (FusedGroupNorm,)),
         "losses": model.loss_impl is compute_losses_dense,
         "points": model.points_cache is not None,
         "postprocess": model.postprocess_impl is postprocess_batched,

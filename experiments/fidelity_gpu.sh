@@ -19,13 +19,9 @@ BATCH=${BATCH:-16}
 LIMIT=${LIMIT:-520}
 LIST=${LIST:-experiments/search_quality/fidelity_archs.json}
 mkdir -p "$OUT/gt"
-if [ -d .whl ] && ! python3 -c "import hydra, omegaconf, pycocotools" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$OUT/install.log" 2>&1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+# shellcheck source=experiments/gpu_env.sh
+source experiments/gpu_env.sh "$OUT/install.log"
+export OMP_NUM_THREADS=1
 CACHE=/tmp/fidelity_cache
 START=$SECONDS
 python3 - "$CACHE" <<'PY'   # the synthetic data, once, before the parallel runs

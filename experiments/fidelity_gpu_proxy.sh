@@ -15,9 +15,10 @@ VARIANTS=${VARIANTS:-adapt1500:1500 adapt150:150}
 PROXY_ITERS=${PROXY_ITERS:-30 120 480}
 JOBS=${JOBS:-8}
 LIMIT=${LIMIT:-270}
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > /dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 mkdir -p "$OUT"
+# shellcheck source=experiments/gpu_env.sh
+source experiments/gpu_env.sh "$OUT/install.log"
+export OMP_NUM_THREADS=1
 for variant in $VARIANTS; do
   name=${variant%%:*}; adapt=${variant##*:}; t0=$SECONDS
   # shellcheck disable=SC2086

@@ -4,7 +4,7 @@
 # Run from the repository root on the GPU machine (the device tool), carrying the wheels:
 #   carry: [".whl"]        command: bash experiments/gpu_session.sh
 # .whl/ holds hydra-core, omegaconf, antlr4, pycocotools and faster-coco-eval wheels
-# (../shared/tools/gpu-wheels.sh puts them there); the script installs them into /tmp/site.
+# (../shared/tools/gpu-wheels.sh puts them there); experiments/gpu_env.sh installs them into /tmp/site.
 #
 # Steps, most important first; each runs under `timeout`, a failing step does not stop the others,
 # and steps are skipped once SESSION_BUDGET seconds (default 440) are spent. STEPS="a b ..." runs
@@ -45,14 +45,8 @@ LOG="$OUT/session.log"
 : > "$LOG"
 START=$SECONDS
 
-if [ -d .whl ] && ! python3 -c "import hydra, omegaconf, pycocotools" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >> "$LOG" 2>&1 \
-    || echo "wheel install failed (see above)" >> "$LOG"
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONUNBUFFERED=1
+# shellcheck source=experiments/gpu_env.sh
+source experiments/gpu_env.sh "$LOG"
 
 step() {  # step NAME LIMIT_S COMMAND...: run under timeout, stdout/stderr to $OUT/NAME.{out,err}
   local name=$1 limit=$2

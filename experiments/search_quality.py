@@ -270,15 +270,15 @@ def proxy_dir(args: argparse.Namespace) -> Path:
     return Path(args.proxy_dir) if args.proxy_dir else Path(args.work) / "fidelity" / "proxy"
 
 
-def stored_proxy(label: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The proxy scores already kept for ``label`` (budget -> scores)."""
+def stored_row(label: str, code: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The kept proxy scores of ``label`` ({label, code, proxy: budget -> scores}), or an empty row."""
     store = proxy_dir(args) / f"{label}.json"
-    return json.loads(store.read_text())["proxy"] if store.exists() else {}
+    return json.loads(store.read_text()) if store.exists() else {"label": label, "code": code, "proxy": {}}
 
 
 def fidelity_row(label: str, code: str, args: argparse.Namespace) -> dict[str, Any]:
     store = proxy_dir(args) / f"{label}.json"
-    row = json.loads(store.read_text()) if store.exists() else {"label": label, "code": code, "proxy": {}}
+    row = stored_row(label, code, args)
     for iters in args.proxy_iters:
         if str(iters) not in row["proxy"]:
             row["proxy"][str(iters)] = proxy_scores(code, iters, args.proxy_seeds, args)
@@ -320,7 +320,8 @@ def fidelity_study(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     archs = pick_architectures(args)
-    missing = [label for label, _ in archs if not all(str(i) in stored_proxy(label, args) for i in args.proxy_iters)]
+    missing = [label for label, code in archs
+               if not all(str(i) in stored_row(label, code, args)["proxy"] for i in args.proxy_iters)]
     if missing:  # the feature cache, once, before the jobs
         prepare(compose("search", [f"cache_dir={args.cache_dir}", f"device={args.device}", *args.search]))
     if args.device == "cpu":
