@@ -55,6 +55,13 @@ def _inject_nan(value: Any) -> int | None:
     return int(value)
 
 
+def _flag(value: Any, key: str) -> bool:
+    """A boolean setting; anything but true / false (or null = false) is a UserError."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise UserError(f"proxy_eval.{key}={value!r}: use true or false")
+
+
 def resolve_device(value: Any) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cpu``/``cuda[:k]`` pass through."""
     import torch
@@ -95,6 +102,7 @@ def prepare_arguments(cfg: Any) -> dict[str, Any]:
         min_box_size=float(proxy.get("min_box_size", 1.0)),
         extract_batch_size=int(proxy.get("extract_batch_size", 16)),
         workers=int(proxy.get("workers", 0)),
+        train_last_stage=_flag(proxy.get("train_last_stage", False), "train_last_stage"),
     )
     b = cfg.backbone
     levels = b.get("levels", None) or ("c3", "c4", "c5")
@@ -138,6 +146,7 @@ def trial_settings(cfg: Any) -> Any:
         device=str(cfg.get("device", "auto") or "auto"),
         threads=None if threads is None else int(threads),
         deform_impl=str(proxy.get("deform_impl", "fast")),
+        train_last_stage=_flag(proxy.get("train_last_stage", False), "train_last_stage"),
     )
 
 

@@ -6,7 +6,9 @@ Layout: ``<cache_dir>/features/<key>/`` holds
   ``weights_only=True``) with, per split (``train``, ``val``), the C-level features in fp16
   ``{level: (N, C_l, R/s_l, R/s_l)}``, every image's boxes (xyxy, proxy-image pixels) and labels
   (0..C-1) concatenated with per-image counts, image ids and content sizes (h, w) inside the
-  R x R letterboxed input;
+  R x R letterboxed input; with ``proxy_eval.train_last_stage`` also ``last_stage``, the adapted
+  weights of the backbone's last stage (:mod:`proxy_eval.last_stage`; caches without it load
+  with ``None``, so the format version did not change);
 - ``features.pt.sha256``: the sha256 of ``features.pt`` (``sha256sum`` format);
 - ``meta.json``: the key material (what determines the cache) and a few facts, for humans.
 
@@ -111,16 +113,23 @@ class SplitFeatures:
 
 @dataclass
 class ProxyFeatures:
-    """Everything a trial needs: both splits, the levels' (channels, stride), resolution, classes."""
+    """Everything a trial needs: both splits, the levels' (channels, stride), resolution, classes.
+
+    ``last_stage``: the adapted last backbone stage (:func:`proxy_eval.last_stage.last_stage_payload`)
+    when the cache was built with ``train_last_stage``, else None.
+    """
 
     train: SplitFeatures
     val: SplitFeatures
     shapes: dict[str, tuple[int, int]]  # level -> (channels, stride)
     resolution: int
     num_classes: int
+    last_stage: dict[str, Any] | None = None
 
     def to_payload(self) -> dict[str, Any]:
+        extra = {} if self.last_stage is None else {"last_stage": self.last_stage}
         return {
+            **extra,
             "format": FORMAT_VERSION,
             "train": self.train.to_payload(),
             "val": self.val.to_payload(),
@@ -139,6 +148,7 @@ class ProxyFeatures:
             shapes={level: (int(c), int(s)) for level, (c, s) in payload["shapes"].items()},
             resolution=int(payload["resolution"]),
             num_classes=int(payload["num_classes"]),
+            last_stage=payload.get("last_stage"),
         )
 
 

@@ -18,14 +18,18 @@
    frozen stages stay frozen, as in full training.
 4. **Features.** The backbone is frozen and its levels (``cfg.backbone.levels``, C3-C5 by default)
    are computed once for every proxy image and stored in fp16 with the targets (boxes in proxy
-   pixels, labels) and image ids: :class:`proxy_eval.feature_cache.FeatureCache`.
+   pixels, labels) and image ids: :class:`proxy_eval.feature_cache.FeatureCache`. With
+   ``proxy_eval.train_last_stage`` (ResNets only, checked before adapting) the cache also stores
+   the adapted weights of the last stage (``layer4``), which trials then train from
+   (:mod:`proxy_eval.last_stage`).
 
 The cache lives in ``<cache_dir>/features/<key>/`` (``cache_dir`` from the config, default
 ``detector.cache_dir.default_cache_dir()``). ``key`` hashes everything that determines the
 features: the data identity (resolved root, annotation file path, size and mtime), the split ids,
 the backbone (name, initial weights - a file's sha256 -, frozen stages, norm, levels), the
 adaptation (checkpoint sha256, iterations, batch, lr, width, seed, recipe, classes), the resolution
-and the transform. A later run or a worker with the same settings reuses it; a cache whose
+and the transform, and ``last_stage: true`` when the last stage is stored (only then, so the key of
+a cache without it is what it always was). A later run or a worker with the same settings reuses it; a cache whose
 checksum fails is logged as a warning and rebuilt. Progress bars show adaptation and extraction.
 """
 from __future__ import annotations
@@ -54,6 +58,7 @@ from proxy_eval.feature_cache import (
     cache_key,
     file_sha256,
 )
+from proxy_eval.last_stage import check_supported, last_stage_payload
 from proxy_eval.splits import ProxySplits, make_splits
 from proxy_eval.trial import autocast_context, decoder_losses, lr_at
 
@@ -83,6 +88,7 @@ class PrepareSettings:
     min_box_size: float = 1.0
     extract_batch_size: int = 16
     workers: int = 0
+    train_last_stage: bool = False  # also store the adapted last stage (proxy_eval.last_stage)
 
     def __post_init__(self) -> None:
         if self.resolution < 64 or self.resolution % 32:
@@ -281,6 +287,7 @@ def key_material(settings: PrepareSettings, backbone: BackboneSpec, recipe: Reci
         "resolution": settings.resolution,
         "transform": TRANSFORM,
         "min_box_size": settings.min_box_size,
+        **({"last_stage": True} if settings.train_last_stage else {}),
     }
 
 
@@ -310,6 +317,8 @@ def prepare_features(settings: PrepareSettings, data_cfg: Mapping[str, Any] | An
     """Return a valid feature cache for these settings, adapting and extracting only when needed."""
     from detector.data.coco import CocoDetection, resolve_data_root, split_paths
 
+    if settings.train_last_stage:  # before any work: a clear error for unsupported backbones
+        check_supported(backbone.name, backbone.levels, backbone.frozen_stages)
     root = resolve_data_root(data_cfg, cache_dir)  # generates the synthetic set on first use
     image_dir, ann_file = split_paths(data_cfg, root, "train")  # the proxy never reads the val split
     dataset = CocoDetection(image_dir, ann_file, transform=None)
@@ -336,8 +345,10 @@ def prepare_features(settings: PrepareSettings, data_cfg: Mapping[str, Any] | An
         images = ProxyImages(dataset, ids, settings.resolution, settings.min_box_size)
         parts[split] = extract(detector, images, settings, device, f"features proxy-{split}")
     shapes = {level: (spec.channels, spec.stride) for level, spec in detector.backbone.output_shapes().items()}
+    last_stage = (last_stage_payload(detector.backbone, backbone.name, backbone.norm)
+                  if settings.train_last_stage else None)
     features = ProxyFeatures(train=parts["train"], val=parts["val"], shapes=shapes,
-                             resolution=settings.resolution, num_classes=num_classes)
+                             resolution=settings.resolution, num_classes=num_classes, last_stage=last_stage)
     backbone_state = detector.backbone.state_dict()
     meta = {
         "material": material,
@@ -349,6 +360,7 @@ def prepare_features(settings: PrepareSettings, data_cfg: Mapping[str, Any] | An
         "device": str(device),
         "torch": torch.__version__,
         "backbone_params": sum(t.numel() for t in backbone_state.values()),
+        "last_stage_params": sum(t.numel() for t in last_stage["state"].values()) if last_stage else 0,
     }
     cache.write(features, meta)
     log.info("proxy features: wrote %s (%d train / %d val images at %d px)", cache.path,

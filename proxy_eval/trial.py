@@ -17,6 +17,13 @@ conventions: 2 x MACs, DCN counted as a dense conv). ``loss`` is the mean valida
 the last training loss is in ``extra["train_loss"]``. ``deform_impl`` picks the DCN kernel
 (``detector.deform.set_deform_impl``) for the trial and restores the previous one after it.
 
+With ``train_last_stage`` (the cache must have been prepared with it) a trial also trains the
+backbone's last stage: a fresh copy of the adapted ``layer4`` from the cache (the same start for
+every trial) joins the decoder's parameters in the same optimizer (same lr, momentum, weight decay,
+one gradient clip over both), and every training and validation batch uses C5 = layer4(cached C4)
+instead of the cached C5; C3 and C4 stay the cached features (:mod:`proxy_eval.last_stage`).
+``params`` and ``gflops`` remain the decoder's.
+
 Failures are values: ``diverged`` (a non-finite training or validation loss), ``oom``
 (``torch.OutOfMemoryError``), ``timeout`` (past ``timeout_s`` wall-clock seconds, checked every
 iteration), ``error`` (anything else, message in ``error``). Fault injection for tests:
@@ -56,6 +63,7 @@ from detector.postprocess import postprocess
 from detector.recipe import Recipe
 from detector.zoo import resolve_arch
 from proxy_eval.feature_cache import FeatureCache, ProxyFeatures, SplitFeatures
+from proxy_eval.last_stage import LastStageError, build_last_stage, with_last_stage
 from proxy_eval.result import TrialResult
 
 REWARDS = ("ap", "neg_loss")
@@ -98,6 +106,7 @@ class TrialSettings:
     device: str = "cpu"
     threads: int | None = None
     deform_impl: str = "fast"
+    train_last_stage: bool = False
 
     def __post_init__(self) -> None:
         from detector.errors import UserError
@@ -236,20 +245,22 @@ def place_split(split: SplitFeatures, device: torch.device) -> PlacedSplit:
 
 def train_decoder(fpn: nn.Module, head: nn.Module, train: PlacedSplit, settings: TrialSettings, recipe: Recipe,
                   num_classes: int, device: torch.device, seed: int, report: Report | None = None,
-                  deadline: float = math.inf) -> float:
+                  deadline: float = math.inf, last_stage: nn.Module | None = None) -> float:
     """Train the decoder for ``settings.iters`` SGD iterations; returns the last training loss.
 
     Batches are drawn without replacement from a generator seeded with ``seed`` (a new permutation
-    per epoch). Raises the module's private diverged / timeout exceptions (``evaluate`` turns them
-    into results).
+    per epoch). With ``last_stage`` (a backbone ``layer4``) C5 is recomputed from the batch's C4
+    every iteration and the stage trains with the decoder. Raises the module's private diverged /
+    timeout exceptions (``evaluate`` turns them into results).
     """
     s = settings
-    params = [p for module in (fpn, head) for p in module.parameters()]
+    modules = [fpn, head] + ([last_stage] if last_stage is not None else [])
+    params = [p for module in modules for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
-    fpn.train()
-    head.train()
+    for module in modules:
+        module.train()
     loss_value = math.nan
     for iteration in range(s.iters):
         if len(order) < s.batch_size:
@@ -260,6 +271,8 @@ def train_decoder(fpn: nn.Module, head: nn.Module, train: PlacedSplit, settings:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(iteration, s.iters, s.warmup_iters, s.lr)
         with autocast_context(device, s.amp):
+            if last_stage is not None:
+                features = with_last_stage(features, last_stage)
             loss = decoder_losses(fpn, head, features, targets, recipe, num_classes)
         if s.inject_nan is not None and iteration == s.inject_nan:
             loss = loss * math.nan
@@ -280,16 +293,22 @@ def train_decoder(fpn: nn.Module, head: nn.Module, train: PlacedSplit, settings:
 
 @torch.no_grad()
 def predict_decoder(fpn: nn.Module, head: nn.Module, val: PlacedSplit, settings: TrialSettings, recipe: Recipe,
-                    num_classes: int, device: torch.device,
-                    deadline: float = math.inf) -> tuple[float, list[list[dict[str, Tensor]]]]:
-    """Mean validation loss sum and the detections of every proxy-val image (in batches)."""
-    fpn.eval()
-    head.eval()
+                    num_classes: int, device: torch.device, deadline: float = math.inf,
+                    last_stage: nn.Module | None = None) -> tuple[float, list[list[dict[str, Tensor]]]]:
+    """Mean validation loss sum and the detections of every proxy-val image (in batches).
+
+    With ``last_stage`` C5 is ``last_stage(C4)`` (eval mode) instead of the cached C5.
+    """
+    for module in (fpn, head, last_stage):
+        if module is not None:
+            module.eval()
     total_loss, detections = 0.0, []
     for first in range(0, len(val), settings.eval_batch_size):
         indices = list(range(first, min(first + settings.eval_batch_size, len(val))))
         features = val.batch(torch.tensor(indices), device)
         with autocast_context(device, settings.amp):
+            if last_stage is not None:
+                features = with_last_stage(features, last_stage)
             head_out = head(fpn(features))
         points = points_for(head_out["cls_logits"], recipe.point_offset)
         losses = compute_losses(head_out, points, val.split.targets(indices, device), recipe, num_classes)
@@ -363,12 +382,13 @@ class CachedEvaluator:
             metrics["params"], metrics["gflops"] = decoder_cost(arch, state["shapes"], num_classes, self.recipe,
                                                                 self.settings.width, data.resolution)
             fpn, head = self._build(arch, state["shapes"], num_classes, seed, device)
+            last_stage = self._last_stage(data, device)
             set_deform_impl(self.settings.deform_impl)
             deadline = start + self.settings.timeout_s
             train_loss = train_decoder(fpn, head, state["train"], self.settings, self.recipe, num_classes, device,
-                                       seed, report, deadline)
+                                       seed, report, deadline, last_stage)
             val_loss, detections = predict_decoder(fpn, head, state["val"], self.settings, self.recipe, num_classes,
-                                                   device, deadline)
+                                                   device, deadline, last_stage)
             coco_metrics = score_detections(detections, data.val, state["coco"], num_classes)
         except _Diverged as err:
             return TrialResult.failure("diverged", str(err), time.perf_counter() - start, **metrics)
@@ -400,3 +420,12 @@ class CachedEvaluator:
             torch.manual_seed(seed)
             fpn, head = build_decoder(arch, shapes, num_classes, self.recipe, self.settings.width)
         return fpn.to(device), head.to(device)
+
+    def _last_stage(self, data: ProxyFeatures, device: torch.device) -> nn.Module | None:
+        """A fresh copy of the cached adapted last stage with ``train_last_stage``, else None."""
+        if not self.settings.train_last_stage:
+            return None
+        if data.last_stage is None:
+            raise LastStageError(f"proxy_eval.train_last_stage=true but the feature cache {self.cache_path} holds "
+                                 "no last stage; prepare it with proxy_eval.train_last_stage=true")
+        return build_last_stage(data.last_stage, device)
