@@ -225,11 +225,15 @@ def proxy_scores(code: str, iters: int, seeds: Sequence[int], args: argparse.Nam
 
     from detector.cli import compose
     from proxy_eval.build import build_evaluator
+    from proxy_eval.prepare import prepare
 
     torch.set_num_threads(1)
-    cfg = compose("search", [f"cache_dir={args.cache_dir}", f"device={args.device}", "proxy_eval.threads=1", *args.search,
+    base = [f"cache_dir={args.cache_dir}", f"device={args.device}", "proxy_eval.threads=1", *args.search]
+    cfg = compose("search", [*base, *args.trial_extra,
                              f"proxy_eval.iters={iters}"])  # last: the study's budget wins over --search
-    evaluator = build_evaluator(cfg)
+    # --trial-extra changes the trials only: the feature cache stays the one --search prepares
+    cache = prepare(compose("search", base)) if args.trial_extra else None
+    evaluator = build_evaluator(cfg, cache=cache)
     results = [evaluator.evaluate(code, seed=seed) for seed in seeds]
     if any(not r.ok for r in results):
         return {"ap": 0.0, "loss": math.inf, "status": next(r.status for r in results if not r.ok)}
@@ -381,7 +385,8 @@ def write_fidelity_markdown(rows: list[dict[str, Any]], table: dict, args: argpa
     training = (f"`python -m detector train {' '.join(args.train)}`" if not args.ground_truth else
                 f"the runs of experiments/fidelity_gpu.sh in `{args.ground_truth}` (mean over their seeds)")
     lines = ["# Proxy fidelity: proxy reward vs AP after full training", "", "```", command_line(), "```", "",
-             f"{len(rows)} architectures; proxy: search config with `{' '.join(args.search)}`, "
+             f"{len(rows)} architectures; proxy: search config with `{' '.join(args.search)}`"
+             + (f", trials with `{' '.join(args.trial_extra)}`" if args.trial_extra else "") + ", "
              f"mean over proxy seeds {' '.join(map(str, args.proxy_seeds))}; full training: "
              f"{training}. Wall time of this invocation {wall:.0f} s.", "",
              f"![fidelity]({args.name}.png)", "",
@@ -416,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="processes at a time (one torch thread each)")
     parser.add_argument("--search", nargs="*", default=list(PROXY_OVERRIDES), help="overrides of the proxy task")
     parser.add_argument("--search-extra", nargs="*", default=[], help="overrides appended to --search")
+    parser.add_argument("--trial-extra", nargs="*", default=[],
+                        help="fidelity: overrides of the trials only, on the cache that --search prepares (e.g. "
+                             "proxy_eval.train_last_stage=false on a cache prepared with it: same features)")
     parser.add_argument("--reward", default="ap", choices=("ap", "neg_loss"), help="searchers: the reward searched")
     parser.add_argument("--controllers", nargs="+", default=list(CONTROLLERS), choices=CONTROLLERS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -87,3 +87,29 @@ def test_gpu_ground_truth_is_the_mean_ap_over_the_seeds_found(study, tmp_path):
     assert truth["AP"] == pytest.approx(0.15) and truth["AP50"] == pytest.approx(0.30)
     assert truth["per_seed"] == {"0": 0.10, "1": 0.20}
     assert math.isnan(study.ground_truth_ap("nasfcos", tmp_path)["AP"])
+
+
+def test_trial_extra_overrides_the_trials_on_the_cache_that_search_prepares(study, monkeypatch):
+    import proxy_eval.build
+    import proxy_eval.prepare
+    from proxy_eval.result import TrialResult
+
+    prepared, built = [], []
+
+    class Evaluator:
+        def evaluate(self, code, seed=0):
+            return TrialResult(status="ok", reward=0.5, ap=0.5, ap50=0.6, loss=1.0, seconds=0.1)
+
+    monkeypatch.setattr(proxy_eval.prepare, "prepare", lambda cfg: prepared.append(cfg) or "the-cache")
+    monkeypatch.setattr(proxy_eval.build, "build_evaluator",
+                        lambda cfg, cache=None: built.append((cfg, cache)) or Evaluator())
+    args = Namespace(cache_dir="/tmp/unused", device="cpu", search=["proxy_eval.train_last_stage=true"],
+                     trial_extra=["proxy_eval.train_last_stage=false"])
+    scores = study.proxy_scores("fcos", 7, [0, 1], args)
+    assert scores["ap"] == 0.5 and scores["status"] == "ok"
+    assert [cfg.proxy_eval.train_last_stage for cfg in prepared] == [True]  # the cache of --search
+    (cfg, cache), = built
+    assert cache == "the-cache" and cfg.proxy_eval.train_last_stage is False and cfg.proxy_eval.iters == 7
+    prepared.clear(), built.clear()
+    study.proxy_scores("fcos", 7, [0], Namespace(**{**vars(args), "trial_extra": []}))
+    assert prepared == [] and built[0][1] is None and built[0][0].proxy_eval.train_last_stage is True
