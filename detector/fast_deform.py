@@ -240,7 +240,8 @@ def torch_sample_columns_backward(
         corner_sums.append((grad_cols * values).sum(-1).view(n, pixels, taps, groups) * ok)
         if modulation is not None:
             weight = weight * modulation
-        grad_source.scatter_add_(1, gather_index, grad_cols * weight.reshape(n, pixels * taps, groups, 1))
+        contribution = grad_cols * weight.reshape(n, pixels * taps, groups, 1)
+        grad_source.scatter_add_(1, gather_index, contribution.to(grad_source.dtype))
     s00, s01, s10, s11 = corner_sums
     fy, fx = corners.frac_y, corners.frac_x
     grad_y = (s10 - s00) * (1 - fx) + (s11 - s01) * fx
@@ -263,6 +264,31 @@ class Sampler:
     sample: Callable[..., Tensor]
     backward: Callable[..., None]
     column_dtype_bytes: Callable[[Tensor, Tensor], int]  # bytes per column element (x, offset)
+    # backward from (grad_rows, weight (Cout, K*C)) without a column gradient in memory; one weight group
+    fused_backward: Callable[..., None] | None = None
+
+
+@dataclass(frozen=True)
+class DeformOptions:
+    """Speed/memory trade-offs of the fast path; every combination gives the same values up to rounding.
+
+    - ``keep_columns``: the forward keeps its columns for the weight gradient (one column-sized
+      tensor per call held until backward) instead of the backward sampling them again;
+    - ``fused_backward``: the Triton backward computes each block of the column gradient in
+      registers (``tl.dot`` of the output gradient and the weight) instead of reading it from a
+      column-sized tensor written by a GEMM (one weight group; other cases take the two-step path);
+    - ``low_precision_input_grad``: in bf16/fp16 the input gradient is accumulated (atomics) in
+      that dtype, like torchvision's and mmcv's half-precision kernels, instead of in float32 --
+      half the atomic traffic, no float32 buffer to convert.
+    """
+
+    keep_columns: bool = True
+    fused_backward: bool = True
+    low_precision_input_grad: bool = False
+
+
+# Read at every call: experiments/bench_dcn.py swaps it to time the variants.
+DEFAULT_OPTIONS = DeformOptions()
 
 
 TORCH_SAMPLER = Sampler(
@@ -279,7 +305,7 @@ def triton_sampler() -> Sampler | None:
         return None
     return Sampler(
         "triton", fast_deform_triton.sample_columns, fast_deform_triton.sample_columns_backward,
-        lambda x, offset: 2 * x.element_size(),
+        lambda x, offset: 2 * x.element_size(), fast_deform_triton.fused_sample_columns_backward,
     )
 
 
@@ -356,28 +382,33 @@ class _DeformConvColumns(torch.autograd.Function):
     """Rows are output pixels in NHWC order (image, y, x): GEMM outputs and gradients are channels_last."""
 
     @staticmethod
-    def forward(ctx, x, offset, mask, weight, bias, geo, sampler, images_per_chunk):
+    def forward(ctx, x, offset, mask, weight, bias, geo, sampler, images_per_chunk, options):
         # x (N, C, H, W) compute dtype; offset (N, 2GK, Ho, Wo) / mask (N, GK, Ho, Wo) coord dtype
         batch = x.shape[0]
         x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C); free if x is channels_last
         weight_cols = _weight_columns(weight, geo)
         pixels = geo.out_pixels
         out_rows = x.new_empty(batch * pixels, weight.shape[0])  # (N*L, Cout): NHWC
+        keep = options.keep_columns and ctx.needs_input_grad[3]
+        ctx.kept_columns = [] if keep else None  # per chunk, for the weight gradient
         for start in range(0, batch, images_per_chunk):
             stop = min(start + images_per_chunk, batch)
             columns = sampler.sample(x_nhwc[start:stop], offset[start:stop],
                                      None if mask is None else mask[start:stop], geo)
             _columns_times_weight(columns, weight_cols, bias, out_rows[start * pixels:stop * pixels])
+            if keep:
+                ctx.kept_columns.append(columns)
             del columns
         # x_nhwc, not x: backward needs this layout, and keeping it saves a copy there
         ctx.save_for_backward(x_nhwc, offset, mask, weight, bias)
-        ctx.geo, ctx.sampler, ctx.images_per_chunk = geo, sampler, images_per_chunk
+        ctx.geo, ctx.sampler, ctx.images_per_chunk, ctx.options = geo, sampler, images_per_chunk, options
         return out_rows.view(batch, geo.out_height, geo.out_width, -1).permute(0, 3, 1, 2)  # channels_last
 
     @staticmethod
     def backward(ctx, grad_out):
         x_nhwc, offset, mask, weight, bias = ctx.saved_tensors
-        geo, sampler, chunk = ctx.geo, ctx.sampler, ctx.images_per_chunk
+        geo, sampler, chunk, options = ctx.geo, ctx.sampler, ctx.images_per_chunk, ctx.options
+        fused = options.fused_backward and sampler.fused_backward is not None and geo.weight_groups == 1
         need_x, need_offset, need_mask, need_weight, need_bias = ctx.needs_input_grad[:5]
         with torch.autocast(x_nhwc.device.type, enabled=False):
             batch, pixels = x_nhwc.shape[0], geo.out_pixels
@@ -388,18 +419,29 @@ class _DeformConvColumns(torch.autograd.Function):
             zeros = functools.partial(torch.zeros, device=x_nhwc.device, dtype=acc_dtype)
             grad_weight_cols = zeros(weight_cols.shape) if need_weight else None
             need_columns_grad = need_x or need_offset or need_mask
-            grad_x_nhwc = zeros(x_nhwc.shape) if need_columns_grad else None  # fp32 (fp64) accumulator
+            low_precision = options.low_precision_input_grad and x_nhwc.dtype in (torch.bfloat16, torch.float16)
+            grad_x_dtype = x_nhwc.dtype if low_precision else acc_dtype  # the atomics' accumulator
+            grad_x_nhwc = zeros(x_nhwc.shape, dtype=grad_x_dtype) if need_columns_grad else None
             grad_offset = torch.empty_like(offset) if need_columns_grad else None
             grad_mask = torch.empty_like(mask) if need_columns_grad and mask is not None else None
-            for start in range(0, batch, chunk):
+            for index, start in enumerate(range(0, batch, chunk)):
                 stop = min(start + chunk, batch)
                 rows = grad_rows[start * pixels:stop * pixels]
                 mask_chunk = None if mask is None else mask[start:stop]
                 if need_weight:
-                    columns = sampler.sample(x_nhwc[start:stop], offset[start:stop], mask_chunk, geo)
+                    if ctx.kept_columns is not None:
+                        columns = ctx.kept_columns[index]
+                    else:
+                        columns = sampler.sample(x_nhwc[start:stop], offset[start:stop], mask_chunk, geo)
                     _accumulate_grad_weight(rows, columns, grad_weight_cols)
                     del columns
-                if need_columns_grad:
+                if need_columns_grad and fused:
+                    sampler.fused_backward(  # rows: a transposed view for one NCHW image
+                        rows.contiguous(), weight_cols[0], x_nhwc[start:stop], offset[start:stop], mask_chunk, geo,
+                        grad_x_nhwc[start:stop], grad_offset[start:stop],
+                        None if grad_mask is None else grad_mask[start:stop],
+                    )
+                elif need_columns_grad:
                     grad_columns = _grad_columns(rows, weight_cols, geo.taps)  # (n*L, Gw, K, Cw)
                     sampler.backward(
                         grad_columns, x_nhwc[start:stop], offset[start:stop], mask_chunk, geo,
@@ -418,7 +460,7 @@ class _DeformConvColumns(torch.autograd.Function):
                 )
             grad_bias = grad_rows.sum(0, dtype=acc_dtype).to(bias.dtype) if need_bias else None
         return (grad_x, grad_offset if need_offset else None, grad_mask if need_mask else None,
-                grad_weight, grad_bias, None, None, None)
+                grad_weight, grad_bias, None, None, None, None)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -432,7 +474,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 def deform_conv2d_columns(
     input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,
     stride=1, padding=0, dilation=1, mask: Tensor | None = None,
-    *, backend: str = "auto", column_budget_bytes: int = COLUMN_BUDGET_BYTES,
+    *, backend: str = "auto", column_budget_bytes: int = COLUMN_BUDGET_BYTES, options: DeformOptions | None = None,
 ) -> Tensor:
     """:func:`deform_conv2d_fast` with the sampler (``backend``) and the chunk budget exposed."""
     geo = describe_deform_conv(input, offset, weight, bias, mask, stride, padding, dilation)
@@ -451,7 +493,7 @@ def deform_conv2d_columns(
         out = _DeformConvColumns.apply(
             x, offset.to(coord_dtype).contiguous(), None if mask is None else mask.to(coord_dtype).contiguous(),
             weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype),
-            geo, sampler, images_per_chunk,
+            geo, sampler, images_per_chunk, DEFAULT_OPTIONS if options is None else options,
         )  # channels_last
         # the input's layout, like conv2d: channels_last stays so, anything else gets NCHW-contiguous
         return out if input.is_contiguous(memory_format=torch.channels_last) else out.contiguous()

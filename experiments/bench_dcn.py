@@ -182,6 +182,56 @@ def benchmark_table(args: argparse.Namespace, shape: Shape, device: torch.device
         print(f"{name:<28}{str(dtype)[6:]:<10}{ms:>10.2f}{reference / ms:>8.2f}x{peak:>11.0f}", flush=True)
 
 
+VARIANTS = {  # name -> DeformOptions fields (keep_columns, fused_backward, low_precision_input_grad)
+    "recompute, two-step backward": (False, False, False),
+    "keep columns": (True, False, False),
+    "fused backward": (False, True, False),
+    "keep + fused": (True, True, False),
+    "keep + fused + bf16 input grad": (True, True, True),
+    "keep + two-step + bf16 input grad": (True, False, True),
+}
+
+
+def variants(shape: Shape, device: torch.device, args: argparse.Namespace) -> None:
+    """Full bf16 layer (triton) for each DeformOptions combination: time, peak memory and the worst
+    relative gradient error against torchvision in float64 on the same inputs."""
+    # torchvision in fp64 on the full batch is slow: the error is checked on 2 images
+    small = Shape(min(2, shape.batch), shape.channels, shape.height, shape.width, shape.offset_groups)
+    layer64 = make_layer(small, torch.float64, device)
+    reference = _layer_grads(torchvision.ops.deform_conv2d, layer64, shape.offset_groups)
+    print(f"\nFast-path variants (bf16, triton): DCN layer forward+backward, median of {args.repeats}; "
+          "error = worst relative gradient error vs torchvision fp64 (2 images)")
+    print(f"{'variant':<36}{'ms':>8}{'peak MiB':>10}{'error':>10}")
+    default = fast_deform.DEFAULT_OPTIONS
+    try:
+        for name, fields in VARIANTS.items():
+            fast_deform.DEFAULT_OPTIONS = fast_deform.DeformOptions(*fields)
+            try:
+                layer = make_layer(shape, torch.bfloat16, device)
+                ms, peak = time_step(dcn_step(columns_impl("triton"), layer, shape.offset_groups), device,
+                                     args.warmup, args.repeats)
+                del layer
+                low = {k: v.detach().bfloat16().requires_grad_(v.requires_grad) for k, v in layer64.items()}
+                grads = _layer_grads(columns_impl("triton"), low, shape.offset_groups)
+                error = max(relative_error(g.double(), r) for g, r in zip(grads, reference))
+            except Exception as err:
+                print(f"{name:<36}  failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                continue
+            print(f"{name:<36}{ms:>8.2f}{peak:>10.0f}{error:>10.2e}", flush=True)
+    finally:
+        fast_deform.DEFAULT_OPTIONS = default
+
+
+def _layer_grads(impl, layer: dict[str, torch.Tensor], offset_groups: int) -> list[torch.Tensor]:
+    """Gradients of the input and the DCN/offset-predictor parameters for layer['grad']."""
+    split = 2 * offset_groups * KERNEL * KERNEL
+    offset_mask = F.conv2d(layer["x"], layer["offset_weight"], layer["offset_bias"], padding=1)
+    offset, mask = offset_mask[:, :split], offset_mask[:, split:].sigmoid()
+    out = impl(layer["x"], offset, layer["weight"], layer["bias"], padding=1, mask=mask)
+    leaves = [layer[k] for k in ("x", "offset_weight", "weight", "bias")]
+    return [out.detach(), *torch.autograd.grad(out, leaves, layer["grad"].to(out.dtype))]
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
@@ -257,20 +307,27 @@ def breakdown(shape: Shape, device: torch.device, args: argparse.Namespace) -> N
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     weight_cols = fast_deform._weight_columns(layer["weight"].detach(), geo)  # (1, Cout, K*C)
     columns = fdt.sample_columns(x_nhwc, offset, mask, geo)
-    grad_out = layer["grad"].reshape(shape.batch, shape.channels, -1)  # (N, Cout, L)
-    out = torch.empty_like(grad_out)
+    out_rows = x.new_empty(shape.batch * geo.out_pixels, shape.channels)  # (N*L, Cout), NHWC
     grad_weight_cols = torch.zeros(weight_cols.shape, device=device)
     grad_x = torch.zeros(x_nhwc.shape, device=device)
     grad_offset, grad_mask = torch.empty_like(offset), torch.empty_like(mask)
+    grad_x16 = torch.zeros(x_nhwc.shape, device=device, dtype=dtype)
+    grad_rows = layer["grad"].permute(0, 2, 3, 1).reshape(-1, shape.channels).contiguous()
     pieces = {
         "NCHW -> NHWC input copy": lambda: x.permute(0, 2, 3, 1).contiguous(),
         "sample columns (triton)": lambda: fdt.sample_columns(x_nhwc, offset, mask, geo),
-        "GEMM out = W cols^T": lambda: fast_deform._columns_times_weight(columns, weight_cols, out),
-        "GEMM grad_cols = g^T W": lambda: fast_deform._grad_columns(grad_out, weight_cols, geo.taps),
-        "GEMM grad_W = g cols": lambda: fast_deform._accumulate_grad_weight(grad_out, columns, grad_weight_cols),
+        "GEMM out = cols W^T": lambda: fast_deform._columns_times_weight(columns, weight_cols, None, out_rows),
+        "GEMM grad_cols = g W": lambda: fast_deform._grad_columns(grad_rows, weight_cols, geo.taps),
+        "GEMM grad_W = g^T cols": lambda: fast_deform._accumulate_grad_weight(grad_rows, columns, grad_weight_cols),
         "sample backward (triton)": lambda: fdt.sample_columns_backward(
             columns, x_nhwc, offset, mask, geo, grad_x, grad_offset, grad_mask),
         "grad_x NHWC fp32 -> NCHW": lambda: x.new_empty(x.shape).copy_(grad_x.permute(0, 3, 1, 2)),
+        "sample backward, bf16 grad_x": lambda: fdt.sample_columns_backward(
+            columns, x_nhwc, offset, mask, geo, grad_x16, grad_offset, grad_mask),
+        "fused backward (triton)": lambda: fdt.fused_sample_columns_backward(
+            grad_rows, weight_cols[0], x_nhwc, offset, mask, geo, grad_x, grad_offset, grad_mask),
+        "fused backward, bf16 grad_x": lambda: fdt.fused_sample_columns_backward(
+            grad_rows, weight_cols[0], x_nhwc, offset, mask, geo, grad_x16, grad_offset, grad_mask),
     }
     rows2d = columns.view(columns.shape[0], -1)
     gemm_flop = 2 * rows2d.shape[0] * rows2d.shape[1] * shape.channels
@@ -299,11 +356,16 @@ def sweep(shape: Shape, device: torch.device, args: argparse.Namespace) -> None:
     columns = fdt.sample_columns(x_nhwc, offset, mask, geo)
     grad_x = torch.zeros(x_nhwc.shape, device=device)
     grad_offset, grad_mask = torch.empty_like(offset), torch.empty_like(mask)
+    grad_rows = layer["grad"].permute(0, 2, 3, 1).reshape(-1, shape.channels).contiguous()
+    weight_cols = fast_deform._weight_columns(layer["weight"].detach(), geo)[0]
     calls = {
         "forward": lambda: fdt.sample_columns(x_nhwc, offset, mask, geo),
         "backward": lambda: fdt.sample_columns_backward(columns, x_nhwc, offset, mask, geo, grad_x, grad_offset, grad_mask),
+        "fused_backward": lambda: fdt.fused_sample_columns_backward(
+            grad_rows, weight_cols, x_nhwc, offset, mask, geo, grad_x, grad_offset, grad_mask),
     }
-    configs = [(16, 128, 2), (32, 128, 4), (64, 128, 8), (16, 64, 2), (32, 64, 4), (64, 64, 4)]
+    configs = [(16, 128, 2), (32, 128, 4), (64, 128, 8), (16, 64, 2), (32, 64, 4), (64, 64, 4), (64, 64, 8),
+               (128, 64, 8)]
     print("\nTriton kernel sweep (bf16, one chunk): rows, channels, warps -> ms")
     for kernel, call in calls.items():
         default = fdt.KERNEL_CONFIGS[kernel]
@@ -342,6 +404,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="correctness vs torchvision on the device first")
     parser.add_argument("--breakdown", action="store_true", help="time the pieces of the bf16 triton path")
     parser.add_argument("--sweep", action="store_true", help="time a few triton kernel configs")
+    parser.add_argument("--variants", action="store_true", help="time the fast path's DeformOptions combinations")
     parser.add_argument("--apply-sweep", action="store_true", help="use the sweep's fastest configs in the table")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row (torch sampler)")
     parser.add_argument("--time-limit", type=float, default=240.0, help="skip remaining rows after this many seconds")
@@ -375,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             sweep(shape, device, args)
         if args.breakdown:
             breakdown(shape, device, args)
+        if args.variants:
+            variants(shape, device, args)
     benchmark_table(args, shape, device, args.started)
     print(f"\ntotal {time.time() - args.started:.0f} s")
     return 0 if ok else 1

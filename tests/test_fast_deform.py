@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from detector import fast_deform
-from detector.fast_deform import deform_conv2d_columns, deform_conv2d_fast, select_deform_conv2d
+from detector.fast_deform import DeformOptions, deform_conv2d_columns, deform_conv2d_fast, select_deform_conv2d
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,9 @@ def make_case(batch=2, channels=4, out_channels=6, height=7, width=8, kernel=3, 
 def run_with_grads(fn, tensors, conv_kwargs, grad_seed=1):
     out = fn(tensors["input"], tensors["offset"], tensors["weight"], tensors["bias"], mask=tensors["mask"], **conv_kwargs)
     leaves = [t for t in tensors.values() if t is not None]
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype).to(out.device)
+    # drawn in float64 then cast: the same gradient whatever the dtype under test
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    grad_out = grad_out.to(out.device, out.dtype)
     return [out, *torch.autograd.grad(out, leaves, grad_out)]
 
 
@@ -111,6 +113,49 @@ def test_output_keeps_the_input_memory_format_with_torchvision_values(weight_gro
     for got in (plain, nhwc):
         for a, e in zip(got, expected):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def counting_sampler(monkeypatch) -> list[str]:
+    """Replace the torch sampler with one that records each sampling call ("sample" / "backward")."""
+    calls: list[str] = []
+    base = fast_deform.TORCH_SAMPLER
+
+    def sample(*args, **kwargs):
+        calls.append("sample")
+        return base.sample(*args, **kwargs)
+
+    def backward(*args, **kwargs):
+        calls.append("backward")
+        return base.backward(*args, **kwargs)
+
+    monkeypatch.setattr(fast_deform, "TORCH_SAMPLER", fast_deform.Sampler("counting", sample, backward,
+                                                                          base.column_dtype_bytes))
+    return calls
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_kept_columns_spare_the_backward_a_second_sampling_with_equal_gradients(monkeypatch, keep):
+    calls = counting_sampler(monkeypatch)
+    tensors, conv_kwargs = make_case(batch=3)
+    options = DeformOptions(keep_columns=keep)
+    fn = lambda *a, **k: deform_conv2d_columns(*a, **k, backend="torch", column_budget_bytes=1, options=options)
+    assert_matches_torchvision(fn, tensors, conv_kwargs)  # 3 chunks of one image
+    expected = ["sample"] * 3 + ["backward"] * 3 if keep else ["sample"] * 3 + ["sample", "backward"] * 3
+    assert calls == expected
+
+
+def test_bf16_input_gradient_accumulated_in_bf16_stays_close_to_float64():
+    tensors, conv_kwargs = make_case(batch=2, channels=8, out_channels=8, offset_scale=1.0)
+    expected = run_with_grads(torchvision.ops.deform_conv2d, tensors, conv_kwargs)
+    low_tensors = {k: None if v is None else v.detach().bfloat16().requires_grad_() for k, v in tensors.items()}
+    errors = {}
+    for low in (False, True):
+        fn = lambda *a, **k: deform_conv2d_columns(*a, **k, options=DeformOptions(low_precision_input_grad=low))
+        grad_input = run_with_grads(fn, low_tensors, conv_kwargs)[1]
+        assert grad_input.dtype == torch.bfloat16
+        errors[low] = ((grad_input.double() - expected[1]).abs().max() / expected[1].abs().max()).item()
+    assert errors[True] < 2e-2, errors  # bf16 has 8 bits of mantissa: ~4e-3 per rounding
+    assert errors[True] < 4 * errors[False] + 1e-3, errors
 
 
 def test_gradcheck_tiny_case():
@@ -204,13 +249,16 @@ def test_auto_matches_torchvision_on_cpu_and_handles_bfloat16():
 TRITON_INTERPRETER_SCRIPT = """
 import torch, torchvision
 import tests.test_fast_deform as t
-from detector.fast_deform import deform_conv2d_columns
-fn = lambda *a, **k: deform_conv2d_columns(*a, **k, backend="triton")
-for case in (dict(), dict(zero_offsets=True, use_bias=False),
-             dict(stride=2, dilation=2, padding=2, use_mask=False, height=9, width=9, offset_scale=6.0,
-                  channels=6, out_channels=3, weight_groups=3)):
-    tensors, conv_kwargs = t.make_case(batch=1, **case)
-    t.assert_matches_torchvision(fn, tensors, conv_kwargs)
+from detector.fast_deform import DeformOptions, deform_conv2d_columns
+for options in (DeformOptions(keep_columns=True, fused_backward=True),
+                DeformOptions(keep_columns=False, fused_backward=False)):
+    fn = lambda *a, **k: deform_conv2d_columns(*a, **k, backend="triton", options=options)
+    for case in (dict(), dict(zero_offsets=True, use_bias=False),
+                 dict(batch=2, channels=40, out_channels=70, offset_groups=1),  # several channel / output blocks
+                 dict(stride=2, dilation=2, padding=2, use_mask=False, height=9, width=9, offset_scale=6.0,
+                      channels=6, out_channels=3, weight_groups=3)):
+        tensors, conv_kwargs = t.make_case(**dict(dict(batch=1), **case))
+        t.assert_matches_torchvision(fn, tensors, conv_kwargs)
 print("triton interpreter ok")
 """
 
@@ -226,7 +274,28 @@ def test_triton_kernels_match_torchvision_under_the_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("case", [{}, dict(zero_offsets=True), dict(stride=2, dilation=2, padding=2, offset_groups=1)])
-def test_cuda_fast_matches_torchvision_float64(case):
+@pytest.mark.parametrize("case", [{}, dict(zero_offsets=True), dict(stride=2, dilation=2, padding=2, offset_groups=1),
+                                  dict(channels=40, out_channels=70, offset_groups=1)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_cuda_fast_matches_torchvision_float64(case, fused):
     tensors, conv_kwargs = make_case(device="cuda", **case)
-    assert_matches_torchvision(deform_conv2d_fast, tensors, conv_kwargs)
+    options = DeformOptions(fused_backward=fused)
+    assert_matches_torchvision(lambda *a, **k: deform_conv2d_columns(*a, **k, options=options), tensors, conv_kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_fused_backward_and_bf16_input_grad_match_the_two_step_path():
+    tensors, conv_kwargs = make_case(device="cuda", batch=2, channels=64, out_channels=64, height=20, width=24,
+                                     offset_scale=1.0)
+    expected = run_with_grads(torchvision.ops.deform_conv2d, tensors, conv_kwargs)
+    low_tensors = {k: None if v is None else v.detach().bfloat16().requires_grad_() for k, v in tensors.items()}
+
+    def worst_error(options):
+        fn = lambda *a, **k: deform_conv2d_columns(*a, **k, backend="triton", options=options)
+        return max(((a.double() - e).abs().max() / e.abs().max()).item()
+                   for a, e in zip(run_with_grads(fn, low_tensors, conv_kwargs), expected))
+
+    two_step = worst_error(DeformOptions(keep_columns=False, fused_backward=False))
+    for options in (DeformOptions(fused_backward=True), DeformOptions(low_precision_input_grad=True)):
+        assert worst_error(options) < 2 * two_step + 1e-3, options
