@@ -18,15 +18,13 @@ Runs on CUDA; with ``TRITON_INTERPRET=1`` Triton's interpreter runs it on CPU te
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 # (rows per program, channels per step, warps) per kernel; experiments/bench_dcn.py sweeps these.
 # Defaults: the fastest of experiments/bench_dcn.py --sweep on an H100 (bf16, DESIGN shape).
-KERNEL_CONFIGS = {"forward": (32, 128, 4), "backward": (32, 128, 4), "fused_backward": (32, 64, 4)}
-FUSED_BLOCK_OUT = 64  # output channels per tl.dot step of the fused backward
+KERNEL_CONFIGS = {"forward": (16, 64, 2), "backward": (32, 128, 4)}
 
 
 @triton.jit
@@ -211,53 +209,6 @@ def _sample_columns_backward_kernel(
                                  modulation, fy, fx, s00, s01, s10, s11, HAS_MASK)
 
 
-@triton.jit
-def _fused_backward_kernel(
-    grad_rows_ptr, weight_ptr, x_ptr, offset_ptr, mask_ptr, grad_x_ptr, grad_offset_ptr, grad_mask_ptr,
-    num_rows, pixels, out_width, height, width, channels, out_channels,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    GROUPS: tl.constexpr, TAPS: tl.constexpr, KERNEL_W: tl.constexpr, GROUP_CHANNELS: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr, BLOCK_OUT: tl.constexpr,
-):
-    # As _sample_columns_backward_kernel, but each (rows, channels) block of the column gradient is
-    # computed here, grad_rows (rows, Cout) @ weight (Cout, K*C)[:, tap, channels], instead of being
-    # read from a column-sized tensor: one weight group only.
-    gk = tl.program_id(0) % (GROUPS * TAPS)
-    rows = (tl.program_id(0) // (GROUPS * TAPS)) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_ok = rows < num_rows
-    (offset_index, mask_index, modulation, fy, fx, ok00, ok01, ok10, ok11, pixel00) = _sampling_point(
-        offset_ptr, mask_ptr, rows, row_ok, gk, pixels, out_width, height, width,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, GROUPS, TAPS, KERNEL_W, HAS_MASK)
-    group = gk // TAPS
-    tap = gk % TAPS
-    w00, w01, w10, w11, a00, a01, a10, a11 = _corner_weights_and_addresses(
-        modulation, fy, fx, ok00, ok01, ok10, ok11, pixel00, width, channels)
-    grad_row = grad_rows_ptr + (rows.to(tl.int64) * out_channels)[:, None]
-    s00 = tl.zeros((BLOCK_ROWS,), dtype=fy.dtype)
-    s01 = tl.zeros((BLOCK_ROWS,), dtype=fy.dtype)
-    s10 = tl.zeros((BLOCK_ROWS,), dtype=fy.dtype)
-    s11 = tl.zeros((BLOCK_ROWS,), dtype=fy.dtype)
-    for c0 in range(0, GROUP_CHANNELS, BLOCK_CHANNELS):
-        c = c0 + tl.arange(0, BLOCK_CHANNELS)
-        c_ok = (c < GROUP_CHANNELS)[None, :]
-        channel = group * GROUP_CHANNELS + c
-        weight_column = weight_ptr + (tap * channels + channel)[None, :]
-        grad = tl.zeros((BLOCK_ROWS, BLOCK_CHANNELS), dtype=fy.dtype)
-        for o0 in range(0, out_channels, BLOCK_OUT):
-            o = o0 + tl.arange(0, BLOCK_OUT)
-            o_ok = o < out_channels
-            g = tl.load(grad_row + o[None, :], mask=row_ok[:, None] & o_ok[None, :], other=0.0)
-            w = tl.load(weight_column + (o.to(tl.int64) * (TAPS * channels))[:, None],
-                        mask=o_ok[:, None] & c_ok, other=0.0)
-            grad = tl.dot(g, w, acc=grad, input_precision=DOT_PRECISION)
-        s00, s01, s10, s11 = _scatter_column_gradient(
-            grad, x_ptr, grad_x_ptr, channel, a00, a01, a10, a11, ok00, ok01, ok10, ok11, c_ok,
-            w00, w01, w10, w11, s00, s01, s10, s11)
-    _store_offset_mask_gradients(grad_offset_ptr, grad_mask_ptr, offset_index, mask_index, pixels, row_ok,
-                                 modulation, fy, fx, s00, s01, s10, s11, HAS_MASK)
-
-
 def _launch_args(x_nhwc: Tensor, geo, kernel: str) -> tuple[tuple, dict, tuple]:
     n, height, width, channels = x_nhwc.shape
     block_rows, block_channels, num_warps = KERNEL_CONFIGS[kernel]
@@ -300,33 +251,3 @@ def sample_columns_backward(
         grad_offset if grad_mask is None else grad_mask, *scalars, HAS_MASK=mask is not None, **meta,
     )
 
-
-def fused_sample_columns_backward(
-    grad_rows: Tensor, weight_cols: Tensor, x_nhwc: Tensor, offset: Tensor, mask: Tensor | None, geo,
-    grad_x_nhwc: Tensor, grad_offset: Tensor, grad_mask: Tensor | None,
-) -> None:
-    """``sample_columns_backward`` of the column gradient ``grad_rows (n*L, Cout) @ weight_cols (Cout, K*C)``
-    without materialising it (one weight group). Same outputs as the two-step path."""
-    if geo.weight_groups != 1:
-        raise ValueError("fused_sample_columns_backward: one weight group only")
-    if mask is not None and grad_mask is None:
-        grad_mask = offset.new_empty(mask.shape)
-    n, height, width, channels = x_nhwc.shape
-    block_rows, block_channels, num_warps = KERNEL_CONFIGS["fused_backward"]
-    group_channels = channels // geo.offset_groups
-    out_channels = grad_rows.shape[1]
-    # tl.dot needs every block dimension >= 16
-    block_channels = max(16, min(block_channels, triton.next_power_of_2(group_channels)))
-    block_out = max(16, min(FUSED_BLOCK_OUT, triton.next_power_of_2(out_channels)))
-    num_rows = n * geo.out_pixels
-    grid = (triton.cdiv(num_rows, block_rows) * geo.offset_groups * geo.taps,)
-    precision = "ieee" if grad_rows.dtype in (torch.float32, torch.float64) else "tf32"
-    _fused_backward_kernel[grid](
-        grad_rows, weight_cols, x_nhwc, offset, offset if mask is None else mask, grad_x_nhwc, grad_offset,
-        grad_offset if grad_mask is None else grad_mask,
-        num_rows, geo.out_pixels, geo.out_width, height, width, channels, out_channels,
-        *geo.stride, *geo.padding, *geo.dilation,
-        GROUPS=geo.offset_groups, TAPS=geo.taps, KERNEL_W=geo.kernel_w, GROUP_CHANNELS=group_channels,
-        HAS_MASK=mask is not None, DOT_PRECISION=precision,
-        BLOCK_ROWS=max(16, block_rows), BLOCK_CHANNELS=block_channels, BLOCK_OUT=block_out, num_warps=num_warps,
-    )

@@ -6,9 +6,11 @@
   channels_last the interpolate kernels took ~1 ms per call forward and more backward
   (atomics) in a nasfcos step; GEMMs read and write each map once, in the input's layout, and
   their backward is two more GEMMs.
-- :class:`FastConcatReduce` replaces the ``cat`` aggregation's grouped 1x1 convolution (groups =
-  width, two input channels per output channel), which cuDNN runs with slow direct kernels, by
-  the same function written as two per-channel multiply-adds.
+- :class:`FastConcatReduce` replaces the ``cat`` aggregation (BatchNorm -> ReLU -> grouped 1x1
+  convolution with groups = width, two input channels per output channel, which cuDNN runs with
+  slow direct kernels) by fused Triton kernels on CUDA (:mod:`detector.fast_cat`: no concatenated
+  map, one pass forward, two backward) and elsewhere by the same function written as two
+  per-channel multiply-adds.
 
 Both compute the reference's function; rounding differs only in the compute dtype (interpolation
 weights are made in float64 and cast to the input's dtype). tests/test_fast_paths.py compares
@@ -21,6 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
+from detector.fast_cat import fused_concat_reduce, triton_cat_available
 from detector.ops import ConcatReduce
 from detector.searched_fpn import FPNCell, SearchedFPNModule, resize_to
 
@@ -81,9 +84,12 @@ class FastSearchedFPNModule(SearchedFPNModule):
 
 
 class FastConcatReduce(ConcatReduce):
-    """``cat`` with its grouped 1x1 conv as ``z[:, 0::2] * w0 + z[:, 1::2] * w1`` (same parameters)."""
+    """``cat`` through the fused Triton kernels of :mod:`detector.fast_cat` where they run (CUDA), else
+    with its grouped 1x1 conv as ``z[:, 0::2] * w0 + z[:, 1::2] * w1`` (same parameters)."""
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if x.shape[1] % 2 == 0 and triton_cat_available(x):
+            return fused_concat_reduce(self, x, y)
         norm, relu, conv = self.reduce
         z = relu(norm(torch.cat([x, y], dim=1)))  # (N, 2w, H, W)
         weight = conv.weight.to(z.dtype).view(1, -1, 2, 1, 1)  # (1, w, 2, 1, 1): output j reads 2j, 2j+1

@@ -182,13 +182,11 @@ def benchmark_table(args: argparse.Namespace, shape: Shape, device: torch.device
         print(f"{name:<28}{str(dtype)[6:]:<10}{ms:>10.2f}{reference / ms:>8.2f}x{peak:>11.0f}", flush=True)
 
 
-VARIANTS = {  # name -> DeformOptions fields (keep_columns, fused_backward, low_precision_input_grad)
-    "recompute, two-step backward": (False, False, False),
-    "keep columns": (True, False, False),
-    "fused backward": (False, True, False),
-    "keep + fused": (True, True, False),
-    "keep + fused + bf16 input grad": (True, True, True),
-    "keep + two-step + bf16 input grad": (True, False, True),
+VARIANTS = {  # name -> DeformOptions fields (keep_columns, low_precision_input_grad)
+    "recompute columns, fp32 input grad": (False, False),
+    "keep columns": (True, False),
+    "bf16 input grad": (False, True),
+    "keep columns + bf16 input grad (default)": (True, True),
 }
 
 
@@ -324,10 +322,6 @@ def breakdown(shape: Shape, device: torch.device, args: argparse.Namespace) -> N
         "grad_x NHWC fp32 -> NCHW": lambda: x.new_empty(x.shape).copy_(grad_x.permute(0, 3, 1, 2)),
         "sample backward, bf16 grad_x": lambda: fdt.sample_columns_backward(
             columns, x_nhwc, offset, mask, geo, grad_x16, grad_offset, grad_mask),
-        "fused backward (triton)": lambda: fdt.fused_sample_columns_backward(
-            grad_rows, weight_cols[0], x_nhwc, offset, mask, geo, grad_x, grad_offset, grad_mask),
-        "fused backward, bf16 grad_x": lambda: fdt.fused_sample_columns_backward(
-            grad_rows, weight_cols[0], x_nhwc, offset, mask, geo, grad_x16, grad_offset, grad_mask),
     }
     rows2d = columns.view(columns.shape[0], -1)
     gemm_flop = 2 * rows2d.shape[0] * rows2d.shape[1] * shape.channels
@@ -354,15 +348,12 @@ def sweep(shape: Shape, device: torch.device, args: argparse.Namespace) -> None:
     geo = fast_deform.describe_deform_conv(x, offset, layer["weight"], None, mask, 1, 1, 1)
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     columns = fdt.sample_columns(x_nhwc, offset, mask, geo)
-    grad_x = torch.zeros(x_nhwc.shape, device=device)
     grad_offset, grad_mask = torch.empty_like(offset), torch.empty_like(mask)
-    grad_rows = layer["grad"].permute(0, 2, 3, 1).reshape(-1, shape.channels).contiguous()
-    weight_cols = fast_deform._weight_columns(layer["weight"].detach(), geo)[0]
+    grad_x16 = torch.zeros(x_nhwc.shape, device=device, dtype=torch.bfloat16)  # the default accumulator
     calls = {
         "forward": lambda: fdt.sample_columns(x_nhwc, offset, mask, geo),
-        "backward": lambda: fdt.sample_columns_backward(columns, x_nhwc, offset, mask, geo, grad_x, grad_offset, grad_mask),
-        "fused_backward": lambda: fdt.fused_sample_columns_backward(
-            grad_rows, weight_cols, x_nhwc, offset, mask, geo, grad_x, grad_offset, grad_mask),
+        "backward": lambda: fdt.sample_columns_backward(columns, x_nhwc, offset, mask, geo, grad_x16, grad_offset,
+                                                        grad_mask),
     }
     configs = [(16, 128, 2), (32, 128, 4), (64, 128, 8), (16, 64, 2), (32, 64, 4), (64, 64, 4), (64, 64, 8),
                (128, 64, 8)]
