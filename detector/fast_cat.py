@@ -85,12 +85,12 @@ def _half_slices(half: int, width: int) -> tuple[slice, slice]:
     return slice(half * width, (half + 1) * width), slice(half * width // 2, (half + 1) * width // 2)
 
 
-def _batch_stats(rows: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel mean, biased variance and 1/sqrt(var + eps) of (P, C) rows, in dtype."""
-    if rows.is_cuda and dtype == torch.float32:
-        mean, invstd = torch.batch_norm_stats(rows, eps)  # float32 for bf16/fp16/fp32 rows, one pass
+def _batch_stats(z: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel mean, biased variance and 1/sqrt(var + eps) of z (N, C, H, W), in dtype."""
+    if z.is_cuda and dtype == torch.float32:
+        mean, invstd = torch.batch_norm_stats(z, eps)  # float32 for bf16/fp16/fp32, one pass, any layout
         return mean, invstd.pow(-2) - eps, invstd
-    var, mean = torch.var_mean(rows.to(dtype), dim=0, unbiased=False)
+    var, mean = torch.var_mean(z.to(dtype), dim=(0, 2, 3), unbiased=False)
     return mean, var, torch.rsqrt(var + eps)
 
 
@@ -103,10 +103,11 @@ def fused_concat_reduce(module: ConcatReduce, x: Tensor, y: Tensor) -> Tensor:
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    x_rows, y_rows = (t.to(dtype).permute(0, 2, 3, 1).reshape(-1, width).contiguous() for t in (x, y))
+    x, y = (t.to(dtype).contiguous(memory_format=torch.channels_last) for t in (x, y))
+    x_rows, y_rows = (t.permute(0, 2, 3, 1).reshape(-1, width) for t in (x, y))  # views
     batch_stats = norm.training or norm.running_mean is None
     if batch_stats:
-        stats = [_batch_stats(rows, norm.eps, acc) for rows in (x_rows, y_rows)]
+        stats = [_batch_stats(t, norm.eps, acc) for t in (x, y)]
         mean = torch.cat([s[0] for s in stats])
         var = torch.cat([s[1] for s in stats])
         invstd = torch.cat([s[2] for s in stats])

@@ -11,7 +11,8 @@ reading NHWC rows once per kernel:
   with the BatchNorm folded into a per-channel ``scale, shift`` (float32; float64 for float64 inputs);
 - ``backward`` pass 1: per-channel sums over pixels of the BatchNorm-input gradient ``du`` and of
   ``du * xhat`` (the beta and gamma gradients) and of ``g * relu(u)`` (the mix weights' gradient),
-  per program in registers, then one atomic add per channel;
+  each of ~``SUM_PROGRAMS`` programs summing a long run of pixels in registers, then one atomic
+  add per channel;
 - ``backward`` pass 2: ``dz = scale * (du - mean(du) - xhat * mean(du * xhat))`` with batch
   statistics (training), ``dz = scale * du`` with running statistics (eval).
 
@@ -25,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_PIXELS = 64
+SUM_PROGRAMS = 512  # programs of the backward's reduction kernel (a few per SM of an H100)
 
 
 @triton.jit
@@ -73,26 +75,40 @@ def _bn_input_grads(g_ptr, mix_ptr, pixels, pairs, ok, ua, ub, width, out_offset
 @triton.jit
 def _cat_backward_sums_kernel(z_ptr, g_ptr, scale_ptr, shift_ptr, mix_ptr, mean_ptr, invstd_ptr,
                               sum_du_ptr, sum_du_xhat_ptr, grad_mix_ptr, num_pixels, width, out_offset,
+                              pixels_per_program,
                               BLOCK_PIXELS: tl.constexpr, BLOCK_PAIRS: tl.constexpr):
-    pixels = tl.program_id(0) * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
+    # Each program sums over pixels_per_program pixels in registers and adds its totals once: few
+    # programs, so few atomics on the same 3 x w addresses (they all target the same channels).
     pairs = tl.program_id(1) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
-    ok, za, zb, ua, ub = _pre_activations(z_ptr, scale_ptr, shift_ptr, pixels, num_pixels, pairs, width,
-                                          BLOCK_PIXELS, BLOCK_PAIRS)
-    g, dua, dub = _bn_input_grads(g_ptr, mix_ptr, pixels, pairs, ok, ua, ub, width, out_offset)
     pair_ok = pairs < width // 2
     mean_a = tl.load(mean_ptr + 2 * pairs, mask=pair_ok, other=0.0)[None, :]
     mean_b = tl.load(mean_ptr + 2 * pairs + 1, mask=pair_ok, other=0.0)[None, :]
     invstd_a = tl.load(invstd_ptr + 2 * pairs, mask=pair_ok, other=0.0)[None, :]
     invstd_b = tl.load(invstd_ptr + 2 * pairs + 1, mask=pair_ok, other=0.0)[None, :]
-    xhat_a = tl.where(ok, (za - mean_a) * invstd_a, 0.0)
-    xhat_b = tl.where(ok, (zb - mean_b) * invstd_b, 0.0)
-    tl.atomic_add(sum_du_ptr + 2 * pairs, tl.sum(dua, axis=0), mask=pair_ok, sem="relaxed")
-    tl.atomic_add(sum_du_ptr + 2 * pairs + 1, tl.sum(dub, axis=0), mask=pair_ok, sem="relaxed")
-    tl.atomic_add(sum_du_xhat_ptr + 2 * pairs, tl.sum(dua * xhat_a, axis=0), mask=pair_ok, sem="relaxed")
-    tl.atomic_add(sum_du_xhat_ptr + 2 * pairs + 1, tl.sum(dub * xhat_b, axis=0), mask=pair_ok, sem="relaxed")
-    tl.atomic_add(grad_mix_ptr + 2 * pairs, tl.sum(g * tl.maximum(ua, 0.0), axis=0), mask=pair_ok, sem="relaxed")
-    tl.atomic_add(grad_mix_ptr + 2 * pairs + 1, tl.sum(g * tl.maximum(ub, 0.0), axis=0), mask=pair_ok,
-                  sem="relaxed")
+    du_a = tl.zeros((BLOCK_PAIRS,), dtype=mean_a.dtype)
+    du_b = tl.zeros((BLOCK_PAIRS,), dtype=mean_a.dtype)
+    du_xhat_a = tl.zeros((BLOCK_PAIRS,), dtype=mean_a.dtype)
+    du_xhat_b = tl.zeros((BLOCK_PAIRS,), dtype=mean_a.dtype)
+    mix_a = tl.zeros((BLOCK_PAIRS,), dtype=mean_a.dtype)
+    mix_b = tl.zeros((BLOCK_PAIRS,), dtype=mean_a.dtype)
+    first = tl.program_id(0) * pixels_per_program
+    for start in range(first, first + pixels_per_program, BLOCK_PIXELS):
+        pixels = start + tl.arange(0, BLOCK_PIXELS)
+        ok, za, zb, ua, ub = _pre_activations(z_ptr, scale_ptr, shift_ptr, pixels, num_pixels, pairs, width,
+                                              BLOCK_PIXELS, BLOCK_PAIRS)
+        g, dua, dub = _bn_input_grads(g_ptr, mix_ptr, pixels, pairs, ok, ua, ub, width, out_offset)
+        du_a += tl.sum(dua, axis=0)
+        du_b += tl.sum(dub, axis=0)
+        du_xhat_a += tl.sum(dua * tl.where(ok, (za - mean_a) * invstd_a, 0.0), axis=0)
+        du_xhat_b += tl.sum(dub * tl.where(ok, (zb - mean_b) * invstd_b, 0.0), axis=0)
+        mix_a += tl.sum(g * tl.maximum(ua, 0.0), axis=0)
+        mix_b += tl.sum(g * tl.maximum(ub, 0.0), axis=0)
+    tl.atomic_add(sum_du_ptr + 2 * pairs, du_a, mask=pair_ok, sem="relaxed")
+    tl.atomic_add(sum_du_ptr + 2 * pairs + 1, du_b, mask=pair_ok, sem="relaxed")
+    tl.atomic_add(sum_du_xhat_ptr + 2 * pairs, du_xhat_a, mask=pair_ok, sem="relaxed")
+    tl.atomic_add(sum_du_xhat_ptr + 2 * pairs + 1, du_xhat_b, mask=pair_ok, sem="relaxed")
+    tl.atomic_add(grad_mix_ptr + 2 * pairs, mix_a, mask=pair_ok, sem="relaxed")
+    tl.atomic_add(grad_mix_ptr + 2 * pairs + 1, mix_b, mask=pair_ok, sem="relaxed")
 
 
 @triton.jit
@@ -138,9 +154,12 @@ def cat_backward_sums(z: Tensor, grad_out: Tensor, scale: Tensor, shift: Tensor,
                       invstd: Tensor, sum_du: Tensor, sum_du_xhat: Tensor, grad_mix: Tensor, half: int) -> None:
     """Accumulate (atomics) the half's per-channel sums: sum_du, sum_du_xhat (w,), grad_mix (w/2, 2)."""
     num_pixels, width = z.shape
-    grid, block_pairs = _grid(num_pixels, width)
+    (_, pair_blocks), block_pairs = _grid(num_pixels, width)
+    # ~SUM_PROGRAMS programs in all, each over a multiple of BLOCK_PIXELS pixels
+    per_program = BLOCK_PIXELS * triton.cdiv(num_pixels, BLOCK_PIXELS * max(1, SUM_PROGRAMS // pair_blocks))
+    grid = (triton.cdiv(num_pixels, per_program), pair_blocks)
     _cat_backward_sums_kernel[grid](z, grad_out, scale, shift, mix, mean, invstd, sum_du, sum_du_xhat, grad_mix,
-                                    num_pixels, width, half * (width // 2),
+                                    num_pixels, width, half * (width // 2), per_program,
                                     BLOCK_PIXELS=BLOCK_PIXELS, BLOCK_PAIRS=block_pairs)
 
 

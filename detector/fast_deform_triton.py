@@ -24,7 +24,7 @@ from torch import Tensor
 
 # (rows per program, channels per step, warps) per kernel; experiments/bench_dcn.py sweeps these.
 # Defaults: the fastest of experiments/bench_dcn.py --sweep on an H100 (bf16, DESIGN shape).
-KERNEL_CONFIGS = {"forward": (16, 64, 2), "backward": (32, 128, 4)}
+KERNEL_CONFIGS = {"forward": (16, 64, 2), "backward": (64, 64, 8)}
 
 
 @triton.jit

@@ -72,6 +72,9 @@ from detector.fast_cat import fused_concat_reduce
 for case in (dict(), dict(channels_last=True), dict(training=False), dict(momentum=None),
              dict(width=160, height=3, width_px=50, channels_last=True)):  # 80 pairs: two pair blocks
     t.compare_with_reference(fused_concat_reduce, **case)
+from detector import fast_cat_triton
+fast_cat_triton.SUM_PROGRAMS = 2  # one program per pair block: each loops over all 300 pixels
+t.compare_with_reference(fused_concat_reduce, width=8, height=6, width_px=25, batch=2)
 print("fused cat ok")
 """
 
