@@ -318,6 +318,39 @@ def rank_correlations(x: Sequence[float], y: Sequence[float], seed: int = 0) -> 
     return out
 
 
+def paired_tau_difference(x: Sequence[float], x_other: Sequence[float], y: Sequence[float],
+                          seed: int = 0) -> tuple[float, float, float]:
+    """tau(x, y) - tau(x_other, y) with a 95% percentile bootstrap interval, resampling the
+    architectures (the same resample for both proxies: a paired comparison)."""
+    import numpy as np
+    from scipy import stats
+
+    x, x_other, y = (np.asarray(v, dtype=float) for v in (x, x_other, y))
+    rng = np.random.default_rng(seed)
+
+    def difference(index):
+        return stats.kendalltau(x[index], y[index]).statistic - stats.kendalltau(x_other[index], y[index]).statistic
+
+    point = float(difference(np.arange(len(x))))
+    samples = [v for v in (difference(rng.integers(0, len(x), len(x))) for _ in range(BOOTSTRAP)) if np.isfinite(v)]
+    low, high = np.percentile(samples, [2.5, 97.5]) if samples else (math.nan, math.nan)
+    return point, float(low), float(high)
+
+
+def paired_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict:
+    """(iters, reward) -> tau difference of ``--proxy-dir`` minus ``--paired-dir`` (same architectures)."""
+    other = {row["label"]: json.loads((Path(args.paired_dir) / f"{row['label']}.json").read_text())["proxy"]
+             for row in rows}
+    trained = [r["trained"]["AP"] for r in rows]
+    table = {}
+    for iters in args.proxy_iters:
+        for reward, key, sign in (("ap", "ap", 1), ("neg_loss", "loss", -1)):
+            mine = [sign * r["proxy"][str(iters)][key] for r in rows]
+            theirs = [sign * other[r["label"]][str(iters)][key] for r in rows]
+            table[(iters, reward)] = paired_tau_difference(mine, theirs, trained)
+    return table
+
+
 def fidelity_study(args: argparse.Namespace) -> int:
     from proxy_eval.prepare import prepare
     from detector.cli import compose
@@ -351,7 +384,8 @@ def fidelity_study(args: argparse.Namespace) -> int:
             proxy = [r["proxy"][str(iters)]["ap"] if reward == "ap" else -r["proxy"][str(iters)]["loss"] for r in rows]
             table[(iters, reward)] = rank_correlations(proxy, [r["trained"]["AP"] for r in rows])
     plot_fidelity(rows, args, out / f"{args.name}.png")
-    write_fidelity_markdown(rows, table, args, out / f"{args.name}.md", time.perf_counter() - started)
+    paired = paired_table(rows, args) if args.paired_dir else {}
+    write_fidelity_markdown(rows, table, args, out / f"{args.name}.md", time.perf_counter() - started, paired)
     print((out / f"{args.name}.md").read_text())
     return 0
 
@@ -380,7 +414,7 @@ def plot_fidelity(rows: list[dict[str, Any]], args: argparse.Namespace, path: Pa
 
 
 def write_fidelity_markdown(rows: list[dict[str, Any]], table: dict, args: argparse.Namespace, path: Path,
-                            wall: float) -> None:
+                            wall: float, paired: dict | None = None) -> None:
     budgets = args.proxy_iters
     training = (f"`python -m detector train {' '.join(args.train)}`" if not args.ground_truth else
                 f"the runs of experiments/fidelity_gpu.sh in `{args.ground_truth}` (mean over their seeds)")
@@ -396,6 +430,12 @@ def write_fidelity_markdown(rows: list[dict[str, Any]], table: dict, args: argpa
         tau, rho = stats_["tau"], stats_["rho"]
         lines.append(f"| {iters} | {reward} | {tau[0]:.2f} [{tau[1]:.2f}, {tau[2]:.2f}] | "
                      f"{rho[0]:.2f} [{rho[1]:.2f}, {rho[2]:.2f}] |")
+    if paired:
+        lines += ["", f"Paired with the proxy scores in `{args.paired_dir}` (same architectures, same bootstrap "
+                  "resamples for both):", "",
+                  "| proxy budget (iterations) | reward | tau here minus tau there [95% CI] |", "|---|---|---|"]
+        lines += [f"| {iters} | {reward} | {d[0]:+.2f} [{d[1]:.2f}, {d[2]:.2f}] |"
+                  for (iters, reward), d in paired.items()]
     header = " | ".join(f"proxy AP / loss @{i}" for i in budgets)
     lines += ["", f"| architecture | trained AP | trained AP50 | {header} | code |",
               "|---|---|---|" + "---|" * len(budgets) + "---|"]
@@ -443,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs-file", default=None, help="fidelity: JSON list of {label, code} to score")
     parser.add_argument("--proxy-dir", default=None, help="fidelity: folder of <label>.json proxy scores "
                         "(default <work>/fidelity/proxy); missing budgets are computed and added")
+    parser.add_argument("--paired-dir", default=None,
+                        help="fidelity: another --proxy-dir to compare with: tau difference, paired bootstrap CI")
     parser.add_argument("--device", default="cpu", help="fidelity: device of the proxy (cpu | cuda)")
     args = parser.parse_args(argv)
     if args.budget < 4 or args.archs < 3 or args.jobs < 1:

@@ -113,3 +113,12 @@ def test_trial_extra_overrides_the_trials_on_the_cache_that_search_prepares(stud
     prepared.clear(), built.clear()
     study.proxy_scores("fcos", 7, [0], Namespace(**{**vars(args), "trial_extra": []}))
     assert prepared == [] and built[0][1] is None and built[0][0].proxy_eval.train_last_stage is True
+
+
+def test_the_paired_tau_difference_is_zero_for_the_same_proxy_and_positive_for_a_better_one(study):
+    truth = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    good = [1, 2, 3, 4, 5, 6, 8, 7]
+    bad = [8, 7, 6, 5, 4, 3, 1, 2]
+    assert study.paired_tau_difference(good, good, truth) == (0.0, 0.0, 0.0)
+    point, low, high = study.paired_tau_difference(good, bad, truth)
+    assert point == pytest.approx(2 * 26 / 28) and 0 < low <= point <= high
