@@ -7,17 +7,19 @@ Same contract as the torch sampler there (its tested reference), one kernel each
   inputs), gathers those corners from the NHWC input for all channels of the group and writes the
   modulated columns in the compute dtype -- one pass, nothing but the columns is written;
 - ``sample_columns_backward``: the same walk over the column gradient; scatters it to the
-  input gradient with atomics (contiguous channels, float32/float64 accumulator) and reduces the
-  per-corner channel sums in registers into the offset and mask gradients (no atomics there).
+  input gradient with atomics (contiguous channels, in grad_x's dtype: float32, float64 or the
+  compute dtype) and reduces the per-corner channel sums in registers into the offset and mask
+  gradients (no atomics there).
 
 Layouts: input ``(n, H, W, C)``; columns ``(n*L, Gw, K, Cw)``; offsets ``(n, 2*G*K, Ho, Wo)`` and
-masks ``(n, G*K, Ho, Wo)`` contiguous, in the coordinate dtype. One program handles
-``BLOCK_ROWS`` output pixels of one (group, tap) and loops over the group's channels; the
+masks ``(n, G*K, Ho, Wo)`` contiguous, in any float dtype (their gradients are written in it).
+One program handles ``BLOCK_ROWS`` output pixels of one (group, tap) and loops over the group's channels; the
 program ids enumerate (row block, group, tap) with the tap fastest.
 Runs on CUDA; with ``TRITON_INTERPRET=1`` Triton's interpreter runs it on CPU tensors (tests).
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -31,17 +33,20 @@ KERNEL_CONFIGS = {"forward": (16, 64, 2), "backward": (64, 64, 8)}
 def _sampling_point(
     offset_ptr, mask_ptr, rows, row_ok, gk, pixels, out_width, height, width,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    GROUPS: tl.constexpr, TAPS: tl.constexpr, KERNEL_W: tl.constexpr, HAS_MASK: tl.constexpr,
+    GROUPS: tl.constexpr, TAPS: tl.constexpr, KERNEL_W: tl.constexpr, HAS_MASK: tl.constexpr, COORD: tl.constexpr,
 ):
-    """Bilinear corner data of the sampling points of ``rows`` (flat n*L + l) for tap/group ``gk``."""
+    """Bilinear corner data of the sampling points of ``rows`` (flat n*L + l) for tap/group ``gk``.
+
+    Offsets and masks are read in their own dtype (bf16 straight from the predictor conv) and
+    converted to the coordinate dtype ``COORD`` (float32; float64 for float64 inputs): exact."""
     tap = gk % TAPS
     image = rows // pixels
     pixel = rows - image * pixels
     out_y = pixel // out_width
     out_x = pixel - out_y * out_width
     offset_index = (image * (2 * GROUPS * TAPS) + 2 * gk).to(tl.int64) * pixels + pixel
-    dy = tl.load(offset_ptr + offset_index, mask=row_ok, other=0.0)
-    dx = tl.load(offset_ptr + offset_index + pixels, mask=row_ok, other=0.0)
+    dy = tl.load(offset_ptr + offset_index, mask=row_ok, other=0.0).to(COORD)
+    dx = tl.load(offset_ptr + offset_index + pixels, mask=row_ok, other=0.0).to(COORD)
     y = dy + (out_y * stride_h - pad_h + (tap // KERNEL_W) * dil_h)
     x = dx + (out_x * stride_w - pad_w + (tap % KERNEL_W) * dil_w)
     y = tl.minimum(tl.maximum(y, -2.0), height + 1.0)  # finite integer casts; only all-invalid samples move
@@ -54,7 +59,7 @@ def _sampling_point(
     x0 = x0f.to(tl.int32)
     mask_index = (image * (GROUPS * TAPS) + gk).to(tl.int64) * pixels + pixel
     if HAS_MASK:
-        modulation = tl.load(mask_ptr + mask_index, mask=row_ok, other=0.0)
+        modulation = tl.load(mask_ptr + mask_index, mask=row_ok, other=0.0).to(COORD)
     else:
         modulation = frac_y * 0.0 + 1.0
     row0 = (y0 >= 0) & (y0 < height) & row_ok
@@ -122,12 +127,13 @@ def _store_offset_mask_gradients(grad_offset_ptr, grad_mask_ptr, offset_index, m
     """Offset (dy, dx) and mask gradients of the rows from the per-corner channel sums."""
     grad_y = ((s10 - s00) * (1.0 - fx) + (s11 - s01) * fx) * modulation
     grad_x = ((s01 - s00) * (1.0 - fy) + (s11 - s10) * fy) * modulation
-    tl.store(grad_offset_ptr + offset_index, grad_y, mask=row_ok)
-    tl.store(grad_offset_ptr + offset_index + pixels, grad_x, mask=row_ok)
+    offset_dtype = grad_offset_ptr.dtype.element_ty
+    tl.store(grad_offset_ptr + offset_index, grad_y.to(offset_dtype), mask=row_ok)
+    tl.store(grad_offset_ptr + offset_index + pixels, grad_x.to(offset_dtype), mask=row_ok)
     if HAS_MASK:
         sampled = (s00 * (1.0 - fy) * (1.0 - fx) + s01 * (1.0 - fy) * fx
                    + s10 * fy * (1.0 - fx) + s11 * fy * fx)
-        tl.store(grad_mask_ptr + mask_index, sampled, mask=row_ok)
+        tl.store(grad_mask_ptr + mask_index, sampled.to(grad_mask_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
@@ -137,7 +143,7 @@ def _sample_columns_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     GROUPS: tl.constexpr, TAPS: tl.constexpr, KERNEL_W: tl.constexpr,
     GROUP_CHANNELS: tl.constexpr, WEIGHT_GROUP_CHANNELS: tl.constexpr, ONE_WEIGHT_GROUP: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, COORD: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
 ):
     # gk varies fastest over the program ids: the G*K programs of one row block run together and
@@ -148,7 +154,7 @@ def _sample_columns_kernel(
     row_ok = rows < num_rows
     (_, _, modulation, fy, fx, ok00, ok01, ok10, ok11, pixel00) = _sampling_point(
         offset_ptr, mask_ptr, rows, row_ok, gk, pixels, out_width, height, width,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, GROUPS, TAPS, KERNEL_W, HAS_MASK)
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, GROUPS, TAPS, KERNEL_W, HAS_MASK, COORD)
     group = gk // TAPS
     tap = gk % TAPS
     w00, w01, w10, w11, a00, a01, a10, a11 = _corner_weights_and_addresses(
@@ -175,7 +181,7 @@ def _sample_columns_backward_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     GROUPS: tl.constexpr, TAPS: tl.constexpr, KERNEL_W: tl.constexpr,
     GROUP_CHANNELS: tl.constexpr, WEIGHT_GROUP_CHANNELS: tl.constexpr, ONE_WEIGHT_GROUP: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, COORD: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
 ):
     # gk varies fastest over the program ids: the G*K programs of one row block run together and
@@ -186,7 +192,7 @@ def _sample_columns_backward_kernel(
     row_ok = rows < num_rows
     (offset_index, mask_index, modulation, fy, fx, ok00, ok01, ok10, ok11, pixel00) = _sampling_point(
         offset_ptr, mask_ptr, rows, row_ok, gk, pixels, out_width, height, width,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, GROUPS, TAPS, KERNEL_W, HAS_MASK)
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, GROUPS, TAPS, KERNEL_W, HAS_MASK, COORD)
     group = gk // TAPS
     tap = gk % TAPS
     w00, w01, w10, w11, a00, a01, a10, a11 = _corner_weights_and_addresses(
@@ -220,8 +226,8 @@ def _launch_args(x_nhwc: Tensor, geo, kernel: str) -> tuple[tuple, dict, tuple]:
     meta = dict(
         GROUPS=geo.offset_groups, TAPS=geo.taps, KERNEL_W=geo.kernel_w, GROUP_CHANNELS=group_channels,
         WEIGHT_GROUP_CHANNELS=channels // geo.weight_groups, ONE_WEIGHT_GROUP=geo.weight_groups == 1,
-        BLOCK_ROWS=block_rows,
-        BLOCK_CHANNELS=block_channels, num_warps=num_warps,
+        COORD=tl.float64 if x_nhwc.dtype == torch.float64 else tl.float32,
+        BLOCK_ROWS=block_rows, BLOCK_CHANNELS=block_channels, num_warps=num_warps,
     )
     grid = (triton.cdiv(num_rows, block_rows) * geo.offset_groups * geo.taps,)
     return scalars, meta, grid

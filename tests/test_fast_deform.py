@@ -258,6 +258,17 @@ for options in (DeformOptions(keep_columns=True), DeformOptions(keep_columns=Fal
                       channels=6, out_channels=3, weight_groups=3)):
         tensors, conv_kwargs = t.make_case(**dict(dict(batch=1), **case))
         t.assert_matches_torchvision(fn, tensors, conv_kwargs)
+# bf16 offsets / masks straight from a bf16 predictor: read as is, their gradients written in bf16,
+# equal to the torch sampler's float32 path up to one bf16 rounding
+tensors, conv_kwargs = t.make_case(batch=1, dtype=torch.float32, offset_scale=1.0)
+for name in ("offset", "mask"):
+    tensors[name] = tensors[name].detach().bfloat16().requires_grad_()
+fast = t.run_with_grads(lambda *a, **k: deform_conv2d_columns(*a, **k, backend="triton"), tensors, conv_kwargs)
+reference = t.run_with_grads(lambda *a, **k: deform_conv2d_columns(*a, **k, backend="torch"), tensors, conv_kwargs)
+for got, want in zip(fast, reference):
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    tolerance = 1e-2 if got.dtype == torch.bfloat16 else 1e-5
+    assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < tolerance
 print("triton interpreter ok")
 """
 
