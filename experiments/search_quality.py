@@ -351,12 +351,82 @@ def paired_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict:
     return table
 
 
+def per_folder_scores(labels: Sequence[str], folder: Path, iters: int) -> tuple[list[float], list[float]]:
+    """(proxy AP, -loss) of each label at ``iters`` from a ``--proxy-dir`` folder: higher is better in both."""
+    proxies = [json.loads((Path(folder) / f"{label}.json").read_text())["proxy"][str(iters)] for label in labels]
+    return [float(p["ap"]) for p in proxies], [-float(p["loss"]) for p in proxies]
+
+
+def combine(per_folder: Sequence[Sequence[float]], by: str) -> list[float]:
+    """One score per architecture from several proxy instances (one list per folder, higher is better):
+    the mean score (``by="score"``) or the mean rank within each folder (``by="rank"``, ties averaged)."""
+    import numpy as np
+    from scipy import stats
+
+    values = np.asarray(per_folder, dtype=float)
+    if by == "rank":
+        values = np.stack([stats.rankdata(v) for v in values])
+    return [float(v) for v in values.mean(axis=0)]
+
+
+def averaged_proxy(labels: Sequence[str], folders: Sequence[str], iters_list: Sequence[int],
+                   by: str) -> dict[str, dict[str, dict[str, float]]]:
+    """label -> budget -> {"ap", "loss"} combined over ``folders`` (``--average-dirs``); with ``by="rank"``
+    "ap" is the mean rank of the proxy AP and "loss" minus the mean rank of -loss, so that both sort as
+    the scores do."""
+    out: dict[str, dict[str, dict[str, float]]] = {label: {} for label in labels}
+    for iters in iters_list:
+        scores = [per_folder_scores(labels, Path(folder), iters) for folder in folders]
+        ap = combine([s[0] for s in scores], by)
+        neg_loss = combine([s[1] for s in scores], by)
+        for label, a, n in zip(labels, ap, neg_loss):
+            out[label][str(iters)] = {"ap": a, "loss": -n, "status": "ok"}
+    return out
+
+
+def adaptation_lines(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """Markdown: tau of each ``--average-dirs`` folder alone (95% bootstrap CI) and, for K = 1..N, the
+    point tau of the combined score over every subset of K folders (mean [min, max] over the subsets)."""
+    from itertools import combinations
+    from scipy import stats
+
+    labels, trained = [r["label"] for r in rows], [r["trained"]["AP"] for r in rows]
+    folders = args.average_dirs
+    lines = []
+    for iters in args.proxy_iters:
+        scores = [per_folder_scores(labels, Path(folder), iters) for folder in folders]
+        lines += ["", f"Each proxy instance alone, {iters} iterations:", "",
+                  "| folder | tau, ap [95% CI] | tau, neg_loss [95% CI] |", "|---|---|---|"]
+        for folder, (ap, neg_loss) in zip(folders, scores):
+            a, n = (rank_correlations(v, trained)["tau"] for v in (ap, neg_loss))
+            lines.append(f"| `{folder}` | {a[0]:.2f} [{a[1]:.2f}, {a[2]:.2f}] | {n[0]:.2f} [{n[1]:.2f}, {n[2]:.2f}] |")
+        lines += ["", f"Combined over K of the {len(folders)} instances, {iters} iterations: point tau, mean [min, max] "
+                  "over every subset of K folders:", "",
+                  "| K | subsets | ap, mean score | ap, mean rank | neg_loss, mean score | neg_loss, mean rank |",
+                  "|---|---|---|---|---|---|"]
+        for k in range(1, len(folders) + 1):
+            subsets = list(combinations(range(len(folders)), k))
+            cells = []
+            for reward in (0, 1):
+                for by in ("score", "rank"):
+                    taus = [stats.kendalltau(combine([scores[i][reward] for i in subset], by), trained).statistic
+                            for subset in subsets]
+                    cells.append(f"{statistics.mean(taus):.2f} [{min(taus):.2f}, {max(taus):.2f}]")
+            lines.append(f"| {k} | {len(subsets)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def fidelity_study(args: argparse.Namespace) -> int:
     from proxy_eval.prepare import prepare
     from detector.cli import compose
 
     started = time.perf_counter()
     archs = pick_architectures(args)
+    if args.average_dirs:  # scores kept in several folders (proxy instances), combined; nothing is computed
+        combined = averaged_proxy([label for label, _ in archs], args.average_dirs, args.proxy_iters, args.average_by)
+        rows = [{"label": label, "code": code, "proxy": combined[label], "trained": trained_ap(label, code, args)}
+                for label, code in archs]
+        return fidelity_report(rows, args, started)
     missing = [label for label, code in archs
                if not all(str(i) in stored_row(label, code, args)["proxy"] for i in args.proxy_iters)]
     if missing:  # the feature cache, once, before the jobs
@@ -372,6 +442,10 @@ def fidelity_study(args: argparse.Namespace) -> int:
         listing.write_text(json.dumps([{"label": label, "code": code} for label, code in archs], indent=1) + "\n")
         print(f"proxy scores of {len(rows)} architectures in {proxy_dir(args)}; list: {listing}")
         return 0
+    return fidelity_report(rows, args, started)
+
+
+def fidelity_report(rows: list[dict[str, Any]], args: argparse.Namespace, started: float) -> int:
     rows = [r for r in rows if math.isfinite(r["trained"]["AP"])]
     if len(rows) < 3:
         print("error: fewer than 3 architectures finished training; see <work>/fidelity.log", file=sys.stderr)
@@ -385,7 +459,8 @@ def fidelity_study(args: argparse.Namespace) -> int:
             table[(iters, reward)] = rank_correlations(proxy, [r["trained"]["AP"] for r in rows])
     plot_fidelity(rows, args, out / f"{args.name}.png")
     paired = paired_table(rows, args) if args.paired_dir else {}
-    write_fidelity_markdown(rows, table, args, out / f"{args.name}.md", time.perf_counter() - started, paired)
+    extra = adaptation_lines(rows, args) if args.average_dirs else []
+    write_fidelity_markdown(rows, table, args, out / f"{args.name}.md", time.perf_counter() - started, paired, extra)
     print((out / f"{args.name}.md").read_text())
     return 0
 
@@ -414,7 +489,7 @@ def plot_fidelity(rows: list[dict[str, Any]], args: argparse.Namespace, path: Pa
 
 
 def write_fidelity_markdown(rows: list[dict[str, Any]], table: dict, args: argparse.Namespace, path: Path,
-                            wall: float, paired: dict | None = None) -> None:
+                            wall: float, paired: dict | None = None, extra: Sequence[str] = ()) -> None:
     budgets = args.proxy_iters
     training = (f"`python -m detector train {' '.join(args.train)}`" if not args.ground_truth else
                 f"the runs of experiments/fidelity_gpu.sh in `{args.ground_truth}` (mean over their seeds)")
@@ -423,6 +498,11 @@ def write_fidelity_markdown(rows: list[dict[str, Any]], table: dict, args: argpa
              + (f", trials with `{' '.join(args.trial_extra)}`" if args.trial_extra else "") + ", "
              f"mean over proxy seeds {' '.join(map(str, args.proxy_seeds))}; full training: "
              f"{training}. Wall time of this invocation {wall:.0f} s.", "",
+             *([f"Proxy scores: the mean {args.average_by} over the {len(args.average_dirs)} folders "
+                + ", ".join(f"`{d}`" for d in args.average_dirs) + " (one proxy instance each; the config above "
+                "is not used)" + (": the columns \"AP\" and \"loss\" below hold the mean rank of AP (higher is "
+                "better) and minus the mean rank of -loss" if args.average_by == "rank" else "") + ".", ""]
+               if getattr(args, "average_dirs", None) else []),
              f"![fidelity]({args.name}.png)", "",
              "| proxy budget (iterations) | reward | Kendall tau [95% CI] | Spearman rho [95% CI] |",
              "|---|---|---|---|"]
@@ -436,6 +516,7 @@ def write_fidelity_markdown(rows: list[dict[str, Any]], table: dict, args: argpa
                   "| proxy budget (iterations) | reward | tau here minus tau there [95% CI] |", "|---|---|---|"]
         lines += [f"| {iters} | {reward} | {d[0]:+.2f} [{d[1]:.2f}, {d[2]:.2f}] |"
                   for (iters, reward), d in paired.items()]
+    lines += list(extra)
     header = " | ".join(f"proxy AP / loss @{i}" for i in budgets)
     lines += ["", f"| architecture | trained AP | trained AP50 | {header} | code |",
               "|---|---|---|" + "---|" * len(budgets) + "---|"]
@@ -486,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paired-dir", default=None,
                         help="fidelity: another --proxy-dir to compare with: tau difference, paired bootstrap CI")
     parser.add_argument("--device", default="cpu", help="fidelity: device of the proxy (cpu | cuda)")
+    parser.add_argument("--average-dirs", nargs="+", default=None,
+                        help="fidelity: several --proxy-dir folders (e.g. one per proxy_eval.split_seed, each its own "
+                             "adaptation) whose scores are combined (--average-by) and ranked; nothing is computed; "
+                             "adds tau of each alone and of every subset of K of them")
+    parser.add_argument("--average-by", default="score", choices=("score", "rank"),
+                        help="fidelity, --average-dirs: mean of the scores or mean of the per-folder ranks")
     args = parser.parse_args(argv)
     if args.budget < 4 or args.archs < 3 or args.jobs < 1:
         print("error: --budget must be >= 4, --archs >= 3 and --jobs >= 1", file=sys.stderr)

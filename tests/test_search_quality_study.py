@@ -122,3 +122,41 @@ def test_the_paired_tau_difference_is_zero_for_the_same_proxy_and_positive_for_a
     assert study.paired_tau_difference(good, good, truth) == (0.0, 0.0, 0.0)
     point, low, high = study.paired_tau_difference(good, bad, truth)
     assert point == pytest.approx(2 * 26 / 28) and 0 < low <= point <= high
+
+
+def test_average_dirs_combine_the_proxy_instances_by_mean_score_or_mean_rank(study, tmp_path):
+    labels = ["a", "b", "c"]
+    instances = {"split0": {"a": (0.1, 2.0), "b": (0.3, 1.0), "c": (0.2, 3.0)},
+                 "split1": {"a": (0.9, 1.5), "b": (0.0, 2.5), "c": (0.1, 0.5)}}
+    for folder, scores in instances.items():
+        (tmp_path / folder).mkdir()
+        for label, (ap, loss) in scores.items():
+            row = {"label": label, "code": "c", "proxy": {"120": {"ap": ap, "loss": loss, "status": "ok"}}}
+            (tmp_path / folder / f"{label}.json").write_text(json.dumps(row))
+    folders = [str(tmp_path / "split0"), str(tmp_path / "split1")]
+    assert study.per_folder_scores(labels, tmp_path / "split0", 120) == ([0.1, 0.3, 0.2], [-2.0, -1.0, -3.0])
+    by_score = study.averaged_proxy(labels, folders, [120], "score")
+    assert [by_score[label]["120"]["ap"] for label in labels] == pytest.approx([0.5, 0.15, 0.15])
+    assert [by_score[label]["120"]["loss"] for label in labels] == pytest.approx([1.75, 1.75, 1.75])
+    by_rank = study.averaged_proxy(labels, folders, [120], "rank")
+    # AP ranks (1 = worst): split0 a1 b3 c2, split1 a3 b1 c2; -loss ranks: split0 a2 b3 c1, split1 a2 b1 c3
+    assert [by_rank[label]["120"]["ap"] for label in labels] == pytest.approx([2.0, 2.0, 2.0])
+    assert [-by_rank[label]["120"]["loss"] for label in labels] == pytest.approx([2.0, 2.0, 2.0])
+    assert study.combine([[1.0, 2.0, 3.0], [1.0, 2.0, 30.0]], "rank") == [1.0, 2.0, 3.0]
+    assert study.combine([[1.0, 2.0, 3.0], [1.0, 2.0, 30.0]], "score") == [1.0, 2.0, 16.5]
+
+
+def test_average_dirs_reports_each_instance_and_every_subset_of_k(study, tmp_path):
+    truth = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}
+    orders = {"good": [1, 2, 3, 4], "bad": [4, 3, 2, 1]}  # proxy AP of a..d
+    for folder, aps in orders.items():
+        (tmp_path / folder).mkdir()
+        for (label, _), ap in zip(truth.items(), aps):
+            row = {"label": label, "code": "c", "proxy": {"120": {"ap": ap, "loss": 1.0 / ap, "status": "ok"}}}
+            (tmp_path / folder / f"{label}.json").write_text(json.dumps(row))
+    rows = [{"label": label, "trained": {"AP": ap}} for label, ap in truth.items()]
+    args = Namespace(average_dirs=[str(tmp_path / "good"), str(tmp_path / "bad")], proxy_iters=[120])
+    text = "\n".join(study.adaptation_lines(rows, args))
+    assert f"| `{tmp_path / 'good'}` | 1.00 [" in text and f"| `{tmp_path / 'bad'}` | -1.00 [" in text
+    assert "| 1 | 2 | 0.00 [-1.00, 1.00] | 0.00 [-1.00, 1.00] | 0.00 [-1.00, 1.00] | 0.00 [-1.00, 1.00] |" in text
+    assert "| 2 | 1 |" in text
