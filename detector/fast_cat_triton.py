@@ -5,7 +5,8 @@ per output (:class:`detector.ops.ConcatReduce`): output ``j < w/2`` mixes channe
 ``x``, output ``j >= w/2`` channels ``2j - w, 2j - w + 1`` of ``y``. Unfused, a training step runs
 a concat, BatchNorm, ReLU and two strided multiply-adds forward and as many passes backward, each
 over the 2w-channel map; here each half (x, then y) takes one kernel forward and two backward,
-reading NHWC rows once per kernel:
+reading NHWC rows once per kernel (channel pairs are loaded and stored as contiguous rows and
+split / joined in registers):
 
 - ``forward``: ``out[p, j] = w0[j] * relu(z[p, 2j] * scale + shift) + w1[j] * relu(z[p, 2j+1] * ...)``
   with the BatchNorm folded into a per-channel ``scale, shift`` (float32; float64 for float64 inputs);
@@ -30,17 +31,32 @@ SUM_PROGRAMS = 512  # programs of the backward's reduction kernel (a few per SM 
 
 
 @triton.jit
-def _pre_activations(z_ptr, scale_ptr, shift_ptr, pixels, num_pixels, pairs, width,
+def _vector_pairs(ptr, pair0, width, BLOCK_PAIRS: tl.constexpr):
+    """Per-channel vector entries of channels 2j and 2j+1 of pairs pair0.. as two (BLOCK_PAIRS,) rows."""
+    channels = 2 * pair0 + tl.arange(0, 2 * BLOCK_PAIRS)
+    values = tl.load(ptr + channels, mask=channels < width, other=0.0)
+    return tl.split(tl.reshape(values, (BLOCK_PAIRS, 2)))
+
+
+@triton.jit
+def _row_pairs(ptr, pixels, num_pixels, pair0, width, dtype,
+               BLOCK_PIXELS: tl.constexpr, BLOCK_PAIRS: tl.constexpr):
+    """Channels 2j and 2j+1 of NHWC rows, one contiguous load split in two (pixels, pairs) tiles."""
+    channels = 2 * pair0 + tl.arange(0, 2 * BLOCK_PAIRS)
+    ok = (pixels < num_pixels)[:, None] & (channels < width)[None, :]
+    values = tl.load(ptr + (pixels.to(tl.int64) * width)[:, None] + channels[None, :], mask=ok, other=0.0)
+    return tl.split(tl.reshape(values.to(dtype), (BLOCK_PIXELS, BLOCK_PAIRS, 2)))
+
+
+@triton.jit
+def _pre_activations(z_ptr, scale_ptr, shift_ptr, pixels, num_pixels, pair0, width,
                      BLOCK_PIXELS: tl.constexpr, BLOCK_PAIRS: tl.constexpr):
     """Both channels of each pair, before and after BN: (ok mask, za, zb, ua, ub), (pixels, pairs)."""
+    pairs = pair0 + tl.arange(0, BLOCK_PAIRS)
     ok = (pixels < num_pixels)[:, None] & (pairs < width // 2)[None, :]
-    row = (pixels.to(tl.int64) * width)[:, None]
-    scale_a = tl.load(scale_ptr + 2 * pairs, mask=pairs < width // 2, other=0.0)
-    za = tl.load(z_ptr + row + (2 * pairs)[None, :], mask=ok, other=0.0).to(scale_a.dtype)
-    zb = tl.load(z_ptr + row + (2 * pairs + 1)[None, :], mask=ok, other=0.0).to(scale_a.dtype)
-    scale_b = tl.load(scale_ptr + 2 * pairs + 1, mask=pairs < width // 2, other=0.0)
-    shift_a = tl.load(shift_ptr + 2 * pairs, mask=pairs < width // 2, other=0.0)
-    shift_b = tl.load(shift_ptr + 2 * pairs + 1, mask=pairs < width // 2, other=0.0)
+    scale_a, scale_b = _vector_pairs(scale_ptr, pair0, width, BLOCK_PAIRS)
+    shift_a, shift_b = _vector_pairs(shift_ptr, pair0, width, BLOCK_PAIRS)
+    za, zb = _row_pairs(z_ptr, pixels, num_pixels, pair0, width, scale_a.dtype, BLOCK_PIXELS, BLOCK_PAIRS)
     ua = za * scale_a[None, :] + shift_a[None, :]
     ub = zb * scale_b[None, :] + shift_b[None, :]
     return ok, za, zb, ua, ub
@@ -50,26 +66,33 @@ def _pre_activations(z_ptr, scale_ptr, shift_ptr, pixels, num_pixels, pairs, wid
 def _cat_forward_kernel(z_ptr, scale_ptr, shift_ptr, mix_ptr, out_ptr, num_pixels, width, out_offset,
                         BLOCK_PIXELS: tl.constexpr, BLOCK_PAIRS: tl.constexpr):
     pixels = tl.program_id(0) * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
-    pairs = tl.program_id(1) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
-    ok, _, _, ua, ub = _pre_activations(z_ptr, scale_ptr, shift_ptr, pixels, num_pixels, pairs, width,
+    pair0 = tl.program_id(1) * BLOCK_PAIRS
+    ok, _, _, ua, ub = _pre_activations(z_ptr, scale_ptr, shift_ptr, pixels, num_pixels, pair0, width,
                                         BLOCK_PIXELS, BLOCK_PAIRS)
-    w0 = tl.load(mix_ptr + 2 * pairs, mask=pairs < width // 2, other=0.0).to(ua.dtype)
-    w1 = tl.load(mix_ptr + 2 * pairs + 1, mask=pairs < width // 2, other=0.0).to(ua.dtype)
-    out = w0[None, :] * tl.maximum(ua, 0.0) + w1[None, :] * tl.maximum(ub, 0.0)
-    target = out_ptr + (pixels.to(tl.int64) * width)[:, None] + (out_offset + pairs)[None, :]
+    w0, w1 = _vector_pairs(mix_ptr, pair0, width, BLOCK_PAIRS)
+    out = w0.to(ua.dtype)[None, :] * tl.maximum(ua, 0.0) + w1.to(ua.dtype)[None, :] * tl.maximum(ub, 0.0)
+    columns = out_offset + pair0 + tl.arange(0, BLOCK_PAIRS)
+    target = out_ptr + (pixels.to(tl.int64) * width)[:, None] + columns[None, :]
     tl.store(target, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _bn_input_grads(g_ptr, mix_ptr, pixels, pairs, ok, ua, ub, width, out_offset):
+def _bn_input_grads(g_ptr, mix_ptr, pixels, pair0, ok, ua, ub, width, out_offset, BLOCK_PAIRS: tl.constexpr):
     """Gradient at the BN outputs of both channels of each pair, and the incoming output gradient."""
-    g = tl.load(g_ptr + (pixels.to(tl.int64) * width)[:, None] + (out_offset + pairs)[None, :],
-                mask=ok, other=0.0).to(ua.dtype)
-    w0 = tl.load(mix_ptr + 2 * pairs, mask=pairs < width // 2, other=0.0).to(ua.dtype)
-    w1 = tl.load(mix_ptr + 2 * pairs + 1, mask=pairs < width // 2, other=0.0).to(ua.dtype)
-    dua = tl.where(ua > 0.0, g * w0[None, :], 0.0)
-    dub = tl.where(ub > 0.0, g * w1[None, :], 0.0)
+    columns = out_offset + pair0 + tl.arange(0, BLOCK_PAIRS)
+    g = tl.load(g_ptr + (pixels.to(tl.int64) * width)[:, None] + columns[None, :], mask=ok, other=0.0).to(ua.dtype)
+    w0, w1 = _vector_pairs(mix_ptr, pair0, width, BLOCK_PAIRS)
+    dua = tl.where(ua > 0.0, g * w0.to(ua.dtype)[None, :], 0.0)
+    dub = tl.where(ub > 0.0, g * w1.to(ua.dtype)[None, :], 0.0)
     return g, dua, dub
+
+
+@triton.jit
+def _add_pairs(ptr, pair0, width, a, b, BLOCK_PAIRS: tl.constexpr):
+    """Atomically add (BLOCK_PAIRS,) values a to channels 2j and b to 2j+1."""
+    channels = 2 * pair0 + tl.arange(0, 2 * BLOCK_PAIRS)
+    values = tl.reshape(tl.join(a, b), (2 * BLOCK_PAIRS,))
+    tl.atomic_add(ptr + channels, values, mask=channels < width, sem="relaxed")
 
 
 @triton.jit
@@ -79,12 +102,9 @@ def _cat_backward_sums_kernel(z_ptr, g_ptr, scale_ptr, shift_ptr, mix_ptr, mean_
                               BLOCK_PIXELS: tl.constexpr, BLOCK_PAIRS: tl.constexpr):
     # Each program sums over pixels_per_program pixels in registers and adds its totals once: few
     # programs, so few atomics on the same 3 x w addresses (they all target the same channels).
-    pairs = tl.program_id(1) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
-    pair_ok = pairs < width // 2
-    mean_a = tl.load(mean_ptr + 2 * pairs, mask=pair_ok, other=0.0)[None, :]
-    mean_b = tl.load(mean_ptr + 2 * pairs + 1, mask=pair_ok, other=0.0)[None, :]
-    invstd_a = tl.load(invstd_ptr + 2 * pairs, mask=pair_ok, other=0.0)[None, :]
-    invstd_b = tl.load(invstd_ptr + 2 * pairs + 1, mask=pair_ok, other=0.0)[None, :]
+    pair0 = tl.program_id(1) * BLOCK_PAIRS
+    mean_a, mean_b = _vector_pairs(mean_ptr, pair0, width, BLOCK_PAIRS)
+    invstd_a, invstd_b = _vector_pairs(invstd_ptr, pair0, width, BLOCK_PAIRS)
     du_a = tl.zeros((BLOCK_PAIRS,), dtype=mean_a.dtype)
     du_b = tl.zeros((BLOCK_PAIRS,), dtype=mean_a.dtype)
     du_xhat_a = tl.zeros((BLOCK_PAIRS,), dtype=mean_a.dtype)
@@ -94,21 +114,18 @@ def _cat_backward_sums_kernel(z_ptr, g_ptr, scale_ptr, shift_ptr, mix_ptr, mean_
     first = tl.program_id(0) * pixels_per_program
     for start in range(first, first + pixels_per_program, BLOCK_PIXELS):
         pixels = start + tl.arange(0, BLOCK_PIXELS)
-        ok, za, zb, ua, ub = _pre_activations(z_ptr, scale_ptr, shift_ptr, pixels, num_pixels, pairs, width,
+        ok, za, zb, ua, ub = _pre_activations(z_ptr, scale_ptr, shift_ptr, pixels, num_pixels, pair0, width,
                                               BLOCK_PIXELS, BLOCK_PAIRS)
-        g, dua, dub = _bn_input_grads(g_ptr, mix_ptr, pixels, pairs, ok, ua, ub, width, out_offset)
+        g, dua, dub = _bn_input_grads(g_ptr, mix_ptr, pixels, pair0, ok, ua, ub, width, out_offset, BLOCK_PAIRS)
         du_a += tl.sum(dua, axis=0)
         du_b += tl.sum(dub, axis=0)
-        du_xhat_a += tl.sum(dua * tl.where(ok, (za - mean_a) * invstd_a, 0.0), axis=0)
-        du_xhat_b += tl.sum(dub * tl.where(ok, (zb - mean_b) * invstd_b, 0.0), axis=0)
+        du_xhat_a += tl.sum(dua * tl.where(ok, (za - mean_a[None, :]) * invstd_a[None, :], 0.0), axis=0)
+        du_xhat_b += tl.sum(dub * tl.where(ok, (zb - mean_b[None, :]) * invstd_b[None, :], 0.0), axis=0)
         mix_a += tl.sum(g * tl.maximum(ua, 0.0), axis=0)
         mix_b += tl.sum(g * tl.maximum(ub, 0.0), axis=0)
-    tl.atomic_add(sum_du_ptr + 2 * pairs, du_a, mask=pair_ok, sem="relaxed")
-    tl.atomic_add(sum_du_ptr + 2 * pairs + 1, du_b, mask=pair_ok, sem="relaxed")
-    tl.atomic_add(sum_du_xhat_ptr + 2 * pairs, du_xhat_a, mask=pair_ok, sem="relaxed")
-    tl.atomic_add(sum_du_xhat_ptr + 2 * pairs + 1, du_xhat_b, mask=pair_ok, sem="relaxed")
-    tl.atomic_add(grad_mix_ptr + 2 * pairs, mix_a, mask=pair_ok, sem="relaxed")
-    tl.atomic_add(grad_mix_ptr + 2 * pairs + 1, mix_b, mask=pair_ok, sem="relaxed")
+    _add_pairs(sum_du_ptr, pair0, width, du_a, du_b, BLOCK_PAIRS)
+    _add_pairs(sum_du_xhat_ptr, pair0, width, du_xhat_a, du_xhat_b, BLOCK_PAIRS)
+    _add_pairs(grad_mix_ptr, pair0, width, mix_a, mix_b, BLOCK_PAIRS)
 
 
 @triton.jit
@@ -116,25 +133,23 @@ def _cat_backward_input_kernel(z_ptr, g_ptr, scale_ptr, shift_ptr, mix_ptr, mean
                                mean_du_ptr, mean_du_xhat_ptr, grad_z_ptr, num_pixels, width, out_offset,
                                BATCH_STATS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, BLOCK_PAIRS: tl.constexpr):
     pixels = tl.program_id(0) * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
-    pairs = tl.program_id(1) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
-    ok, za, zb, ua, ub = _pre_activations(z_ptr, scale_ptr, shift_ptr, pixels, num_pixels, pairs, width,
+    pair0 = tl.program_id(1) * BLOCK_PAIRS
+    ok, za, zb, ua, ub = _pre_activations(z_ptr, scale_ptr, shift_ptr, pixels, num_pixels, pair0, width,
                                           BLOCK_PIXELS, BLOCK_PAIRS)
-    _, dua, dub = _bn_input_grads(g_ptr, mix_ptr, pixels, pairs, ok, ua, ub, width, out_offset)
-    pair_ok = pairs < width // 2
-    scale_a = tl.load(scale_ptr + 2 * pairs, mask=pair_ok, other=0.0)[None, :]
-    scale_b = tl.load(scale_ptr + 2 * pairs + 1, mask=pair_ok, other=0.0)[None, :]
+    _, dua, dub = _bn_input_grads(g_ptr, mix_ptr, pixels, pair0, ok, ua, ub, width, out_offset, BLOCK_PAIRS)
+    scale_a, scale_b = _vector_pairs(scale_ptr, pair0, width, BLOCK_PAIRS)
     if BATCH_STATS:  # the batch mean and variance depend on z too
-        mean_a = tl.load(mean_ptr + 2 * pairs, mask=pair_ok, other=0.0)[None, :]
-        mean_b = tl.load(mean_ptr + 2 * pairs + 1, mask=pair_ok, other=0.0)[None, :]
-        invstd_a = tl.load(invstd_ptr + 2 * pairs, mask=pair_ok, other=0.0)[None, :]
-        invstd_b = tl.load(invstd_ptr + 2 * pairs + 1, mask=pair_ok, other=0.0)[None, :]
-        dua -= tl.load(mean_du_ptr + 2 * pairs, mask=pair_ok, other=0.0)[None, :] + (za - mean_a) * invstd_a * \
-            tl.load(mean_du_xhat_ptr + 2 * pairs, mask=pair_ok, other=0.0)[None, :]
-        dub -= tl.load(mean_du_ptr + 2 * pairs + 1, mask=pair_ok, other=0.0)[None, :] + (zb - mean_b) * invstd_b * \
-            tl.load(mean_du_xhat_ptr + 2 * pairs + 1, mask=pair_ok, other=0.0)[None, :]
-    row = grad_z_ptr + (pixels.to(tl.int64) * width)[:, None]
-    tl.store(row + (2 * pairs)[None, :], (scale_a * dua).to(grad_z_ptr.dtype.element_ty), mask=ok)
-    tl.store(row + (2 * pairs + 1)[None, :], (scale_b * dub).to(grad_z_ptr.dtype.element_ty), mask=ok)
+        mean_a, mean_b = _vector_pairs(mean_ptr, pair0, width, BLOCK_PAIRS)
+        invstd_a, invstd_b = _vector_pairs(invstd_ptr, pair0, width, BLOCK_PAIRS)
+        mean_du_a, mean_du_b = _vector_pairs(mean_du_ptr, pair0, width, BLOCK_PAIRS)
+        mean_du_xhat_a, mean_du_xhat_b = _vector_pairs(mean_du_xhat_ptr, pair0, width, BLOCK_PAIRS)
+        dua -= mean_du_a[None, :] + (za - mean_a[None, :]) * (invstd_a * mean_du_xhat_a)[None, :]
+        dub -= mean_du_b[None, :] + (zb - mean_b[None, :]) * (invstd_b * mean_du_xhat_b)[None, :]
+    grad = tl.reshape(tl.join(scale_a[None, :] * dua, scale_b[None, :] * dub), (BLOCK_PIXELS, 2 * BLOCK_PAIRS))
+    channels = 2 * pair0 + tl.arange(0, 2 * BLOCK_PAIRS)
+    store_ok = (pixels < num_pixels)[:, None] & (channels < width)[None, :]
+    target = grad_z_ptr + (pixels.to(tl.int64) * width)[:, None] + channels[None, :]
+    tl.store(target, grad.to(grad_z_ptr.dtype.element_ty), mask=store_ok)  # one contiguous store
 
 
 def _grid(num_pixels: int, width: int) -> tuple[tuple[int, int], int]:
