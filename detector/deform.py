@@ -50,6 +50,11 @@ def get_deform_impl() -> str:
     return _deform_impl
 
 
+def _autocast_enabled(x: Tensor) -> bool:
+    device_type = x.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 class ModulatedDeformConv(nn.Module):
     """DCNv2: (N, C_in, H, W) -> (N, C_out, H, W), stride 1, 'same' padding.
 
@@ -88,10 +93,12 @@ class ModulatedDeformConv(nn.Module):
         nn.init.zeros_(self.offset_mask.bias)
 
     def _deform(self, x: Tensor, deform_fn=deform_conv2d) -> Tensor:
-        # Parameters follow x's dtype (a no-op unless a bf16-cast module runs its float32 path).
-        offset_mask = nn.functional.conv2d(
-            x, self.offset_mask.weight.to(x.dtype), self.offset_mask.bias.to(x.dtype), padding=self.padding
-        )  # (N, 3*G*K*K, H, W)
+        # Parameters follow x's dtype (a no-op unless a bf16-cast module runs its float32 path); under
+        # autocast conv2d casts them itself, once per step for the head's levels sharing them (cast cache).
+        weight, bias = self.offset_mask.weight, self.offset_mask.bias
+        if not _autocast_enabled(x):
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        offset_mask = nn.functional.conv2d(x, weight, bias, padding=self.padding)  # (N, 3*G*K*K, H, W)
         offset = offset_mask[:, : self.num_offsets]  # (N, 2*G*K*K, H, W)
         mask = offset_mask[:, self.num_offsets:].sigmoid()  # (N, G*K*K, H, W)
         return deform_fn(
@@ -105,7 +112,7 @@ class ModulatedDeformConv(nn.Module):
 
             return self._deform(x, select_deform_conv2d(_deform_impl))
         device_type = x.device.type
-        autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        autocast_on = _autocast_enabled(x)
         if not autocast_on and x.dtype != torch.bfloat16:
             return self._deform(x)
         out_dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype

@@ -367,13 +367,19 @@ def _grad_columns(grad_rows: Tensor, weight_cols: Tensor, taps: int) -> Tensor:
     return grad.view(grad_rows.shape[0], groups, taps, -1)
 
 
-def _accumulate_grad_weight(grad_rows: Tensor, columns: Tensor, grad_weight_cols: Tensor) -> None:
-    """grad_weight_cols (Gw, Cout/Gw, K*Cw) += grad_rows (rows, Cout)^T x columns (rows, Gw, K*Cw), per group."""
+def _accumulate_grad_weight(grad_rows: Tensor, columns: Tensor, grad_weight_cols: Tensor | None,
+                            acc_dtype: torch.dtype) -> Tensor:
+    """grad_weight_cols (Gw, Cout/Gw, K*Cw) + grad_rows (rows, Cout)^T x columns (rows, Gw, K*Cw), per group.
+
+    ``None`` starts the sum: the first chunk's product is returned as it is (compute dtype, no
+    zero-filled buffer, no cast: the common one-chunk case); later chunks accumulate in acc_dtype.
+    """
     grouped = _group_columns(columns)
-    per_group = grad_weight_cols.shape[1]
-    for g in range(grad_weight_cols.shape[0]):
-        grad_weight_cols[g] += (grad_rows[:, g * per_group:(g + 1) * per_group].t() @ grouped[:, g]).to(
-            grad_weight_cols.dtype)
+    groups = grouped.shape[1]
+    per_group = grad_rows.shape[1] // groups
+    parts = [grad_rows[:, g * per_group:(g + 1) * per_group].t() @ grouped[:, g] for g in range(groups)]
+    product = parts[0].unsqueeze(0) if groups == 1 else torch.stack(parts)
+    return product if grad_weight_cols is None else grad_weight_cols.to(acc_dtype) + product
 
 
 class _DeformConvColumns(torch.autograd.Function):
@@ -414,7 +420,7 @@ class _DeformConvColumns(torch.autograd.Function):
             weight_cols = _weight_columns(weight, geo)  # (Gw, Cout/Gw, K*Cw)
             acc_dtype = torch.float64 if x_nhwc.dtype == torch.float64 else torch.float32
             zeros = functools.partial(torch.zeros, device=x_nhwc.device, dtype=acc_dtype)
-            grad_weight_cols = zeros(weight_cols.shape) if need_weight else None
+            grad_weight_cols = None  # summed over chunks by _accumulate_grad_weight
             need_columns_grad = need_x or need_offset or need_mask
             low_precision = options.low_precision_input_grad and x_nhwc.dtype in (torch.bfloat16, torch.float16)
             grad_x_dtype = x_nhwc.dtype if low_precision else acc_dtype  # the atomics' accumulator
@@ -430,7 +436,7 @@ class _DeformConvColumns(torch.autograd.Function):
                         columns = ctx.kept_columns[index]
                     else:
                         columns = sampler.sample(x_nhwc[start:stop], offset[start:stop], mask_chunk, geo)
-                    _accumulate_grad_weight(rows, columns, grad_weight_cols)
+                    grad_weight_cols = _accumulate_grad_weight(rows, columns, grad_weight_cols, acc_dtype)
                     del columns
                 if need_columns_grad:
                     grad_columns = _grad_columns(rows, weight_cols, geo.taps)  # (n*L, Gw, K, Cw)

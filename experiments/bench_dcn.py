@@ -306,7 +306,6 @@ def breakdown(shape: Shape, device: torch.device, args: argparse.Namespace) -> N
     weight_cols = fast_deform._weight_columns(layer["weight"].detach(), geo)  # (1, Cout, K*C)
     columns = fdt.sample_columns(x_nhwc, offset, mask, geo)
     out_rows = x.new_empty(shape.batch * geo.out_pixels, shape.channels)  # (N*L, Cout), NHWC
-    grad_weight_cols = torch.zeros(weight_cols.shape, device=device)
     grad_x = torch.zeros(x_nhwc.shape, device=device)
     grad_offset, grad_mask = torch.empty_like(offset), torch.empty_like(mask)
     grad_x16 = torch.zeros(x_nhwc.shape, device=device, dtype=dtype)
@@ -316,7 +315,7 @@ def breakdown(shape: Shape, device: torch.device, args: argparse.Namespace) -> N
         "sample columns (triton)": lambda: fdt.sample_columns(x_nhwc, offset, mask, geo),
         "GEMM out = cols W^T": lambda: fast_deform._columns_times_weight(columns, weight_cols, None, out_rows),
         "GEMM grad_cols = g W": lambda: fast_deform._grad_columns(grad_rows, weight_cols, geo.taps),
-        "GEMM grad_W = g^T cols": lambda: fast_deform._accumulate_grad_weight(grad_rows, columns, grad_weight_cols),
+        "GEMM grad_W = g^T cols": lambda: fast_deform._accumulate_grad_weight(grad_rows, columns, None, torch.float32),
         "sample backward (triton)": lambda: fdt.sample_columns_backward(
             columns, x_nhwc, offset, mask, geo, grad_x, grad_offset, grad_mask),
         "grad_x NHWC fp32 -> NCHW": lambda: x.new_empty(x.shape).copy_(grad_x.permute(0, 3, 1, 2)),
