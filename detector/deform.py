@@ -99,6 +99,12 @@ class ModulatedDeformConv(nn.Module):
         if not _autocast_enabled(x):
             weight, bias = weight.to(x.dtype), bias.to(x.dtype)
         offset_mask = nn.functional.conv2d(x, weight, bias, padding=self.padding)  # (N, 3*G*K*K, H, W)
+        from detector.fast_deform import packed_impl
+
+        packed = packed_impl(deform_fn, x)
+        if packed is not None:  # the fast kernels split offsets / mask logits and apply the sigmoid themselves
+            return packed(x, offset_mask, self.weight.to(x.dtype), self.bias.to(x.dtype),
+                          padding=(self.padding, self.padding))
         offset = offset_mask[:, : self.num_offsets]  # (N, 2*G*K*K, H, W)
         mask = offset_mask[:, self.num_offsets:].sigmoid()  # (N, G*K*K, H, W)
         return deform_fn(

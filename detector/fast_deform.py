@@ -386,7 +386,9 @@ class _DeformConvColumns(torch.autograd.Function):
     """Rows are output pixels in NHWC order (image, y, x): GEMM outputs and gradients are channels_last."""
 
     @staticmethod
-    def forward(ctx, x, offset, mask, weight, bias, geo, sampler, images_per_chunk, options):
+    def forward(ctx, x, offset, mask, weight, bias, geo, sampler, images_per_chunk, options, packed):
+        # packed: offset is the predictor's (N, 3GK, Ho, Wo) output, mask logits included (mask is None)
+        layout = {"packed": True} if packed else {}
         # x (N, C, H, W) compute dtype; offset (N, 2GK, Ho, Wo) / mask (N, GK, Ho, Wo) coord dtype
         batch = x.shape[0]
         x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C); free if x is channels_last
@@ -398,14 +400,14 @@ class _DeformConvColumns(torch.autograd.Function):
         for start in range(0, batch, images_per_chunk):
             stop = min(start + images_per_chunk, batch)
             columns = sampler.sample(x_nhwc[start:stop], offset[start:stop],
-                                     None if mask is None else mask[start:stop], geo)
+                                     None if mask is None else mask[start:stop], geo, **layout)
             _columns_times_weight(columns, weight_cols, bias, out_rows[start * pixels:stop * pixels])
             if keep:
                 ctx.kept_columns.append(columns)
             del columns
         # x_nhwc, not x: backward needs this layout, and keeping it saves a copy there
         ctx.save_for_backward(x_nhwc, offset, mask, weight, bias)
-        ctx.geo, ctx.sampler, ctx.images_per_chunk, ctx.options = geo, sampler, images_per_chunk, options
+        ctx.geo, ctx.sampler, ctx.images_per_chunk, ctx.options, ctx.layout = geo, sampler, images_per_chunk, options, layout
         return out_rows.view(batch, geo.out_height, geo.out_width, -1).permute(0, 3, 1, 2)  # channels_last
 
     @staticmethod
@@ -435,7 +437,8 @@ class _DeformConvColumns(torch.autograd.Function):
                     if ctx.kept_columns is not None:
                         columns = ctx.kept_columns[index]
                     else:
-                        columns = sampler.sample(x_nhwc[start:stop], offset[start:stop], mask_chunk, geo)
+                        columns = sampler.sample(x_nhwc[start:stop], offset[start:stop], mask_chunk, geo,
+                                                 **ctx.layout)
                     grad_weight_cols = _accumulate_grad_weight(rows, columns, grad_weight_cols, acc_dtype)
                     del columns
                 if need_columns_grad:
@@ -443,7 +446,7 @@ class _DeformConvColumns(torch.autograd.Function):
                     sampler.backward(
                         grad_columns, x_nhwc[start:stop], offset[start:stop], mask_chunk, geo,
                         grad_x_nhwc[start:stop], grad_offset[start:stop],
-                        None if grad_mask is None else grad_mask[start:stop],
+                        None if grad_mask is None else grad_mask[start:stop], **ctx.layout,
                     )
                     del grad_columns
             # NHWC accumulator -> the input dtype, channels_last (one pass, no layout change)
@@ -457,7 +460,7 @@ class _DeformConvColumns(torch.autograd.Function):
                 )
             grad_bias = grad_rows.sum(0, dtype=acc_dtype).to(bias.dtype) if need_bias else None
         return (grad_x, grad_offset if need_offset else None, grad_mask if need_mask else None,
-                grad_weight, grad_bias, None, None, None, None)
+                grad_weight, grad_bias, None, None, None, None, None)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -474,7 +477,41 @@ def deform_conv2d_columns(
     *, backend: str = "auto", column_budget_bytes: int = COLUMN_BUDGET_BYTES, options: DeformOptions | None = None,
 ) -> Tensor:
     """:func:`deform_conv2d_fast` with the sampler (``backend``) and the chunk budget exposed."""
-    geo = describe_deform_conv(input, offset, weight, bias, mask, stride, padding, dilation)
+    return _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask, backend,
+                          column_budget_bytes, options, packed=False)
+
+
+def deform_conv2d_packed(
+    input: Tensor, offset_mask: Tensor, weight: Tensor, bias: Tensor | None = None,
+    stride=1, padding=0, dilation=1,
+    *, backend: str = "auto", column_budget_bytes: int = COLUMN_BUDGET_BYTES, options: DeformOptions | None = None,
+) -> Tensor:
+    """DCNv2 from the offset predictor's raw output ``offset_mask`` (N, 3*G*K, Ho, Wo): the same as
+    ``deform_conv2d_fast(input, offset_mask[:, :2GK], ..., mask=offset_mask[:, 2GK:].sigmoid())``.
+
+    With the Triton sampler the kernels read the offsets and the mask logits in place, apply the
+    sigmoid and write one gradient for the whole tensor (no slices, sigmoid or gradient
+    concatenation around the call); the torch sampler takes the spelled-out form above.
+    """
+    taps = weight.shape[2] * weight.shape[3]
+    if offset_mask.dim() != 4 or offset_mask.shape[1] % (3 * taps):
+        raise ValueError(f"deform_conv2d_packed: offset_mask {tuple(offset_mask.shape)} must have 3*G*{taps} channels")
+    split = 2 * taps * (offset_mask.shape[1] // (3 * taps))
+    if resolve_sampler(backend, input).name != "triton":
+        return deform_conv2d_columns(input, offset_mask[:, :split], weight, bias, stride, padding, dilation,
+                                     offset_mask[:, split:].sigmoid(), backend=backend,
+                                     column_budget_bytes=column_budget_bytes, options=options)
+    return _deform_conv2d(input, offset_mask, weight, bias, stride, padding, dilation, None, backend,
+                          column_budget_bytes, options, packed=True)
+
+
+def _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask, backend, column_budget_bytes,
+                   options, packed: bool) -> Tensor:
+    if packed:  # geometry checks on the two parts' shapes
+        split = offset.shape[1] * 2 // 3
+        geo = describe_deform_conv(input, offset[:, :split], weight, bias, offset[:, split:], stride, padding, dilation)
+    else:
+        geo = describe_deform_conv(input, offset, weight, bias, mask, stride, padding, dilation)
     if not input.is_floating_point():
         raise ValueError(f"deform_conv2d_fast: input must be floating point, got {input.dtype}")
     compute_dtype = _compute_dtype(input)
@@ -492,7 +529,7 @@ def deform_conv2d_columns(
         out = _DeformConvColumns.apply(
             x, offset.contiguous(), None if mask is None else mask.contiguous(),
             weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype),
-            geo, sampler, images_per_chunk, DEFAULT_OPTIONS if options is None else options,
+            geo, sampler, images_per_chunk, DEFAULT_OPTIONS if options is None else options, packed,
         )  # channels_last
         # the input's layout, like conv2d: channels_last stays so, anything else gets NCHW-contiguous
         return out if input.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
@@ -522,9 +559,20 @@ def deform_conv2d_auto(
     float32, 6x in bf16/fp16) and for bfloat16 (torchvision has no bf16 kernel); torchvision
     otherwise (CPU, or CUDA without Triton, where the torch sampler is about 2x slower).
     """
-    use_fast = _compute_dtype(input) == torch.bfloat16 or (input.is_cuda and triton_sampler() is not None)
-    impl = deform_conv2d_fast if use_fast else torchvision.ops.deform_conv2d
+    impl = deform_conv2d_fast if _auto_uses_fast(input) else torchvision.ops.deform_conv2d
     return impl(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+def _auto_uses_fast(input: Tensor) -> bool:
+    return _compute_dtype(input) == torch.bfloat16 or (input.is_cuda and triton_sampler() is not None)
+
+
+def packed_impl(impl: DeformConv2d, input: Tensor) -> Callable[..., Tensor] | None:
+    """:func:`deform_conv2d_packed` where ``impl`` (from :func:`select_deform_conv2d`) would take the
+    fast path for this input, else None (then call ``impl`` with the split offsets and mask)."""
+    if impl is deform_conv2d_fast or (impl is deform_conv2d_auto and _auto_uses_fast(input)):
+        return deform_conv2d_packed
+    return None
 
 
 def select_deform_conv2d(impl: str) -> DeformConv2d:

@@ -34,6 +34,7 @@ def _sampling_point(
     offset_ptr, mask_ptr, rows, row_ok, gk, pixels, out_width, height, width,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     GROUPS: tl.constexpr, TAPS: tl.constexpr, KERNEL_W: tl.constexpr, HAS_MASK: tl.constexpr, COORD: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     """Bilinear corner data of the sampling points of ``rows`` (flat n*L + l) for tap/group ``gk``.
 
@@ -44,7 +45,9 @@ def _sampling_point(
     pixel = rows - image * pixels
     out_y = pixel // out_width
     out_x = pixel - out_y * out_width
-    offset_index = (image * (2 * GROUPS * TAPS) + 2 * gk).to(tl.int64) * pixels + pixel
+    # PACKED: offsets and mask *logits* in one (n, 3*G*K, Ho, Wo) tensor (the predictor conv's output)
+    offset_channels = 3 * GROUPS * TAPS if PACKED else 2 * GROUPS * TAPS
+    offset_index = (image * offset_channels + 2 * gk).to(tl.int64) * pixels + pixel
     dy = tl.load(offset_ptr + offset_index, mask=row_ok, other=0.0).to(COORD)
     dx = tl.load(offset_ptr + offset_index + pixels, mask=row_ok, other=0.0).to(COORD)
     y = dy + (out_y * stride_h - pad_h + (tap // KERNEL_W) * dil_h)
@@ -57,9 +60,14 @@ def _sampling_point(
     frac_x = x - x0f
     y0 = y0f.to(tl.int32)
     x0 = x0f.to(tl.int32)
-    mask_index = (image * (GROUPS * TAPS) + gk).to(tl.int64) * pixels + pixel
+    if PACKED:
+        mask_index = (image * (3 * GROUPS * TAPS) + 2 * GROUPS * TAPS + gk).to(tl.int64) * pixels + pixel
+    else:
+        mask_index = (image * (GROUPS * TAPS) + gk).to(tl.int64) * pixels + pixel
     if HAS_MASK:
         modulation = tl.load(mask_ptr + mask_index, mask=row_ok, other=0.0).to(COORD)
+        if PACKED:
+            modulation = 1.0 / (1.0 + tl.exp(-modulation))
     else:
         modulation = frac_y * 0.0 + 1.0
     row0 = (y0 >= 0) & (y0 < height) & row_ok
@@ -123,7 +131,8 @@ def _scatter_column_gradient(grad, x_ptr, grad_x_ptr, channel, a00, a01, a10, a1
 
 @triton.jit
 def _store_offset_mask_gradients(grad_offset_ptr, grad_mask_ptr, offset_index, mask_index, pixels, row_ok,
-                                 modulation, fy, fx, s00, s01, s10, s11, HAS_MASK: tl.constexpr):
+                                 modulation, fy, fx, s00, s01, s10, s11, HAS_MASK: tl.constexpr,
+                                 PACKED: tl.constexpr):
     """Offset (dy, dx) and mask gradients of the rows from the per-corner channel sums."""
     grad_y = ((s10 - s00) * (1.0 - fx) + (s11 - s01) * fx) * modulation
     grad_x = ((s01 - s00) * (1.0 - fy) + (s11 - s10) * fy) * modulation
@@ -133,6 +142,8 @@ def _store_offset_mask_gradients(grad_offset_ptr, grad_mask_ptr, offset_index, m
     if HAS_MASK:
         sampled = (s00 * (1.0 - fy) * (1.0 - fx) + s01 * (1.0 - fy) * fx
                    + s10 * fy * (1.0 - fx) + s11 * fy * fx)
+        if PACKED:  # the mask's logit: d sigmoid = s * (1 - s)
+            sampled = sampled * modulation * (1.0 - modulation)
         tl.store(grad_mask_ptr + mask_index, sampled.to(grad_mask_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -143,7 +154,7 @@ def _sample_columns_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     GROUPS: tl.constexpr, TAPS: tl.constexpr, KERNEL_W: tl.constexpr,
     GROUP_CHANNELS: tl.constexpr, WEIGHT_GROUP_CHANNELS: tl.constexpr, ONE_WEIGHT_GROUP: tl.constexpr,
-    HAS_MASK: tl.constexpr, COORD: tl.constexpr,
+    HAS_MASK: tl.constexpr, COORD: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
 ):
     # gk varies fastest over the program ids: the G*K programs of one row block run together and
@@ -154,7 +165,7 @@ def _sample_columns_kernel(
     row_ok = rows < num_rows
     (_, _, modulation, fy, fx, ok00, ok01, ok10, ok11, pixel00) = _sampling_point(
         offset_ptr, mask_ptr, rows, row_ok, gk, pixels, out_width, height, width,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, GROUPS, TAPS, KERNEL_W, HAS_MASK, COORD)
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, GROUPS, TAPS, KERNEL_W, HAS_MASK, COORD, PACKED)
     group = gk // TAPS
     tap = gk % TAPS
     w00, w01, w10, w11, a00, a01, a10, a11 = _corner_weights_and_addresses(
@@ -181,7 +192,7 @@ def _sample_columns_backward_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     GROUPS: tl.constexpr, TAPS: tl.constexpr, KERNEL_W: tl.constexpr,
     GROUP_CHANNELS: tl.constexpr, WEIGHT_GROUP_CHANNELS: tl.constexpr, ONE_WEIGHT_GROUP: tl.constexpr,
-    HAS_MASK: tl.constexpr, COORD: tl.constexpr,
+    HAS_MASK: tl.constexpr, COORD: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
 ):
     # gk varies fastest over the program ids: the G*K programs of one row block run together and
@@ -192,7 +203,7 @@ def _sample_columns_backward_kernel(
     row_ok = rows < num_rows
     (offset_index, mask_index, modulation, fy, fx, ok00, ok01, ok10, ok11, pixel00) = _sampling_point(
         offset_ptr, mask_ptr, rows, row_ok, gk, pixels, out_width, height, width,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, GROUPS, TAPS, KERNEL_W, HAS_MASK, COORD)
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, GROUPS, TAPS, KERNEL_W, HAS_MASK, COORD, PACKED)
     group = gk // TAPS
     tap = gk % TAPS
     w00, w01, w10, w11, a00, a01, a10, a11 = _corner_weights_and_addresses(
@@ -212,7 +223,7 @@ def _sample_columns_backward_kernel(
             grad, x_ptr, grad_x_ptr, channel, a00, a01, a10, a11, ok00, ok01, ok10, ok11, c_ok,
             w00, w01, w10, w11, s00, s01, s10, s11)
     _store_offset_mask_gradients(grad_offset_ptr, grad_mask_ptr, offset_index, mask_index, pixels, row_ok,
-                                 modulation, fy, fx, s00, s01, s10, s11, HAS_MASK)
+                                 modulation, fy, fx, s00, s01, s10, s11, HAS_MASK, PACKED)
 
 
 def _launch_args(x_nhwc: Tensor, geo, kernel: str) -> tuple[tuple, dict, tuple]:
@@ -233,27 +244,36 @@ def _launch_args(x_nhwc: Tensor, geo, kernel: str) -> tuple[tuple, dict, tuple]:
     return scalars, meta, grid
 
 
-def sample_columns(x_nhwc: Tensor, offset: Tensor, mask: Tensor | None, geo) -> Tensor:
-    """Modulated bilinear columns (n*L, Gw, K, Cw) in x's dtype from x (n, H, W, C)."""
+def sample_columns(x_nhwc: Tensor, offset: Tensor, mask: Tensor | None, geo, packed: bool = False) -> Tensor:
+    """Modulated bilinear columns (n*L, Gw, K, Cw) in x's dtype from x (n, H, W, C).
+
+    ``packed``: ``offset`` is the predictor's whole output (n, 3*G*K, Ho, Wo) -- offsets, then mask
+    logits, sigmoid applied here -- and ``mask`` is ignored."""
     n, _, _, channels = x_nhwc.shape
     columns = x_nhwc.new_empty(n * geo.out_pixels, geo.weight_groups, geo.taps, channels // geo.weight_groups)
     scalars, meta, grid = _launch_args(x_nhwc, geo, "forward")
+    mask = offset if packed else mask
     _sample_columns_kernel[grid](
-        x_nhwc, offset, offset if mask is None else mask, columns, *scalars, HAS_MASK=mask is not None, **meta
+        x_nhwc, offset, offset if mask is None else mask, columns, *scalars, HAS_MASK=mask is not None,
+        PACKED=packed, **meta,
     )
     return columns
 
 
 def sample_columns_backward(
     grad_columns: Tensor, x_nhwc: Tensor, offset: Tensor, mask: Tensor | None, geo,
-    grad_x_nhwc: Tensor, grad_offset: Tensor, grad_mask: Tensor | None,
+    grad_x_nhwc: Tensor, grad_offset: Tensor, grad_mask: Tensor | None, packed: bool = False,
 ) -> None:
-    """Accumulate into grad_x_nhwc (n, H, W, C) and write grad_offset / grad_mask (offset's dtype)."""
+    """Accumulate into grad_x_nhwc (n, H, W, C) and write grad_offset / grad_mask (offset's dtype).
+
+    ``packed``: as in :func:`sample_columns`; grad_offset (n, 3*G*K, Ho, Wo) receives the offset and
+    mask-logit gradients, every channel written."""
+    if packed:
+        mask, grad_mask = offset, grad_offset
     if mask is not None and grad_mask is None:
         grad_mask = offset.new_empty(mask.shape)
     scalars, meta, grid = _launch_args(x_nhwc, geo, "backward")
     _sample_columns_backward_kernel[grid](
         grad_columns, x_nhwc, offset, offset if mask is None else mask, grad_x_nhwc, grad_offset,
-        grad_offset if grad_mask is None else grad_mask, *scalars, HAS_MASK=mask is not None, **meta,
+        grad_offset if grad_mask is None else grad_mask, *scalars, HAS_MASK=mask is not None, PACKED=packed, **meta,
     )
-

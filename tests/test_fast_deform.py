@@ -115,6 +115,39 @@ def test_output_keeps_the_input_memory_format_with_torchvision_values(weight_gro
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
+def assert_packed_matches_torchvision(backend: str, device: str = "cpu", **case) -> None:
+    """deform_conv2d_packed(x, offset_mask) == torchvision with offset_mask split and the sigmoid applied."""
+    tensors, conv_kwargs = make_case(device=device, **case)
+    taps_groups = tensors["mask"].shape[1]
+    logits = torch.randn(tensors["mask"].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    logits = logits.to(device)
+    offset_mask = torch.cat([tensors["offset"].detach(), logits], dim=1).requires_grad_()
+    leaves = [tensors["input"], offset_mask, tensors["weight"], tensors["bias"]]
+    grad_out = None
+    results = []
+    for packed in (True, False):
+        if packed:
+            out = fast_deform.deform_conv2d_packed(tensors["input"], offset_mask, tensors["weight"], tensors["bias"],
+                                                   backend=backend, **conv_kwargs)
+        else:
+            split = 2 * taps_groups
+            out = torchvision.ops.deform_conv2d(tensors["input"], offset_mask[:, :split], tensors["weight"],
+                                                tensors["bias"], mask=offset_mask[:, split:].sigmoid(), **conv_kwargs)
+        if grad_out is None:
+            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+            grad_out = grad_out.to(device)
+        results.append([out, *torch.autograd.grad(out, leaves, grad_out)])
+    for name, a, e in zip(("output", "input", "offset_mask", "weight", "bias"), *results):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_packed_offsets_and_mask_logits_equal_the_split_form():
+    assert_packed_matches_torchvision("torch")
+    with pytest.raises(ValueError, match="3\\*G\\*9 channels"):
+        fast_deform.deform_conv2d_packed(torch.randn(1, 4, 5, 5), torch.randn(1, 26, 5, 5), torch.randn(4, 4, 3, 3),
+                                         padding=1)
+
+
 def counting_sampler(monkeypatch) -> list[str]:
     """Replace the torch sampler with one that records each sampling call ("sample" / "backward")."""
     calls: list[str] = []
@@ -269,6 +302,9 @@ for got, want in zip(fast, reference):
     assert got.dtype == want.dtype, (got.dtype, want.dtype)
     tolerance = 1e-2 if got.dtype == torch.bfloat16 else 1e-5
     assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < tolerance
+# the packed form: offsets and mask logits in one tensor, sigmoid in the kernels
+for case in (dict(), dict(zero_offsets=True, stride=2, padding=0, height=9, width=10)):
+    t.assert_packed_matches_torchvision("triton", **case)
 print("triton interpreter ok")
 """
 
@@ -291,6 +327,13 @@ def test_cuda_fast_matches_torchvision_float64(case, keep):
     tensors, conv_kwargs = make_case(device="cuda", **case)
     options = DeformOptions(keep_columns=keep)
     assert_matches_torchvision(lambda *a, **k: deform_conv2d_columns(*a, **k, options=options), tensors, conv_kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_packed_offsets_and_mask_logits_equal_the_split_form():
+    assert_packed_matches_torchvision("triton", device="cuda")
+    assert_packed_matches_torchvision("triton", device="cuda", zero_offsets=True, channels=64, out_channels=32)
 
 
 @pytest.mark.gpu
