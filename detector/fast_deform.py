@@ -272,6 +272,8 @@ class DeformOptions:
 
     - ``keep_columns``: the forward keeps its columns for the weight gradient (one column-sized
       tensor per call held until backward) instead of the backward sampling them again;
+    - ``packed``: :class:`detector.deform.ModulatedDeformConv` hands the predictor's raw output to
+      :func:`deform_conv2d_packed` (sigmoid and split inside the kernels) instead of slicing it;
     - ``low_precision_input_grad``: in bf16/fp16 the input gradient is accumulated (atomics) in
       that dtype, like torchvision's and mmcv's half-precision kernels, instead of in float32 --
       half the atomic traffic, no float32 buffer to convert.
@@ -283,6 +285,7 @@ class DeformOptions:
 
     keep_columns: bool = True
     low_precision_input_grad: bool = True
+    packed: bool = True
 
 
 # Read at every call: experiments/bench_dcn.py swaps it to time the variants.
@@ -570,7 +573,8 @@ def _auto_uses_fast(input: Tensor) -> bool:
 def packed_impl(impl: DeformConv2d, input: Tensor) -> Callable[..., Tensor] | None:
     """:func:`deform_conv2d_packed` where ``impl`` (from :func:`select_deform_conv2d`) would take the
     fast path for this input, else None (then call ``impl`` with the split offsets and mask)."""
-    if impl is deform_conv2d_fast or (impl is deform_conv2d_auto and _auto_uses_fast(input)):
+    fast = impl is deform_conv2d_fast or (impl is deform_conv2d_auto and _auto_uses_fast(input))
+    if fast and DEFAULT_OPTIONS.packed:
         return deform_conv2d_packed
     return None
 

@@ -182,11 +182,12 @@ def benchmark_table(args: argparse.Namespace, shape: Shape, device: torch.device
         print(f"{name:<28}{str(dtype)[6:]:<10}{ms:>10.2f}{reference / ms:>8.2f}x{peak:>11.0f}", flush=True)
 
 
-VARIANTS = {  # name -> DeformOptions fields (keep_columns, low_precision_input_grad)
-    "recompute columns, fp32 input grad": (False, False),
-    "keep columns": (True, False),
-    "bf16 input grad": (False, True),
-    "keep columns + bf16 input grad (default)": (True, True),
+VARIANTS = {  # name -> DeformOptions fields (keep_columns, low_precision_input_grad, packed)
+    "recompute columns, fp32 input grad": (False, False, False),
+    "keep columns": (True, False, False),
+    "bf16 input grad": (False, True, False),
+    "keep columns + bf16 input grad": (True, True, False),
+    "keep + bf16 + packed (default)": (True, True, True),
 }
 
 

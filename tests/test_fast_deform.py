@@ -351,3 +351,12 @@ def test_cuda_bf16_input_grad_atomics_are_as_accurate_as_float32_ones():
 
     float32_atomics = worst_error(DeformOptions(low_precision_input_grad=False))
     assert worst_error(DeformOptions(low_precision_input_grad=True)) < 2 * float32_atomics + 1e-3
+
+
+def test_packed_impl_follows_the_impl_and_the_packed_option(monkeypatch):
+    x = torch.randn(1, 4, 5, 5)
+    assert fast_deform.packed_impl(fast_deform.deform_conv2d_fast, x) is fast_deform.deform_conv2d_packed
+    assert fast_deform.packed_impl(torchvision.ops.deform_conv2d, x) is None
+    assert fast_deform.packed_impl(fast_deform.deform_conv2d_auto, x) is None  # auto runs torchvision on CPU fp32
+    monkeypatch.setattr(fast_deform, "DEFAULT_OPTIONS", DeformOptions(packed=False))
+    assert fast_deform.packed_impl(fast_deform.deform_conv2d_fast, x) is None
