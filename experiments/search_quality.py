@@ -400,6 +400,11 @@ def adaptation_lines(rows: list[dict[str, Any]], args: argparse.Namespace) -> li
         for folder, (ap, neg_loss) in zip(folders, scores):
             a, n = (rank_correlations(v, trained)["tau"] for v in (ap, neg_loss))
             lines.append(f"| `{folder}` | {a[0]:.2f} [{a[1]:.2f}, {a[2]:.2f}] | {n[0]:.2f} [{n[1]:.2f}, {n[2]:.2f}] |")
+        agreement = [statistics.mean(stats.kendalltau(scores[i][reward], scores[j][reward]).statistic
+                                     for i, j in combinations(range(len(folders)), 2)) if len(folders) > 1 else math.nan
+                     for reward in (0, 1)]
+        lines += ["", f"Agreement of the instances with each other (mean Kendall tau over the pairs of folders): "
+                  f"ap {agreement[0]:.2f}, neg_loss {agreement[1]:.2f}."]
         lines += ["", f"Combined over K of the {len(folders)} instances, {iters} iterations: point tau, mean [min, max] "
                   "over every subset of K folders:", "",
                   "| K | subsets | ap, mean score | ap, mean rank | neg_loss, mean score | neg_loss, mean rank |",

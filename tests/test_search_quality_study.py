@@ -159,4 +159,4 @@ def test_average_dirs_reports_each_instance_and_every_subset_of_k(study, tmp_pat
     text = "\n".join(study.adaptation_lines(rows, args))
     assert f"| `{tmp_path / 'good'}` | 1.00 [" in text and f"| `{tmp_path / 'bad'}` | -1.00 [" in text
     assert "| 1 | 2 | 0.00 [-1.00, 1.00] | 0.00 [-1.00, 1.00] | 0.00 [-1.00, 1.00] | 0.00 [-1.00, 1.00] |" in text
-    assert "| 2 | 1 |" in text
+    assert "| 2 | 1 |" in text and "(mean Kendall tau over the pairs of folders): ap -1.00, neg_loss -1.00." in text
