@@ -9,7 +9,8 @@
 #              --ground-truth <fetched>/gt --name fidelity-gpu
 #
 # Env: SEEDS ("0"), REPEAT ("nasfcos nasfcos-fpn fcos": labels trained with seed 1 as well, to
-# see the seed noise), ITERS (1500), BATCH (16), LIMIT (seconds for all runs, 520).
+# see the seed noise), ITERS (1500), BATCH (16), LIMIT (seconds for all runs, 520), EXTRA (more
+# train overrides, e.g. "train.eval_every=300" for the AP along the way in metrics.json's evals).
 set -u
 OUT=${OUT:-/tmp/fidelity_gpu}
 SEEDS=${SEEDS:-0}
@@ -17,6 +18,7 @@ REPEAT=${REPEAT:-nasfcos nasfcos-fpn fcos}
 ITERS=${ITERS:-1500}
 BATCH=${BATCH:-16}
 LIMIT=${LIMIT:-520}
+read -r -a EXTRA <<< "${EXTRA:-}"
 LIST=${LIST:-experiments/search_quality/fidelity_archs.json}
 mkdir -p "$OUT/gt"
 # shellcheck source=experiments/gpu_env.sh
@@ -45,7 +47,7 @@ while read -r label seed code; do
   run=/tmp/fidelity_runs/$label-s$seed
   timeout --kill-after=10 "$LIMIT" python3 -m detector train "arch=$code" experiment=synthetic_fcos \
     "schedule.iterations=$ITERS" "train.batch_size=$BATCH" device=cuda "seed=$seed" "out_dir=$run" \
-    "cache_dir=$CACHE" train.progress=false train.ckpt_every=100000 > "$OUT/gt/$label-s$seed.log" 2>&1 &
+    "cache_dir=$CACHE" train.progress=false train.ckpt_every=100000 "${EXTRA[@]}" > "$OUT/gt/$label-s$seed.log" 2>&1 &
 done < "$jobs_file"
 wait
 for log in "$OUT"/gt/*.log; do
