@@ -533,13 +533,59 @@ def write_fidelity_markdown(rows: list[dict[str, Any]], table: dict, args: argpa
 
 
 # ---------------------------------------------------------------------- command line
+def short_training_taus(labels: Sequence[str], final_dir: Path, along_dir: Path,
+                        final_seeds: Sequence[str] | None = None) -> dict[int, dict]:
+    """Kendall/Spearman (with bootstrap CIs) of AP after k iterations of full training -- the
+    ``evals`` of the runs in ``along_dir`` (another seed, trained with ``train.eval_every``) --
+    against the final AP of the runs in ``final_dir`` (only ``final_seeds`` if given: keep the two
+    sets of runs independent), for every k evaluated in all runs."""
+    final = []
+    for label in labels:
+        per_seed = ground_truth_ap(label, final_dir).get("per_seed", {})
+        kept = [ap for seed, ap in per_seed.items() if final_seeds is None or seed in final_seeds]
+        if not kept:
+            raise FileNotFoundError(f"no final run of {label} (seeds {final_seeds or 'any'}) under {final_dir}")
+        final.append(statistics.mean(kept))
+    along = []
+    for label in labels:
+        runs = sorted(along_dir.glob(f"{label}-s*/metrics.json"))
+        if not runs:
+            raise FileNotFoundError(f"no {label}-s*/metrics.json under {along_dir}")
+        evals = [{int(e["iteration"]): float(e["AP"]) for e in json.loads(p.read_text())["evals"]} for p in runs]
+        along.append({k: statistics.mean(e[k] for e in evals) for k in set.intersection(*(set(e) for e in evals))})
+    iterations = sorted(set.intersection(*(set(a) for a in along)))
+    return {k: rank_correlations([a[k] for a in along], final) for k in iterations}
+
+
+def short_training_study(args: argparse.Namespace) -> int:
+    """Would a short *full* training rank like the full one? (evidence for the proxy's design)"""
+    if not (args.ground_truth and args.along):
+        print("error: short-training needs --ground-truth (final APs) and --along (runs with evals)", file=sys.stderr)
+        return 2
+    labels = [label for label, _ in pick_architectures(args)]
+    taus = short_training_taus(labels, Path(args.ground_truth), Path(args.along), args.final_seeds)
+    lines = [f"# Short full training as a proxy ({len(labels)} architectures)", "",
+             f"AP after k iterations of `python -m detector train` (runs in `{args.along}`) against the final AP "
+             f"of independent runs (`{args.ground_truth}`, seeds {args.final_seeds or 'all'}). "
+             f"Command: `{command_line()}`", "",
+             "| iterations | Kendall tau [95% CI] | Spearman rho [95% CI] |", "|---|---|---|"]
+    for k, corr in taus.items():
+        tau, rho = corr["tau"], corr["rho"]
+        lines.append(f"| {k} | {tau[0]:.2f} [{tau[1]:.2f}, {tau[2]:.2f}] | {rho[0]:.2f} [{rho[1]:.2f}, {rho[2]:.2f}] |")
+    out = Path(args.out) / f"{args.name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+    return 0
+
+
 def command_line() -> str:
     return "PYTHONPATH=. python experiments/search_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", choices=("searchers", "fidelity"))
+    parser.add_argument("study", choices=("searchers", "fidelity", "short-training"))
     parser.add_argument("--work", default=str(ROOT / "runs" / "search_quality"),
                         help="where runs, trainings and partial results are kept (resumable)")
     parser.add_argument("--out", default=str(ROOT / "experiments" / "search_quality"), help="tables and plots")
@@ -572,6 +618,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paired-dir", default=None,
                         help="fidelity: another --proxy-dir to compare with: tau difference, paired bootstrap CI")
     parser.add_argument("--device", default="cpu", help="fidelity: device of the proxy (cpu | cuda)")
+    parser.add_argument("--along", default=None,
+                        help="short-training: folder of <label>-s<seed>/metrics.json runs with evals along the way")
+    parser.add_argument("--final-seeds", nargs="+", default=None,
+                        help="short-training: seeds of the --ground-truth runs to use (default: all)")
     parser.add_argument("--average-dirs", nargs="+", default=None,
                         help="fidelity: several --proxy-dir folders (e.g. one per proxy_eval.split_seed, each its own "
                              "adaptation) whose scores are combined (--average-by) and ranked; nothing is computed; "
@@ -585,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     args.cache_dir = args.cache_dir or str(Path(args.work) / "cache")
     args.search = [*args.search, *args.search_extra]
     Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.study == "short-training":
+        return short_training_study(args)
     return searchers_study(args) if args.study == "searchers" else fidelity_study(args)
 
 

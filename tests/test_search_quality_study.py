@@ -160,3 +160,27 @@ def test_average_dirs_reports_each_instance_and_every_subset_of_k(study, tmp_pat
     assert f"| `{tmp_path / 'good'}` | 1.00 [" in text and f"| `{tmp_path / 'bad'}` | -1.00 [" in text
     assert "| 1 | 2 | 0.00 [-1.00, 1.00] | 0.00 [-1.00, 1.00] | 0.00 [-1.00, 1.00] | 0.00 [-1.00, 1.00] |" in text
     assert "| 2 | 1 |" in text and "(mean Kendall tau over the pairs of folders): ap -1.00, neg_loss -1.00." in text
+
+
+def test_short_training_taus_rank_the_evals_along_the_way_against_independent_final_runs(study, tmp_path):
+    final, along = tmp_path / "final", tmp_path / "along"
+    labels = ["a", "b", "c", "d", "e"]
+    for i, label in enumerate(labels):
+        (final / f"{label}-s0").mkdir(parents=True)
+        (final / f"{label}-s0" / "metrics.json").write_text(json.dumps({"AP": 0.1 * i, "AP50": 0.0}))
+        evals = [{"iteration": 100, "AP": -0.1 * i},  # early: the reverse order
+                 {"iteration": 200, "AP": 0.1 * i + 0.01}]  # later: the same order
+        (along / f"{label}-s1").mkdir(parents=True)
+        (along / f"{label}-s1" / "metrics.json").write_text(json.dumps({"evals": evals}))
+    taus = study.short_training_taus(labels, final, along)
+    assert sorted(taus) == [100, 200]
+    assert taus[100]["tau"][0] == pytest.approx(-1.0) and taus[200]["tau"][0] == pytest.approx(1.0)
+    with pytest.raises(FileNotFoundError, match="no f-s"):
+        (final / "f-s0").mkdir()
+        (final / "f-s0" / "metrics.json").write_text(json.dumps({"AP": 0.9, "AP50": 0.0}))
+        study.short_training_taus([*labels, "f"], final, along)
+    # a same-seed final run is left out with final_seeds: "a" would otherwise become the best
+    (final / "a-s1").mkdir()
+    (final / "a-s1" / "metrics.json").write_text(json.dumps({"AP": 10.0, "AP50": 0.0}))
+    assert study.short_training_taus(labels, final, along, final_seeds=["0"])[200]["tau"][0] == pytest.approx(1.0)
+    assert study.short_training_taus(labels, final, along)[200]["tau"][0] < 1.0
