@@ -34,6 +34,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
+from detector.fast_deform import autocast_enabled, packed_impl, select_deform_conv2d
+
 DEFORM_IMPLS = ("torchvision", "fast", "auto")
 _deform_impl = "auto"
 
@@ -48,11 +50,6 @@ def set_deform_impl(impl: str) -> None:
 
 def get_deform_impl() -> str:
     return _deform_impl
-
-
-def _autocast_enabled(x: Tensor) -> bool:
-    device_type = x.device.type
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 class ModulatedDeformConv(nn.Module):
@@ -96,11 +93,9 @@ class ModulatedDeformConv(nn.Module):
         # Parameters follow x's dtype (a no-op unless a bf16-cast module runs its float32 path); under
         # autocast conv2d casts them itself, once per step for the head's levels sharing them (cast cache).
         weight, bias = self.offset_mask.weight, self.offset_mask.bias
-        if not _autocast_enabled(x):
+        if not autocast_enabled(x):
             weight, bias = weight.to(x.dtype), bias.to(x.dtype)
         offset_mask = nn.functional.conv2d(x, weight, bias, padding=self.padding)  # (N, 3*G*K*K, H, W)
-        from detector.fast_deform import packed_impl
-
         packed = packed_impl(deform_fn, x)
         if packed is not None:  # the fast kernels split offsets / mask logits and apply the sigmoid themselves
             return packed(x, offset_mask, self.weight.to(x.dtype), self.bias.to(x.dtype),
@@ -114,11 +109,9 @@ class ModulatedDeformConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(N, C_in, H, W) -> (N, C_out, H, W); see the module docstring for precision handling."""
         if _deform_impl != "torchvision":
-            from detector.fast_deform import select_deform_conv2d
-
             return self._deform(x, select_deform_conv2d(_deform_impl))
         device_type = x.device.type
-        autocast_on = _autocast_enabled(x)
+        autocast_on = autocast_enabled(x)
         if not autocast_on and x.dtype != torch.bfloat16:
             return self._deform(x)
         out_dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype

@@ -18,9 +18,9 @@ How it works, per chunk of images (DESIGN section 10 has the motivation):
 2. *GEMM*: per weight group one ``columns @ (Cout/Gw, K*Cw)^T`` over the pixels of all images of
    the chunk, bias fused, writes the NHWC (channels_last) output directly -- tensor cores in
    bf16/fp16;
-3. backward recomputes the columns (nothing column-sized is saved; the forward keeps only an
-   NHWC copy of the input), takes the weight gradient from one GEMM per weight group, the column
-   gradient from another, and scatters it back to the input (atomics), the offsets and the masks.
+3. backward takes the weight gradient from one GEMM per weight group over the forward's columns
+   (kept, or sampled again: ``DeformOptions.keep_columns``), the column gradient from another, and
+   scatters it back to the input (atomics), the offsets and the masks.
 
 The output has the input's memory format, like ``conv2d``: channels_last for a channels_last input
 (no layout copies in a channels_last model, in either direction), NCHW-contiguous otherwise.
@@ -278,9 +278,10 @@ class DeformOptions:
       that dtype, like torchvision's and mmcv's half-precision kernels, instead of in float32 --
       half the atomic traffic, no float32 buffer to convert.
 
-    Both on by default: on an H100 (bf16, DESIGN shape) they take a DCN layer from 10.4 to 8.3 ms
-    with the same gradient error against float64 (experiments/dcn_notes.md); keeping columns costs
-    one column-sized tensor per DCN call until backward (nasfcos at batch 16: 14.6 -> 26 GB peak).
+    All on by default: on an H100 (bf16, DESIGN shape) keep_columns and low_precision_input_grad
+    take a DCN layer from 9.9 to 7.7 ms with the same gradient error against float64, and packed
+    adds ~6% to nasfcos training (experiments/dcn_notes.md, PERF.md); keeping columns costs one
+    column-sized tensor per DCN call until backward (nasfcos at batch 16: 14.6 -> 24 GB peak).
     """
 
     keep_columns: bool = True
@@ -392,7 +393,8 @@ class _DeformConvColumns(torch.autograd.Function):
     def forward(ctx, x, offset, mask, weight, bias, geo, sampler, images_per_chunk, options, packed):
         # packed: offset is the predictor's (N, 3GK, Ho, Wo) output, mask logits included (mask is None)
         layout = {"packed": True} if packed else {}
-        # x (N, C, H, W) compute dtype; offset (N, 2GK, Ho, Wo) / mask (N, GK, Ho, Wo) coord dtype
+        # x (N, C, H, W) compute dtype; offset (N, 2GK, Ho, Wo) / mask (N, GK, Ho, Wo): the coord dtype
+        # for the torch sampler, any float dtype for the Triton one
         batch = x.shape[0]
         x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C); free if x is channels_last
         weight_cols = _weight_columns(weight, geo)
@@ -424,12 +426,12 @@ class _DeformConvColumns(torch.autograd.Function):
             grad_rows = grad_out.to(x_nhwc.dtype).permute(0, 2, 3, 1).reshape(batch * pixels, -1)
             weight_cols = _weight_columns(weight, geo)  # (Gw, Cout/Gw, K*Cw)
             acc_dtype = torch.float64 if x_nhwc.dtype == torch.float64 else torch.float32
-            zeros = functools.partial(torch.zeros, device=x_nhwc.device, dtype=acc_dtype)
             grad_weight_cols = None  # summed over chunks by _accumulate_grad_weight
             need_columns_grad = need_x or need_offset or need_mask
             low_precision = options.low_precision_input_grad and x_nhwc.dtype in (torch.bfloat16, torch.float16)
             grad_x_dtype = x_nhwc.dtype if low_precision else acc_dtype  # the atomics' accumulator
-            grad_x_nhwc = zeros(x_nhwc.shape, dtype=grad_x_dtype) if need_columns_grad else None
+            grad_x_nhwc = (torch.zeros(x_nhwc.shape, device=x_nhwc.device, dtype=grad_x_dtype)
+                           if need_columns_grad else None)
             grad_offset = torch.empty_like(offset) if need_columns_grad else None
             grad_mask = torch.empty_like(mask) if need_columns_grad and mask is not None else None
             for index, start in enumerate(range(0, batch, chunk)):
@@ -466,11 +468,15 @@ class _DeformConvColumns(torch.autograd.Function):
                 grad_weight, grad_bias, None, None, None, None, None)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def autocast_enabled(x: Tensor) -> bool:
+    """Whether autocast is on for x's device type."""
     device_type = x.device.type
-    autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    if autocast_on and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return torch.get_autocast_dtype(device_type)
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if autocast_enabled(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 

@@ -9,17 +9,11 @@ where CUDA exists, on the GPU through the FastConcatReduce module.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from detector.ops import ConcatReduce
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_pair(width: int, momentum: float | None = 0.1, dtype=torch.float64, device="cpu", seed=0):
@@ -81,9 +75,8 @@ print("fused cat ok")
 
 def test_fused_cat_kernels_equal_concat_reduce_under_the_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    from triton_interpreter import run_under_interpreter  # here: the subprocess imports this test module, without tests/ on its path
+    result = run_under_interpreter(INTERPRETER_SCRIPT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fused cat ok" in result.stdout
 

@@ -7,10 +7,6 @@ the Triton kernels under Triton's CPU interpreter (subprocess) and, where CUDA e
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +14,6 @@ import torchvision
 
 from detector import fast_deform
 from detector.fast_deform import DeformOptions, deform_conv2d_columns, deform_conv2d_fast, select_deform_conv2d
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_case(batch=2, channels=4, out_channels=6, height=7, width=8, kernel=3, stride=1, padding=1, dilation=1,
@@ -311,9 +305,8 @@ print("triton interpreter ok")
 
 def test_triton_kernels_match_torchvision_under_the_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", TRITON_INTERPRETER_SCRIPT], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    from triton_interpreter import run_under_interpreter  # here: the subprocess imports this test module, without tests/ on its path
+    result = run_under_interpreter(TRITON_INTERPRETER_SCRIPT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "triton interpreter ok" in result.stdout
 

@@ -12,11 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import FrozenBatchNorm2d
+
+from triton_interpreter import run_under_interpreter
 
 from detector.batched_postprocess import postprocess_batched
 from detector.build import build_detector
@@ -36,7 +34,6 @@ from detector.postprocess import postprocess
 from detector.throughput import load_recipe
 from detector.zoo import zoo_arch
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {name: load_recipe(name) for name in ("nasfcos", "torchvision")}
 SIZES = [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]  # P3..P7 of a 128x160 padded batch
 NUM_CLASSES = 6
@@ -269,12 +266,9 @@ TRITON_CHECK = textwrap.dedent("""
 """)
 
 
-def test_triton_group_norm_kernels_match_group_norm_under_the_interpreter(tmp_path):
+def test_triton_group_norm_kernels_match_group_norm_under_the_interpreter():
     pytest.importorskip("triton")
-    script = tmp_path / "check.py"
-    script.write_text(TRITON_CHECK)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    proc = run_under_interpreter(TRITON_CHECK, timeout=240, OMP_NUM_THREADS="1")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
