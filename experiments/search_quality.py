@@ -224,15 +224,14 @@ def proxy_scores(code: str, iters: int, seeds: Sequence[int], args: argparse.Nam
     import torch
 
     from detector.cli import compose
-    from proxy_eval.build import build_evaluator
-    from proxy_eval.prepare import prepare
+    from proxy_eval.build import build_evaluator, prepare_proxy
 
     torch.set_num_threads(1)
     base = [f"cache_dir={args.cache_dir}", f"device={args.device}", "proxy_eval.threads=1", *args.search]
     cfg = compose("search", [*base, *args.trial_extra,
                              f"proxy_eval.iters={iters}"])  # last: the study's budget wins over --search
     # --trial-extra changes the trials only: the feature cache stays the one --search prepares
-    cache = prepare(compose("search", base)) if args.trial_extra else None
+    cache = prepare_proxy(compose("search", base)) if args.trial_extra else None
     evaluator = build_evaluator(cfg, cache=cache)
     results = [evaluator.evaluate(code, seed=seed) for seed in seeds]
     if any(not r.ok for r in results):
@@ -422,7 +421,7 @@ def adaptation_lines(rows: list[dict[str, Any]], args: argparse.Namespace) -> li
 
 
 def fidelity_study(args: argparse.Namespace) -> int:
-    from proxy_eval.prepare import prepare
+    from proxy_eval.build import prepare_proxy
     from detector.cli import compose
 
     started = time.perf_counter()
@@ -434,8 +433,8 @@ def fidelity_study(args: argparse.Namespace) -> int:
         return fidelity_report(rows, args, started)
     missing = [label for label, code in archs
                if not all(str(i) in stored_row(label, code, args)["proxy"] for i in args.proxy_iters)]
-    if missing:  # the feature cache, once, before the jobs
-        prepare(compose("search", [f"cache_dir={args.cache_dir}", f"device={args.device}", *args.search]))
+    if missing:  # the feature cache (or the end-to-end proxy's data), once, before the jobs
+        prepare_proxy(compose("search", [f"cache_dir={args.cache_dir}", f"device={args.device}", *args.search]))
     if args.device == "cpu":
         rows = run_parallel([lambda a=a: fidelity_row(*a, args) for a in archs], args.jobs)
     else:  # one process per job: launch-bound GPU work does not share a Python interpreter well

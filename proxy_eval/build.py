@@ -7,6 +7,10 @@
 - ``proxy_eval=cached``: :class:`proxy_eval.trial.CachedEvaluator` over the feature cache
   (``cache``: the :class:`~proxy_eval.feature_cache.FeatureCache` that :func:`proxy_eval.prepare.prepare`
   returned, or its path; None runs ``prepare`` now, which reuses a valid cache).
+- ``proxy_eval=end_to_end``: :class:`proxy_eval.end_to_end.EndToEndEvaluator`, which trains each
+  candidate as a whole detector on the proxy split (``cache``: the
+  :class:`~proxy_eval.end_to_end.EndToEndData` that :func:`prepare_proxy` returned; None or a path
+  prepares it now, which only reads the data once it exists).
 - ``proxy_eval=toy``: :class:`ToyProxy`, the instant synthetic reward of :mod:`proxy_eval.toy`
   behind the same contract, with the same fault injection.
 
@@ -28,7 +32,7 @@ from detector.zoo import resolve_arch
 from proxy_eval.feature_cache import FeatureCache
 from proxy_eval.result import TrialResult
 
-PROXY_NAMES = ("cached", "toy")
+PROXY_NAMES = ("cached", "end_to_end", "toy")
 
 
 class Evaluator(Protocol):
@@ -41,7 +45,7 @@ class Evaluator(Protocol):
 def _proxy(cfg: Any) -> Any:
     node = cfg.get("proxy_eval", None)
     if node is None:
-        raise UserError("proxy_eval: missing; choose proxy_eval=cached (or toy)")
+        raise UserError("proxy_eval: missing; choose proxy_eval=cached, end_to_end or toy")
     return node
 
 
@@ -150,13 +154,61 @@ def trial_settings(cfg: Any) -> Any:
     )
 
 
+def _proxy_name(cfg: Any) -> str:
+    name = str(_proxy(cfg).get("name", "cached"))
+    if name not in PROXY_NAMES:
+        raise UserError(f"proxy_eval.name={name}: choose one of {', '.join(PROXY_NAMES)}")
+    return name
+
+
+def prepare_proxy(cfg: Any) -> Any:
+    """What the driver builds once before any trial: the feature cache (``cached``), the data and
+    proxy splits (``end_to_end``), or None (``toy``). Bad settings raise a UserError here."""
+    name = _proxy_name(cfg)
+    if name == "cached":
+        from proxy_eval.prepare import prepare
+
+        return prepare(cfg)
+    if name == "end_to_end":
+        return end_to_end_data(cfg)
+    return None
+
+
+def end_to_end_data(cfg: Any) -> Any:
+    """:class:`proxy_eval.end_to_end.EndToEndData` of the config (the data is generated if needed)."""
+    from proxy_eval.end_to_end import prepare_data
+
+    proxy = _proxy(cfg)
+    train_images = proxy.get("train_images", None)
+    return prepare_data(cfg.data, cfg.get("cache_dir", None), None if train_images is None else int(train_images),
+                        int(proxy.val_images), int(proxy.get("split_seed", 0)))
+
+
+def end_to_end_evaluator(cfg: Any, data: Any = None) -> Evaluator:
+    """The end-to-end evaluator of the config, on ``data`` (an EndToEndData; None: prepared now)."""
+    from omegaconf import OmegaConf
+
+    from proxy_eval.end_to_end import EndToEndData, EndToEndEvaluator, ModelSpec
+
+    def plain(node: Any) -> dict[str, Any]:
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+
+    proxy = _proxy(cfg)
+    if not isinstance(data, EndToEndData):
+        data = end_to_end_data(cfg)
+    model = ModelSpec(backbone=plain(cfg.backbone), recipe=plain(cfg.recipe), num_classes=int(cfg.data.num_classes),
+                      width=_width(cfg, proxy))
+    return EndToEndEvaluator(data, model, trial_settings(cfg), workers=int(proxy.get("workers", 0)),
+                             cost_resolution=int(proxy.get("cost_resolution", 128)))
+
+
 def build_evaluator(cfg: Any, cache: FeatureCache | str | os.PathLike | None = None) -> Evaluator:
     """The evaluator that ``cfg.proxy_eval.name`` selects (see the module docstring)."""
-    name = str(_proxy(cfg).get("name", "cached"))
+    name = _proxy_name(cfg)
     if name == "toy":
         return ToyProxy.from_cfg(cfg)
-    if name != "cached":
-        raise UserError(f"proxy_eval.name={name}: choose one of {', '.join(PROXY_NAMES)}")
+    if name == "end_to_end":
+        return end_to_end_evaluator(cfg, cache)
     from proxy_eval.trial import CachedEvaluator
 
     if cache is None:

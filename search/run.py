@@ -115,22 +115,22 @@ def _make_executor(cfg: Any, run_dir: RunDir, cache: Any) -> Any:
         from search.ray_executor import RayExecutor
     except ImportError as err:
         raise UserError(f"executor=ray needs Ray Tune ({err}); pip install 'ray[tune]' or use executor=local") from None
-    cache_path = None if cache is None else str(getattr(cache, "path", cache))
+    cache_path = str(cache.path) if hasattr(cache, "path") else None  # end_to_end / toy: prepared per worker
     return RayExecutor(_container(cfg), cache_path, run_dir.path, seed=seed, retries=retries, workers=workers,
                        address=cfg.ray.get("address"), cpus_per_trial=float(cfg.ray.cpus_per_trial),
                        gpus_per_trial=float(cfg.ray.gpus_per_trial))
 
 
 def _prepare(cfg: Any) -> Any:
-    """The feature cache for ``proxy_eval=cached`` (built once here, before any trial), else None."""
-    if str(cfg.proxy_eval.get("name", "cached")) != "cached":
-        return None
-    from proxy_eval.prepare import prepare
+    """Built once here, before any trial: the feature cache (``proxy_eval=cached``), the data and
+    proxy splits (``end_to_end``), or None (``toy``)."""
+    from proxy_eval.build import prepare_proxy
 
     start = time.perf_counter()
-    cache = prepare(cfg)
-    log.info("feature cache ready in %.1f s: %s", time.perf_counter() - start, getattr(cache, "path", cache))
-    return cache
+    prepared = prepare_proxy(cfg)
+    if hasattr(prepared, "path"):
+        log.info("feature cache ready in %.1f s: %s", time.perf_counter() - start, prepared.path)
+    return prepared
 
 
 # ---------------------------------------------------------------------- observers

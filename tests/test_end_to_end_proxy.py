@@ -1,0 +1,159 @@
+"""The end-to-end proxy (proxy_eval=end_to_end): whole detectors trained on the proxy split.
+
+A tiny synthetic dataset is written once; every trial builds a real FCOS (ResNet-18 at random
+init, width 32), trains it for a few iterations on CPU and scores it on proxy-val with pycocotools.
+"""
+import dataclasses
+import math
+import pickle
+
+import pytest
+import torch
+
+from detector.cli import compose
+from detector.data.synthetic import write_dataset
+from detector.errors import UserError
+from proxy_eval import end_to_end
+from proxy_eval.build import build_evaluator, prepare_proxy
+from proxy_eval.end_to_end import EndToEndData, EndToEndEvaluator, prepare_data
+from proxy_eval.result import FLOOR_REWARD
+from proxy_eval.splits import SplitError
+
+DCN_CODE = ("fpn:c3-c5-dcn-sep3-sum/c4-c5-skip-dcn-cat/c5-c4-sep3d3-skip-sum/c3-b0-dcn-skip-sum"
+            "+head:s1-dcn-conv3-sep3-conv1-skip-dcn")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    write_dataset(root, num_train=20, num_val=2, seed=0, workers=1, image_min_side=64, image_max_side=96,
+                  large_every=0, max_objects=3, min_object_size=8)
+    return root
+
+
+def config(root, *overrides):
+    return compose("search", [f"data.root={root}", "proxy_eval=end_to_end", "device=cpu", "model.width=32",
+                              "proxy_eval.train_images=12", "proxy_eval.val_images=6", "proxy_eval.iters=3",
+                              "proxy_eval.batch_size=4", "proxy_eval.warmup_iters=1", "proxy_eval.report_every=1",
+                              "proxy_eval.eval_batch_size=8", "proxy_eval.cost_resolution=96", *overrides])
+
+
+@pytest.fixture(scope="module")
+def evaluator(data_root):
+    return build_evaluator(config(data_root))
+
+
+def changed(evaluator: EndToEndEvaluator, **settings) -> EndToEndEvaluator:
+    return EndToEndEvaluator(evaluator.data, evaluator.model, dataclasses.replace(evaluator.settings, **settings),
+                             cost_resolution=evaluator.cost_resolution)
+
+
+def test_a_trial_trains_the_whole_detector_and_scores_it_with_coco_ap(evaluator, monkeypatch):
+    trained = []
+    real = end_to_end.train_detector
+    monkeypatch.setattr(end_to_end, "train_detector", lambda model, *a, **k: trained.append(model) or real(model, *a, **k))
+    reports = []
+    result = evaluator.evaluate("fcos", seed=0, report=reports.append)
+    assert result.status == "ok", result.error
+    assert result.reward == result.ap and 0 <= result.ap <= 1
+    assert math.isfinite(result.loss) and result.loss > 0 and math.isfinite(result.extra["train_loss"])
+    assert result.params > 0 and result.gflops > 0
+    assert [r["iteration"] for r in reports] == [1, 2, 3]
+    model = trained[0]
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    assert backbone_params, "the end-to-end proxy must train backbone parameters"
+    assert all(p.grad is not None for p in backbone_params[-3:])  # the last backbone layers got gradients
+
+
+def test_splits_come_from_the_training_split_only_and_are_disjoint(evaluator):
+    from detector.data.coco import CocoDetection, split_paths
+    from pathlib import Path
+
+    splits = evaluator.data.splits
+    assert len(splits.train_ids) == 12 and len(splits.val_ids) == 6
+    assert not set(splits.train_ids) & set(splits.val_ids)
+    image_dir, ann_file = split_paths(evaluator.data.data_cfg, Path(evaluator.data.data_cfg["root"]), "train")
+    train_ids = set(CocoDetection(image_dir, ann_file, None).image_ids)
+    assert set(splits.train_ids) | set(splits.val_ids) <= train_ids
+
+
+def test_same_seed_gives_the_same_result_and_another_seed_another(evaluator):
+    first = evaluator.evaluate("fcos", seed=3)
+    again = evaluator.evaluate("fcos", seed=3)
+    other = evaluator.evaluate("fcos", seed=4)
+    assert first.status == again.status == other.status == "ok"
+    assert (first.ap, first.loss, first.extra["train_loss"]) == (again.ap, again.loss, again.extra["train_loss"])
+    assert first.loss != other.loss
+
+
+def test_the_caller_rng_is_left_alone(evaluator):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    evaluator.evaluate("fcos", seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_neg_loss_reward_is_exp_of_minus_the_validation_loss(evaluator):
+    result = changed(evaluator, reward="neg_loss").evaluate("fcos", seed=0)
+    assert result.status == "ok"
+    assert result.reward == pytest.approx(math.exp(-result.loss)) and result.reward > FLOOR_REWARD
+
+
+def test_more_training_lowers_the_validation_loss(evaluator):
+    short = changed(evaluator, iters=1).evaluate("fcos", seed=0)
+    longer = changed(evaluator, iters=12, lr=0.005).evaluate("fcos", seed=0)
+    assert short.status == longer.status == "ok"
+    assert longer.loss < short.loss
+
+
+def test_a_deformable_code_trains_end_to_end_on_cpu(evaluator):
+    result = changed(evaluator, iters=2).evaluate(DCN_CODE, seed=1)
+    assert result.status == "ok", result.error
+
+
+def test_failures_are_results_not_exceptions(evaluator):
+    assert changed(evaluator, inject_nan=1).evaluate("fcos").status == "diverged"
+    assert changed(evaluator, fail_prob=1.0).evaluate("fcos").status == "error"
+    assert changed(evaluator, timeout_s=1e-6).evaluate("fcos").status == "timeout"
+    bad = evaluator.evaluate("fpn:not-a-code")
+    assert bad.status == "error" and bad.reward == FLOOR_REWARD and bad.error
+
+
+def test_out_of_memory_gives_oom(evaluator, monkeypatch):
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(end_to_end, "train_detector", boom)
+    result = evaluator.evaluate("fcos")
+    assert result.status == "oom" and "out of memory" in result.error
+
+
+def test_the_evaluator_pickles_without_its_datasets(evaluator):
+    evaluator.evaluate("fcos", seed=0)
+    assert evaluator._state is not None
+    copy = pickle.loads(pickle.dumps(evaluator))
+    assert copy._state is None
+    assert copy.evaluate("fcos", seed=3).status == "ok"
+
+
+def test_prepare_proxy_checks_split_sizes_before_any_trial(data_root):
+    prepared = prepare_proxy(config(data_root))
+    assert isinstance(prepared, EndToEndData) and len(prepared.splits.val_ids) == 6
+    with pytest.raises(SplitError, match="exceed the 20 images"):
+        prepare_proxy(config(data_root, "proxy_eval.train_images=18"))
+
+
+def test_cached_only_settings_are_refused(data_root):
+    with pytest.raises(UserError, match="train_last_stage"):
+        build_evaluator(config(data_root, "+proxy_eval.train_last_stage=true"))
+
+
+def test_prepare_data_generates_the_embedded_dataset(tmp_path):
+    data_cfg = {"name": "synthetic", "root": None, "train_split": "train", "val_split": "val", "num_classes": 6,
+                "image_dir": "{split}", "ann_file": "annotations/instances_{split}.json", "num_train": 8, "num_val": 2,
+                "seed": 0, "image_min_side": 64, "image_max_side": 64, "large_every": 0, "large_max_side": 64,
+                "max_objects": 2, "min_object_size": 8, "image_format": "jpg"}
+    data = prepare_data(data_cfg, str(tmp_path), train_images=None, val_images=3, split_seed=1)
+    assert len(data.splits.train_ids) == 5 and len(data.splits.val_ids) == 3
+    assert (tmp_path / "synthetic").is_dir()
