@@ -10,7 +10,8 @@ The pieces are reusable on their own: ``preprocess`` (normalise + pad), ``forwar
 (padded batch -> [P3..P7]), and the module-level ``compute_losses`` / ``postprocess`` that act on
 head outputs alone. ``loss_impl`` / ``postprocess_impl`` / ``points_cache`` / ``graphs`` default
 to those reference functions (no cache, no CUDA graphs); :mod:`detector.fast_paths` swaps in
-equivalent faster ones.
+equivalent faster ones. ``train_graphs`` (default None) is the opt-in CUDA-graph capture of the
+training step's network part (:mod:`detector.graphed_training`), with its optional padding rule.
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ class FCOS(nn.Module):
         self.postprocess_impl = postprocess
         self.points_cache = None  # a detector.fast_paths.PointsCache once installed
         self.graphs = None  # a detector.graphed_inference.GraphedInference once installed
+        self.train_graphs = None  # a detector.graphed_training.GraphedTraining once installed
 
     def normalize(self, image: Tensor) -> Tensor:
         """(3, H, W) RGB in 0..1 (float) or 0..255 (uint8) -> what the backbone was trained on (same shape)."""
@@ -97,8 +99,14 @@ class FCOS(nn.Module):
         return (image - self.pixel_mean) / self.pixel_std
 
     def preprocess(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
-        """Normalise and zero-pad: list of (3, H_i, W_i) -> ((N, 3, H, W), [(H_i, W_i)])."""
-        return pad_batch([self.normalize(image) for image in images], self.size_divisible)
+        """Normalise and zero-pad: list of (3, H_i, W_i) -> ((N, 3, H, W), [(H_i, W_i)]).
+
+        Where the training graph applies (``train_graphs``: CUDA, train mode, autograd on), the batch
+        is padded further to that graph's bucket shape (its ``pad_to`` / ``multiple`` rule)."""
+        padded, sizes = pad_batch([self.normalize(image) for image in images], self.size_divisible)
+        if self.train_graphs is not None and self.train_graphs.applies(self, padded):
+            padded = self.train_graphs.pad(padded)
+        return padded, sizes
 
     def forward_features(self, padded: Tensor) -> list[Tensor]:
         """Normalised padded batch (N, 3, H, W) -> pyramid [P3..P7], each (N, width, H/s, W/s)."""
@@ -113,7 +121,9 @@ class FCOS(nn.Module):
         """Train mode: dict of scalar losses. Eval mode: list of detection dicts (see module doc)."""
         _check_inputs(images, targets, self.training)
         padded, image_sizes = self.preprocess(images)  # (N, 3, H, W)
-        if self.graphs is not None and self.graphs.applies(self, padded):
+        if self.train_graphs is not None and self.train_graphs.applies(self, padded):
+            features, head_out = self.train_graphs.run(self, padded)  # graphed forward + backward
+        elif self.graphs is not None and self.graphs.applies(self, padded):
             features, head_out = self.graphs.run(self, padded)  # CUDA-graph replay, same values
         else:
             features = self.forward_features(padded)
