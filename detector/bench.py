@@ -27,7 +27,7 @@ from typing import Any
 from detector.distributed import select_device
 from detector.fast_paths import parse_paths
 from detector.recipe import Recipe
-from detector.throughput import BenchError, BenchSettings, default_variants, run_bench
+from detector.throughput import BenchError, BenchSettings, default_variants, parse_graph_modes, run_bench
 from detector.zoo import resolve_arch
 
 FORMATS = ("text", "json")
@@ -46,6 +46,12 @@ def _as_tuple(value: Any) -> tuple:
     if isinstance(value, str):
         return tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
     return tuple(value)
+
+
+def _optional_name(value: Any) -> str | None:
+    """A name, or None for ``none`` / null / empty."""
+    text = str(value).strip() if value is not None else ""
+    return None if text.lower() in ("", "none", "null") else text
 
 
 def _switch(value: Any, key: str, on_gpu: bool) -> bool:
@@ -92,7 +98,10 @@ def settings_from_cfg(cfg: Any) -> tuple[BenchSettings, dict[str, Any]]:
         "compile_": _as_tuple(_get(bench, "compile", ())),
         "torchvision_layouts": _as_tuple(_get(bench, "torchvision", ("frozen_bn",))),
         "ablate": bool(_get(bench, "ablate", False)),
+        "cuda_graph": _get(bench, "cuda_graph", False),
+        "also_arch": _optional_name(_get(bench, "also_arch", None)),
     }
+    parse_graph_modes(options["cuda_graph"])  # BenchError now, before anything is built
     return settings, options
 
 
@@ -112,21 +121,26 @@ def format_table(result: dict[str, Any]) -> str:
         f"median of {settings['iters']} train / {settings['infer_iters']} inference iterations after warm-up",
         "",
     ]
-    header = f"{'variant':<48}{'train img/s':>12}{'step ms':>9}" + "".join(
+    header = f"{'variant':<56}{'train img/s':>12}{'step ms':>9}" + "".join(
         f"{f'infer b{b} img/s':>17}" for b in sizes) + f"{'peak GB':>9}{'syncs':>7}"
     lines += [header, "-" * len(header)]
     for row in result["rows"]:
         if "error" in row:
-            lines.append(f"{row['name'][:47]:<48}  {row['error']}")
+            lines.append(f"{row['name'][:55]:<56}  {row['error']}")
             continue
-        cells = f"{row['name'][:47]:<48}{_number(row.get('train_images_per_s')):>12}{_number(row.get('train_step_ms')):>9}"
+        cells = f"{row['name'][:55]:<56}{_number(row.get('train_images_per_s')):>12}{_number(row.get('train_step_ms')):>9}"
         cells += "".join(f"{_number(row.get(f'infer_b{b}_images_per_s')):>17}" for b in sizes)
         cells += f"{_number(row.get('train_peak_memory_gb')):>9}{_number(row.get('train_syncs_per_step'), 0):>7}"
         lines.append(cells)
+        if row.get("train_graph_note"):
+            lines.append(f"{'':<4}{row['train_graph_note'][:200]}")
     if result.get("ratios"):
         parts = [f"{key.removesuffix('_images_per_s').replace('_', ' ')} {value:.2f}x"
                  for key, value in result["ratios"].items()]
         lines += ["", "ours / torchvision: " + ", ".join(parts)]
+    if result.get("arch_ratios"):
+        lines += ["train img/s / bench.also_arch row with the same graph mode: "
+                  + ", ".join(f"{name} {value:.2f}x" for name, value in result["arch_ratios"].items())]
     check = result.get("self_check")
     if check:
         if "error" in check:

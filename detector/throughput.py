@@ -10,6 +10,11 @@ COCO-shaped batches measures
   ``infer_batches`` (``images / median call time``);
 - peak device memory of training.
 
+A row with ``cuda_graph`` trains with the network part of the step (backbone + FPN + head, forward
+and backward) replayed from a CUDA graph (:mod:`detector.graphed_training`), batches zero-padded to
+one shape (:func:`train_graph_pad_to`); a row with ``arch`` measures that architecture instead of
+the bench's (``bench.also_arch``: nasfcos and our fcos in one process, :func:`arch_ratios`).
+
 Timing follows the usual rules: warm-up iterations first (cudnn autotuning, Triton compilation and
 ``torch.compile`` happen there), then per-iteration CUDA events (host clock on CPU), median of the
 timed iterations. Both models get the same precision (bf16 autocast and channels_last by default
@@ -47,7 +52,9 @@ from detector.fast_path_check import check_fast_paths
 from detector.fast_paths import (COMPILE_PARTS, FAST_PATHS, active_fast_paths, compile_parts, parse_paths,
                                  set_fast_paths)
 from detector.fcos import FCOS
+from detector.graphed_training import install_training_graph
 from detector.recipe import Recipe
+from detector.zoo import resolve_arch
 
 TORCHVISION_LAYOUTS = ("frozen_bn", "bn", "none")
 PRECISIONS = ("bf16", "fp32")
@@ -112,6 +119,8 @@ class Variant:
     torchvision_layout: str = "frozen_bn"
     train: bool = True
     infer: bool = True
+    cuda_graph: bool = False  # ours: training step's network part replayed from a CUDA graph
+    arch: str | None = None  # ours: this architecture instead of the bench's (bench.also_arch)
 
 
 @dataclass
@@ -204,6 +213,12 @@ def build_torchvision_fcos(recipe: Recipe, settings: BenchSettings, layout: str,
 
 
 # ------------------------------------------------------------------------------------------- timing
+
+
+def train_graph_pad_to(settings: BenchSettings) -> tuple[int, int]:
+    """The one padded shape of the bench's training batches (landscape, padded to 32): the graphed
+    rows pad every batch to it, so one graph serves them all."""
+    return math.ceil(settings.short_side / 32) * 32, math.ceil(settings.max_size / 32) * 32
 
 
 def synchronize(device: torch.device) -> None:
@@ -339,9 +354,11 @@ def measure_variant(variant: Variant, arch: Arch, recipe: Recipe, settings: Benc
             model = build_torchvision_fcos(recipe, settings, variant.torchvision_layout, device)
         else:
             set_deform_impl(variant.deform_impl)
-            model = build_ours(arch, recipe, settings, variant, device)
-            row.update(fast_paths=list(active_fast_paths(model)), deform_impl=variant.deform_impl,
-                       compile=list(variant.compile))
+            row_arch = resolve_arch(variant.arch) if variant.arch else arch
+            model = build_ours(row_arch, recipe, settings, variant, device)
+            row.update(arch=str(row_arch), fast_paths=list(active_fast_paths(model)),
+                       deform_impl=variant.deform_impl, compile=list(variant.compile), cuda_graph=variant.cuda_graph,
+                       reference_arch=variant.arch is not None)
         model = _prepare(model, settings)
         started = time.perf_counter()
         if variant.infer:
@@ -352,7 +369,14 @@ def measure_variant(variant: Variant, arch: Arch, recipe: Recipe, settings: Benc
                 row["graph_capture_failures"] = sorted(set(model.graphs.failures.values()))
                 model.graphs = type(model.graphs)()
                 _release(device)
+            graphs = install_training_graph(model, pad_to=train_graph_pad_to(settings)) if variant.cuda_graph else None
             row.update(measure_training(model, batches, settings, device))
+            if graphs is not None:
+                row["train_graph"] = {"pad_to": list(graphs.pad_to), "captures": graphs.captures,
+                                      "failures": sorted(set(graphs.failures.values()))}
+                if graphs.failures or not graphs.captures:  # eager in effect: say so in the table
+                    row["train_graph_note"] = "not graphed: " + ("; ".join(row["train_graph"]["failures"])
+                                                                  or "never applied (CPU?)")
         row["seconds"] = time.perf_counter() - started
     except UserError:
         raise
@@ -386,6 +410,8 @@ def run_bench(arch: Arch, recipe: Recipe, settings: BenchSettings, variants: lis
             progress(f"measuring {variant.name}")
         result["rows"].append(measure_variant(variant, arch, recipe, settings, batches, device))
     result["ratios"] = ratios(result["rows"])
+    if any(row.get("reference_arch") for row in result["rows"]):
+        result["arch_ratios"] = arch_ratios(result["rows"])
     if settings.self_check:
         first_ours = next((v for v in variants if v.model == "ours" and v.fast_paths), None)
         if first_ours is not None:
@@ -435,6 +461,31 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {k: ours[k] / theirs[k] for k in keys}
 
 
+def arch_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Training images/s of each bench-arch row of ours over the ``bench.also_arch`` row with the
+    same ``cuda_graph`` setting (the issue-#9 ratio, e.g. nasfcos / fcos), keyed by row name."""
+    reference = {r["cuda_graph"]: r for r in rows if r.get("reference_arch") and "train_images_per_s" in r}
+    out = {}
+    for row in rows:
+        if row.get("model") != "ours" or row.get("reference_arch") or "train_images_per_s" not in row:
+            continue
+        other = reference.get(row.get("cuda_graph"))
+        if other is not None:
+            out[row["name"]] = row["train_images_per_s"] / other["train_images_per_s"]
+    return out
+
+
+GRAPH_MODES = {"false": (False,), "true": (True,), "both": (False, True)}
+
+
+def parse_graph_modes(value: Any) -> tuple[bool, ...]:
+    """``bench.cuda_graph``: false | true | both -> the cuda_graph settings of ours' rows."""
+    text = str(value).strip().lower()
+    if text not in GRAPH_MODES:
+        raise BenchError(f"bench.cuda_graph={value!r}: use false, true or both (eager and graphed rows)")
+    return GRAPH_MODES[text]
+
+
 def cumulative_ablation(deform_impl: str) -> list[Variant]:
     """Ours with the fast paths added one at a time (reference first), for the change log."""
     steps = [("reference", ()), ("+losses+points", ("losses", "points")),
@@ -451,9 +502,11 @@ def cumulative_ablation(deform_impl: str) -> list[Variant]:
 
 def default_variants(arch: Arch, fast_paths: str | tuple[str, ...] = FAST_PATHS,
                      deform_impls: tuple[str, ...] = ("fast",), compile_: tuple[str, ...] = (),
-                     torchvision_layouts: tuple[str, ...] = ("frozen_bn",), ablate: bool = False) -> list[Variant]:
+                     torchvision_layouts: tuple[str, ...] = ("frozen_bn",), ablate: bool = False,
+                     cuda_graph: Any = "false", also_arch: str | None = None) -> list[Variant]:
     """torchvision first (one row per layout; ``none`` for no reference), then ours once per DCN
-    kernel (once when the arch has no DCN), then the ablation."""
+    kernel (once when the arch has no DCN) and per ``cuda_graph`` mode (false | true | both: eager,
+    graphed training step, or both), then the same for ``also_arch`` (None: none), then the ablation."""
     bad = [layout for layout in torchvision_layouts if layout not in TORCHVISION_LAYOUTS]
     if bad:
         raise BenchError(f"bench.torchvision={list(torchvision_layouts)}: choose among {', '.join(TORCHVISION_LAYOUTS)}")
@@ -462,23 +515,41 @@ def default_variants(arch: Arch, fast_paths: str | tuple[str, ...] = FAST_PATHS,
         raise BenchError(f"bench.deform_impl={list(deform_impls)}: choose among {', '.join(DEFORM_IMPLS)}")
     paths = parse_paths(fast_paths)
     compile_ = parse_paths(compile_, COMPILE_PARTS, "compile part")
-    has_dcn = "dcn" in str(arch)
-    impls = tuple(dict.fromkeys(deform_impls)) if has_dcn else ("torchvision",)
+    graph_modes = parse_graph_modes(cuda_graph)
+    impls_wanted = tuple(dict.fromkeys(deform_impls))
     variants = []
     for layout in dict.fromkeys(torchvision_layouts):
         if layout != "none":
             variants.append(Variant(name=f"torchvision fcos ({layout})", model="torchvision", torchvision_layout=layout))
+    variants += _ours_rows(arch, None, paths, impls_wanted, compile_, graph_modes)
+    if also_arch is not None:
+        variants += _ours_rows(resolve_arch(also_arch), also_arch, paths, impls_wanted, compile_, graph_modes)
+    if ablate:
+        variants += cumulative_ablation(impls_wanted[0] if "dcn" in str(arch) else "torchvision")
+    return variants
+
+
+def _ours_rows(arch: Arch, arch_name: str | None, paths: tuple[str, ...], deform_impls: tuple[str, ...],
+               compile_: tuple[str, ...], graph_modes: tuple[bool, ...]) -> list[Variant]:
+    """Ours once per DCN kernel (once without DCN ops) and graph mode; ``arch_name`` None: the bench's arch."""
+    has_dcn = "dcn" in str(arch)
+    impls = deform_impls if has_dcn else ("torchvision",)
+    label = "all fast paths" if set(paths) == set(FAST_PATHS) else (",".join(paths) or "reference")
+    compiled = f", compile={'+'.join(compile_)}" if compile_ else ""
+    prefix = "ours" if arch_name is None else f"ours {arch_name}"
+    rows = []
     for impl in impls:
         suffix = f", dcn={impl}" if has_dcn else ""
-        label = "all fast paths" if set(paths) == set(FAST_PATHS) else (",".join(paths) or "reference")
-        compiled = f", compile={'+'.join(compile_)}" if compile_ else ""
-        variants.append(Variant(name=f"ours ({label}{suffix}{compiled})", fast_paths=paths, deform_impl=impl,
-                                compile=tuple(compile_)))
-    if ablate:
-        variants += cumulative_ablation(impls[0])
-    return variants
+        for graphed in graph_modes:
+            graph = ", train graph" if graphed else ""
+            # with both modes the graphed row skips inference: the training graph changes training only
+            rows.append(Variant(name=f"{prefix} ({label}{suffix}{compiled}{graph})", fast_paths=paths,
+                                deform_impl=impl, compile=tuple(compile_), cuda_graph=graphed, arch=arch_name,
+                                infer=not (graphed and False in graph_modes)))
+    return rows
 
 
 __all__ = ["BenchSettings", "Variant", "Batch", "BenchError", "make_batches", "build_ours", "build_torchvision_fcos",
            "measure_training", "measure_inference", "run_bench", "default_variants",
-           "cumulative_ablation", "ratios", "time_calls", "load_recipe"]
+           "cumulative_ablation", "ratios", "arch_ratios", "parse_graph_modes", "train_graph_pad_to", "time_calls",
+           "load_recipe"]
