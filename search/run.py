@@ -30,6 +30,9 @@ from search.run_dir import RunDir, create_run_dir, open_run_dir
 
 log = logging.getLogger(__name__)
 
+CACHED_ON_GPU = ("proxy_eval=cached on a GPU: the cached proxy did not rank architectures like full training "
+                 "(experiments/search_quality/README.md); with a GPU use proxy_eval=end_to_end")
+
 RUNTIME_KEYS = ("executor", "search.workers", "search.retries", "search.top_k", "ray", "device", "logger")
 EXECUTORS = ("ray", "local")
 
@@ -124,8 +127,10 @@ def _make_executor(cfg: Any, run_dir: RunDir, cache: Any) -> Any:
 def _prepare(cfg: Any) -> Any:
     """Built once here, before any trial: the feature cache (``proxy_eval=cached``), the data and
     proxy splits (``end_to_end``), or None (``toy``)."""
-    from proxy_eval.build import prepare_proxy
+    from proxy_eval.build import prepare_proxy, resolve_device
 
+    if str(cfg.proxy_eval.get("name", "cached")) == "cached" and resolve_device(cfg.get("device", "auto")) != "cpu":
+        log.warning(CACHED_ON_GPU)
     start = time.perf_counter()
     prepared = prepare_proxy(cfg)
     if hasattr(prepared, "path"):

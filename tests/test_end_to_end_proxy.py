@@ -157,3 +157,30 @@ def test_prepare_data_generates_the_embedded_dataset(tmp_path):
     data = prepare_data(data_cfg, str(tmp_path), train_images=None, val_images=3, split_seed=1)
     assert len(data.splits.train_ids) == 5 and len(data.splits.val_ids) == 3
     assert (tmp_path / "synthetic").is_dir()
+
+
+def test_a_search_with_the_end_to_end_proxy_runs_real_trials_without_a_feature_cache(data_root, tmp_path):
+    from search.history import read_history
+    from search.run import run_command
+
+    run_dir = tmp_path / "run"
+    cfg = config(data_root, "executor=local", "search.budget=2", "search.stages=[fpn]", "search.workers=1",
+                 f"search.run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}", "proxy_eval.iters=2")
+    run_command(cfg)
+    rows = read_history(run_dir / "history.jsonl").rows
+    assert len(rows) == 2 and all(row["status"] == "ok" and row["params"] > 0 for row in rows)
+    assert not (tmp_path / "cache").exists()  # no adaptation, no features: the data was given by data.root
+
+
+def test_the_cached_proxy_on_a_gpu_gets_a_warning_and_the_end_to_end_one_does_not(data_root, monkeypatch, caplog):
+    import proxy_eval.build
+    import search.run
+
+    monkeypatch.setattr(proxy_eval.build, "resolve_device", lambda value: "cuda")
+    monkeypatch.setattr(proxy_eval.build, "prepare_proxy", lambda cfg: None)
+    with caplog.at_level("WARNING", logger="search.run"):
+        search.run._prepare(compose("search", ["proxy_eval=cached"]))
+        assert search.run.CACHED_ON_GPU in caplog.text
+        caplog.clear()
+        search.run._prepare(config(data_root))
+        assert search.run.CACHED_ON_GPU not in caplog.text
