@@ -377,6 +377,7 @@ def measure_variant(variant: Variant, arch: Arch, recipe: Recipe, settings: Benc
                 if graphs.failures or not graphs.captures:  # eager in effect: say so in the table
                     row["train_graph_note"] = "not graphed: " + ("; ".join(row["train_graph"]["failures"])
                                                                   or "never applied (CPU?)")
+                graphs.clear()  # drop the graph's pool now, not whenever the collector breaks the cycle
         row["seconds"] = time.perf_counter() - started
     except UserError:
         raise

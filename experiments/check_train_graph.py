@@ -2,9 +2,9 @@
 
 1. Correctness: a small nasfcos (ResNet-18, width 64, 2 x 96 x 128 images, all fast paths) and the
    full-size one (ResNet-50, width 256, 2 x 800 x ~1333), eager and graphed from the same weights,
-   ``--steps`` SGD steps each: losses and the gradient norm per step, the relative gradient
-   difference, in bf16 autocast + channels_last (as the bench); a second eager run gives the noise
-   floor (GPU atomics are not deterministic and SGD amplifies differences step by step).
+   ``--steps`` SGD steps of the graphed model, each step also computed eagerly (twice) from the
+   same weights: losses, gradient norms, the relative gradient difference graphed vs eager and
+   eager vs eager (the noise floor of GPU atomics), bf16 autocast + channels_last as the bench.
 2. Speed: training images/s of nasfcos and of our fcos, eager and graphed, on the bench's batches
    (``detector.throughput.make_batches``: batch 16, 800 x 1000..1333, landscape; graphed rows pad
    every batch to 800 x 1344), all in this process; the nasfcos / fcos ratio per mode (issue #9:
@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,49 +51,34 @@ def build(arch: str, settings: BenchSettings, graphed: bool) -> torch.nn.Module:
     return model
 
 
-def train_steps(model, batches, steps: int, lr: float = 1e-3):
-    """(losses dict, gradient norm, gradients) per step; SGD momentum between steps."""
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
-    out = []
-    for i in range(steps):
-        batch = batches[i % len(batches)]
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            losses = model(batch.images, batch.targets)
-        sum(losses.values()).backward()
-        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-        norm = sum(float(g.norm()) ** 2 for g in grads.values()) ** 0.5
-        out.append(({k: float(v.detach()) for k, v in losses.items()}, norm, grads))
-        optimizer.step()
-    return out
+def losses_and_grads(model, batch):
+    """(losses dict, gradient norm, gradients) of one bf16 forward + backward from zeroed gradients."""
+    for p in model.parameters():
+        p.grad = None
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = model(batch.images, batch.targets)
+    sum(losses.values()).backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    norm = sum(float(g.norm()) ** 2 for g in grads.values()) ** 0.5
+    return {k: float(v.detach()) for k, v in losses.items()}, norm, grads
 
 
 def check_correctness(name: str, arch: str, settings: BenchSettings, steps: int) -> list[dict]:
+    """``steps`` SGD steps of the graphed model; before each, an eager copy with the same weights (and
+    the same padding) computes the same step twice: graphed vs eager, and eager vs eager (the noise
+    floor of GPU atomics)."""
     batches = make_batches(settings, torch.device("cuda"))
-    pad = train_graph_pad_to(settings)
-    # the eager model sees the same padded batches as the graphed one: compare like with like
-    for batch in batches:
-        widths = [im.shape[-1] for im in batch.images]
-        assert max(widths) <= pad[1]
-    state = build(arch, settings, graphed=False).state_dict()
-
-    def run(graphed: bool):
-        model = build(arch, settings, graphed)
-        model.load_state_dict(state)
-        if not graphed:
-            model.train_graphs = _PadOnly(pad)
-        history = train_steps(model, batches, steps)
-        graphs = model.train_graphs if graphed else None
-        del model
-        release()
-        return history, graphs
-
-    eager, _ = run(False)
-    eager_again, _ = run(False)  # GPU atomics are not deterministic: the noise floor
-    graphed, graphs = run(True)
+    eager_model = build(arch, settings, graphed=False)
+    eager_model.train_graphs = _PadOnly(train_graph_pad_to(settings))  # same padded batches as the graph
+    graphed_model = build(arch, settings, graphed=True)
+    optimizer = torch.optim.SGD([p for p in graphed_model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     rows = []
     for step in range(steps):
-        (loss_e, norm_e, grad_e), (loss_a, _, grad_a), (loss_g, norm_g, grad_g) = eager[step], eager_again[step], graphed[step]
+        batch = batches[step % len(batches)]
+        eager_model.load_state_dict(graphed_model.state_dict())
+        loss_e, norm_e, grad_e = losses_and_grads(eager_model, batch)
+        loss_a, _, grad_a = losses_and_grads(eager_model, batch)
+        loss_g, norm_g, grad_g = losses_and_grads(graphed_model, batch)
         diff = sum(float((grad_e[n] - grad_g[n]).norm()) ** 2 for n in grad_e) ** 0.5
         noise = sum(float((grad_e[n] - grad_a[n]).norm()) ** 2 for n in grad_e) ** 0.5
         rows.append({"model": name, "step": step, "loss_eager": sum(loss_e.values()),
@@ -102,7 +86,12 @@ def check_correctness(name: str, arch: str, settings: BenchSettings, steps: int)
                      "grad_norm_eager": norm_e, "grad_norm_graphed": norm_g,
                      "grad_rel_diff": diff / max(norm_e, 1e-12), "grad_rel_noise": noise / max(norm_e, 1e-12),
                      "same_grad_keys": grad_e.keys() == grad_g.keys()})
+        optimizer.step()
+    graphs = graphed_model.train_graphs
     rows.append({"model": name, "captures": graphs.captures, "failures": sorted(set(graphs.failures.values()))})
+    graphs.clear()
+    del eager_model, graphed_model, optimizer
+    release()
     return rows
 
 
@@ -163,6 +152,7 @@ def time_training(arch: str, graphed: bool, settings: BenchSettings, batches, wa
     if graphed:
         graphs = model.train_graphs
         row.update(captures=graphs.captures, failures=sorted(set(graphs.failures.values())))
+        graphs.clear()  # its pool goes now: the next row's peak memory must not include it
     del model, optimizer
     release()
     return row

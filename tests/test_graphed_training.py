@@ -320,61 +320,46 @@ def test_quick_bench_measures_eager_and_graphed_rows_in_one_process(capsys):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _train_steps(model, images, targets, steps, bf16, set_to_none=True):
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-    history = []
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=set_to_none)
+def _losses_and_grads(model, batches, bf16, zero=True):
+    """Forward + backward over ``batches`` (gradients accumulate across them); losses of the last."""
+    if zero:
+        for p in model.parameters():
+            p.grad = None
+    for images, targets in batches:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             losses = model(images, targets)
         sum(losses.values()).backward()
-        grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
-        history.append(({k: float(v.detach()) for k, v in losses.items()}, grads))
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: float(v.detach()) for k, v in losses.items()}, grads
+
+
+def _check_close(eager, graphed, tol):
+    (loss_e, grad_e), (loss_g, grad_g) = eager, graphed
+    assert grad_e.keys() == grad_g.keys()
+    for k in loss_e:
+        assert abs(loss_e[k] - loss_g[k]) <= tol * max(1.0, abs(loss_e[k])), (k, loss_e[k], loss_g[k])
+    total = sum(float(g.norm()) ** 2 for g in grad_e.values()) ** 0.5
+    diff = sum(float((grad_e[n] - grad_g[n]).norm()) ** 2 for n in grad_e) ** 0.5
+    assert diff <= tol * total, (diff, total)
+
+
+def _graphed_vs_eager(arch, fast, norm, bf16, tol, steps=3, micro_batches=1, zero_in_place=False):
+    """``steps`` SGD steps of a graphed model; before each, an eager copy with the same weights computes
+    the same step: losses and gradients must agree at every step (no trajectory drift to compare)."""
+    batch = some_batch("cuda")
+    eager_model = small_detector(arch, fast, norm).cuda().to(memory_format=torch.channels_last).train()
+    graphed_model = small_detector(arch, fast, norm).cuda().to(memory_format=torch.channels_last).train()
+    graphs = install_training_graph(graphed_model)
+    optimizer = torch.optim.SGD([p for p in graphed_model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    for _ in range(steps):
+        eager_model.load_state_dict(graphed_model.state_dict())
+        eager = _losses_and_grads(eager_model, [batch] * micro_batches, bf16)
+        if zero_in_place:
+            optimizer.zero_grad(set_to_none=False)
+        graphed = _losses_and_grads(graphed_model, [batch] * micro_batches, bf16, zero=not zero_in_place)
+        _check_close(eager, graphed, tol)
         optimizer.step()
-    return history
-
-
-def _differences(a, b):
-    """Per step: (largest relative loss difference, relative gradient difference)."""
-    out = []
-    for (loss_a, grad_a), (loss_b, grad_b) in zip(a, b):
-        assert grad_a.keys() == grad_b.keys()
-        loss = max(abs(loss_a[k] - loss_b[k]) / max(1.0, abs(loss_a[k])) for k in loss_a)
-        total = sum(float(g.norm()) ** 2 for g in grad_a.values()) ** 0.5
-        diff = sum(float((grad_a[n] - grad_b[n]).norm()) ** 2 for n in grad_a) ** 0.5
-        out.append((loss, diff / total))
-    return out
-
-
-def _compare(run, tol):
-    """Graphed vs eager: step 0 (same weights) within ``tol``; later steps within 3x the difference
-    between two eager runs (GPU atomics are not deterministic, and SGD amplifies differences)."""
-    eager, eager_again, graphed = run(False), run(False), run(True)
-    noise = _differences(eager, eager_again)
-    got = _differences(eager, graphed)
-    assert got[0][0] <= tol and got[0][1] <= tol, (got, noise)
-    for (loss, grad), (loss_noise, grad_noise) in zip(got[1:], noise[1:]):
-        assert loss <= max(tol, 3 * loss_noise) and grad <= max(tol, 3 * grad_noise), (got, noise)
-
-
-def _runner(arch, fast, norm, bf16, steps=3, set_to_none=True, captures=1):
-    images, targets = some_batch("cuda")
-    state = small_detector(arch, fast, norm).state_dict()
-
-    def run(graphed):
-        model = small_detector(arch, fast, norm).cuda().to(memory_format=torch.channels_last)
-        model.load_state_dict(state)
-        if graphed:
-            graphs = install_training_graph(model)
-            if norm == "bn":  # the capture's warm-up updates BatchNorm statistics: capture, then reset them
-                model.train()(images, targets)
-                model.load_state_dict(state)
-        history = _train_steps(model.train(), images, targets, steps, bf16, set_to_none)
-        if graphed:
-            assert not graphs.failures and graphs.captures == captures and len(graphs) == 1, graphs.failures
-        return history
-
-    return run
+    assert not graphs.failures and graphs.captures == 1 and len(graphs) == 1, graphs.failures
 
 
 @pytest.mark.gpu
@@ -383,13 +368,16 @@ def _runner(arch, fast, norm, bf16, steps=3, set_to_none=True, captures=1):
                                                   ("nasfcos", True, False, "frozen_bn"),
                                                   ("nasfcos", False, False, "bn"), ("fcos", True, True, "frozen_bn")])
 def test_graphed_training_steps_match_eager_steps(arch, fast, bf16, norm):
-    _compare(_runner(arch, fast, norm, bf16), 5e-2 if bf16 else 1e-2)
+    # bf16: the graph casts each weight per use (autocast cache off) and sums the per-level head
+    # gradients in float32, eager sums them in bf16 behind one cached cast: ~1e-3 apart
+    _graphed_vs_eager(arch, fast, norm, bf16, 3e-2 if bf16 else 2e-3)
 
 
 @pytest.mark.gpu
 @needs_cuda
-def test_graphed_gradients_accumulate_correctly_without_set_to_none():
-    _compare(_runner("fcos", True, "frozen_bn", False, set_to_none=False), 1e-2)
+def test_graphed_gradients_accumulate_over_micro_batches_and_in_place_zeroing():
+    _graphed_vs_eager("fcos", True, "frozen_bn", False, 2e-3, micro_batches=2)
+    _graphed_vs_eager("fcos", True, "frozen_bn", False, 2e-3, zero_in_place=True)
 
 
 @pytest.mark.gpu
@@ -417,7 +405,7 @@ def test_a_failing_capture_falls_back_to_eager_and_records_why():
     head_forward = model.head.forward
 
     def syncing_head(features):
-        if float(features[0].sum()) == float("nan"):  # a host read: not capturable
+        if float(features[0].detach().sum()) == float("nan"):  # a host read: not capturable
             pass
         return head_forward(features)
 
