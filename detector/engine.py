@@ -15,8 +15,9 @@ Config keys read (``conf/train.yaml`` and its groups): ``arch``, ``seed``, ``dev
 GLOBAL batch; each of N processes takes batch_size / N), ``workers``, ``amp`` (auto | bf16 |
 fp16 | off), ``channels_last``, ``clip_grad``, ``log_every``, ``eval_every``, ``ckpt_every``,
 ``keep_checkpoints``, ``eval_batch_size``, ``max_eval_images``, ``progress``,
-``find_unused_parameters`` and ``stop_after`` (a test hook: write a checkpoint after that many
-iterations and return as if the process had been killed there).
+``find_unused_parameters``, ``cuda_graph`` / ``cuda_graph_pad`` / ``cuda_graph_multiple``
+(:mod:`detector.graphed_training`, one CUDA process) and ``stop_after`` (a test hook: write a
+checkpoint after that many iterations and return as if the process had been killed there).
 
 Reproducibility: the data stream is a function of (seed, iteration) (``detector.train_data``) and
 checkpoints hold every RNG, so a run stopped and resumed with ``resume=true`` ends with the same
@@ -121,6 +122,22 @@ def _finished_metrics(path: Path) -> dict[str, Any]:
     return metrics
 
 
+def training_graph_settings(cfg: Any, ctx: Context) -> tuple[tuple[int, int] | None, int] | None:
+    """``train.cuda_graph``: None when off, else the ``(pad_to, multiple)`` bucket of
+    :mod:`detector.graphed_training` (``train.cuda_graph_pad`` / ``cuda_graph_multiple``).
+    UserError for a setting that cannot work: no CUDA device, several processes, a bad bucket."""
+    if not bool(cfg.train.get("cuda_graph", False)):
+        return None
+    if ctx.device.type != "cuda":
+        raise UserError("train.cuda_graph=true needs a CUDA device; drop it (or set train.cuda_graph=false) on CPU")
+    if ctx.distributed:
+        raise UserError("train.cuda_graph=true is for single-process training; drop it under torchrun (DDP)")
+    from detector.graphed_training import check_padding
+
+    pad = cfg.train.get("cuda_graph_pad", None)
+    return check_padding(list(pad) if pad is not None else None, int(cfg.train.get("cuda_graph_multiple", 0) or 0))
+
+
 def train(cfg: Any) -> dict[str, Any]:
     """Train the detector described by ``cfg``; returns what ``metrics.json`` holds.
 
@@ -144,6 +161,7 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     code = str(arch)
     amp_dtype = autocast_dtype(str(cfg.train.amp), ctx.device)
     fast_paths = training_fast_paths(cfg.train.get("fast_paths", "auto"), ctx.device)  # checked before any file
+    graph_settings = training_graph_settings(cfg, ctx)
     resume = _resume_flag(cfg)
     schedule = Schedule.from_cfg(cfg.schedule)
     batch = per_process_batch(int(cfg.train.batch_size), ctx)
@@ -166,6 +184,12 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     set_fast_paths(model, fast_paths)  # same function and state dict keys as the reference code
     if ctx.is_main and fast_paths:
         log.info("fast paths on: %s", ", ".join(fast_paths))
+    train_graphs = None
+    if graph_settings is not None:
+        from detector.graphed_training import install_training_graph
+
+        train_graphs = install_training_graph(model, *graph_settings)
+        log.info("CUDA-graph training step on (batches padded to at least %s, multiple %d)", *graph_settings)
     optimizer = build_optimizer(model, schedule)
     scheduler = build_scheduler(optimizer, schedule)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
@@ -274,6 +298,9 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
             write_training_checkpoint(checkpoint_payload(done), run_dir, keep)
     bar.close()
     del stream  # stops the loader's workers
+    if train_graphs is not None and ctx.is_main:
+        log.info("CUDA-graph training step: %d capture(s)%s", train_graphs.captures,
+                 f"; ran eagerly for: {train_graphs.failures}" if train_graphs.failures else "")
 
     if ctx.is_main and start < total:
         write_training_checkpoint(checkpoint_payload(total), run_dir, keep)

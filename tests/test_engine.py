@@ -137,3 +137,35 @@ def test_training_with_the_cpu_safe_fast_paths_logs_the_reference_losses(tmp_pat
     assert len(reference_losses) == 4
     assert fast_losses == pytest.approx(reference_losses, rel=1e-4)
     assert fast_ap50 == pytest.approx(reference_ap50, abs=1e-6)
+
+
+def test_the_cuda_graph_training_step_is_refused_on_cpu_before_anything_is_written(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "detector", "train", "experiment=synthetic_tiny", "device=cpu",
+                           "train.cuda_graph=true", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "train.cuda_graph=true needs a CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_the_cuda_graph_training_step_is_off_by_default_and_its_settings_are_checked():
+    from types import SimpleNamespace
+
+    from detector.cli import compose
+    from detector.engine import training_graph_settings
+
+    def settings(*overrides, distributed=False):
+        ctx = SimpleNamespace(device=torch.device("cuda", 0), distributed=distributed)
+        return training_graph_settings(compose("train", ["experiment=synthetic_tiny", *overrides]), ctx)
+
+    assert settings() is None
+    assert settings("train.cuda_graph=true", "train.cuda_graph_pad=[128,128]") == ((128, 128), 0)
+    assert settings("train.cuda_graph=true", "train.cuda_graph_multiple=64") == (None, 64)
+    with pytest.raises(UserError, match="pad_to"):
+        settings("train.cuda_graph=true", "train.cuda_graph_pad=[128]")
+    with pytest.raises(UserError, match="single-process"):
+        settings("train.cuda_graph=true", distributed=True)
