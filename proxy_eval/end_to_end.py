@@ -38,12 +38,16 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
 from detector.arch import Arch
+from detector.data.transforms import collate
 from detector.deform import get_deform_impl, set_deform_impl
 from detector.errors import UserError
+from detector.evaluate import evaluate as coco_evaluate
+from detector.optim import Schedule, build_optimizer, build_scheduler
 from detector.recipe import Recipe
+from detector.train_data import build_train_stream
 from detector.zoo import resolve_arch
 from proxy_eval.result import TrialResult
 from proxy_eval.splits import ProxySplits, make_splits
@@ -112,9 +116,7 @@ def _to_device(images: list[torch.Tensor], targets: list[dict], device: torch.de
     return images, targets
 
 
-def _short_schedule(settings: TrialSettings) -> Any:
-    from detector.optim import Schedule
-
+def _short_schedule(settings: TrialSettings) -> Schedule:
     return Schedule(iterations=settings.iters, lr=settings.lr, momentum=settings.momentum,
                     weight_decay=settings.weight_decay, warmup_iters=min(settings.warmup_iters, settings.iters - 1),
                     policy="cosine")
@@ -132,11 +134,9 @@ def train_detector(model: nn.Module, stream: Any, settings: TrialSettings, devic
     non-finite value raises the private diverged exception, a step past ``deadline`` the timeout one.
     """
     s = settings
-    optimizer_schedule = _short_schedule(s)
-    from detector.optim import build_optimizer, build_scheduler
-
-    optimizer = build_optimizer(model, optimizer_schedule)
-    scheduler = build_scheduler(optimizer, optimizer_schedule)
+    schedule = _short_schedule(s)
+    optimizer = build_optimizer(model, schedule)
+    scheduler = build_scheduler(optimizer, schedule)
     params = [p for p in model.parameters() if p.requires_grad]
     amp_dtype = _amp_dtype(s, device)
     model.train()
@@ -266,12 +266,6 @@ class EndToEndEvaluator:
     def _trial(self, arch: Arch | str, seed: int, report: Report | None, start: float,
                metrics: dict[str, Any]) -> tuple[float, float, dict[str, float]]:
         """(last training loss, proxy-val loss, COCO metrics); fills ``metrics`` with the decoder's cost."""
-        from torch.utils.data import DataLoader
-
-        from detector.data.transforms import collate
-        from detector.evaluate import evaluate
-        from detector.train_data import build_train_stream
-
         s = self.settings
         if s.threads:
             torch.set_num_threads(int(s.threads))
@@ -294,7 +288,7 @@ class EndToEndEvaluator:
             del stream  # stops the loader's workers
         val_loader = DataLoader(state["val"], batch_size=s.eval_batch_size, shuffle=False, num_workers=self.workers,
                                 collate_fn=collate)
-        coco_metrics, _ = evaluate(model, val_loader, None, _amp_dtype(s, device))
+        coco_metrics, _ = coco_evaluate(model, val_loader, None, _amp_dtype(s, device))
         if time.perf_counter() > deadline:
             raise _Timeout(f"past proxy_eval.timeout_s={s.timeout_s} s during validation")
         return train_loss, validation_loss(model, val_loader, s, device), coco_metrics
