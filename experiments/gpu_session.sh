@@ -12,7 +12,8 @@
 # adds them to nasfcos. Everything under $OUT is also packed into $OUT/session.tgz (one file to fetch):
 #   bench_fcos      python -m detector bench arch=fcos (torchvision recipe), both torchvision
 #                   layouts, fast-path ablation, self-check                     -> bench_fcos.{out,txt}
-#   bench_nasfcos   arch=nasfcos, fast and torchvision DCN                        -> bench_nasfcos.{out,txt}
+#   bench_nasfcos   arch=nasfcos, fast and torchvision DCN, eager and CUDA-graph training step
+#                                                                               -> bench_nasfcos.{out,txt}
 #   loader          experiments/bench_loader.py, 2/4/8/16 workers vs the fcos training speed
 #   fpn_ops         experiments/bench_fpn_ops.py: resize / cat reduce / DCN predictor, reference vs fast
 #   dcn             experiments/bench_dcn.py --device cuda (if present)
@@ -109,10 +110,10 @@ cat "$OUT/env.out" | tee -a "$LOG"
 step bench_fcos 180 bench fcos torchvision "bench.ablate=$ABLATE" "bench.torchvision=[frozen_bn,bn]" bench.time_limit=130 \
   bench.iters=15 bench.infer_iters=16
 [ -s "$OUT/bench_fcos.out" ] && render bench_fcos
-NASFCOS_LIMIT=170
+NASFCOS_LIMIT=200
 [ "$NASFCOS_ABLATE" = true ] && NASFCOS_LIMIT=300
 step bench_nasfcos $NASFCOS_LIMIT bench nasfcos nasfcos "bench.deform_impl=[fast,torchvision]" \
-  "bench.time_limit=$(( NASFCOS_LIMIT - 50 ))" "bench.ablate=$NASFCOS_ABLATE" \
+  "bench.time_limit=$(( NASFCOS_LIMIT - 50 ))" "bench.ablate=$NASFCOS_ABLATE" bench.cuda_graph=both \
   bench.iters=15 bench.infer_iters=16
 [ -s "$OUT/bench_nasfcos.out" ] && render bench_nasfcos
 step loader 100 python3 experiments/bench_loader.py --images "$LOADER_IMAGES" --workers 2 4 8 16 --batches 20 --float-stream \
@@ -173,6 +174,12 @@ if nas_fast and ours:
     add("nasfcos train vs our fcos", f"{nas_fast['train_images_per_s']:.1f} / {ours['train_images_per_s']:.1f} img/s = {r:.2f}x", ">= 0.6x", r >= 0.6)
     mem = nas_fast.get("train_peak_memory_gb", float("nan"))
     add("nasfcos peak memory, batch 16", f"{mem:.1f} GB", "<= 40 GB", mem <= 40)
+nas_graph = first(nas, "ours", "train graph")
+if nas_graph and ours:
+    r = nas_graph["train_images_per_s"] / ours["train_images_per_s"]
+    add("nasfcos train, CUDA-graph step, vs our fcos", f"{nas_graph['train_images_per_s']:.1f} / {ours['train_images_per_s']:.1f} img/s = {r:.2f}x", ">= 0.6x", r >= 0.6)
+    mem = nas_graph.get("train_peak_memory_gb", float("nan"))
+    add("nasfcos peak memory, CUDA-graph step", f"{mem:.1f} GB", "<= 40 GB", mem <= 40)
 try:
     loader = json.loads((out / "loader" / "loader.json").read_text())
     add("loader (train stream, best workers) vs fcos training", f"{loader['margin']:.2f}x", ">= 2x", loader["margin"] >= 2)
