@@ -55,7 +55,7 @@ from detector.evaluate import eval_loader, evaluate
 from detector.fast_paths import set_fast_paths, training_fast_paths
 from detector.loggers import build_logger
 from detector.optim import Schedule, build_optimizer, build_scheduler
-from detector.train_data import build_train_stream
+from detector.train_data import batch_to_device, build_train_stream
 from detector.zoo import resolve_arch
 
 log = logging.getLogger(__name__)
@@ -91,13 +91,6 @@ def _main_first(ctx: Context, fn: Callable[[], T]) -> T:
     if message is not None:
         raise UserError(message)
     return result if ctx.is_main else fn()
-
-
-def _to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device):
-    images = [image.to(device, non_blocking=True) for image in images]
-    targets = [{**t, "boxes": t["boxes"].to(device, non_blocking=True),
-                "labels": t["labels"].to(device, non_blocking=True)} for t in targets]
-    return images, targets
 
 
 def _resume_flag(cfg: Any) -> bool:
@@ -253,7 +246,7 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     window_start, window_iters = time.perf_counter(), 0
     for iteration in range(start, total):
         step_start = time.perf_counter()
-        images, targets = _to_device(*next(stream), ctx.device)
+        images, targets = batch_to_device(*next(stream), ctx.device)
         with torch.autocast(ctx.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             losses = net(images, targets)
         loss = sum(losses.values())

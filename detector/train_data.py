@@ -80,6 +80,15 @@ class StreamBatchSampler(Sampler[list[tuple[int, int]]]):
             iteration += 1
 
 
+def batch_to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device):
+    """A collated batch (images, targets) on ``device``: images and the targets' boxes and labels
+    (non-blocking copies: pinned batches overlap the transfer); other target keys stay as they are."""
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [{**t, "boxes": t["boxes"].to(device, non_blocking=True),
+                "labels": t["labels"].to(device, non_blocking=True)} for t in targets]
+    return images, targets
+
+
 def build_train_stream(dataset: Dataset, global_batch: int, seed: int, rank: int, world_size: int,
                        start_iteration: int, workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over :class:`StreamBatchSampler`: iterate it once, it never ends."""

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from detector.deform import set_deform_impl  # noqa: E402
 from detector.graphed_training import install_training_graph  # noqa: E402
 from detector.throughput import (BenchSettings, Variant, build_ours, load_recipe, make_batches,  # noqa: E402
-                                 train_graph_pad_to)
+                                 time_calls, train_graph_pad_to)
 from detector.zoo import resolve_arch  # noqa: E402
 
 GB = 1e9
@@ -138,15 +138,7 @@ def time_training(arch: str, graphed: bool, settings: BenchSettings, batches, wa
         step(i)
     torch.cuda.synchronize()
     warm_s = time.perf_counter() - started
-    times = []
-    for i in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(warmup + i)
-        end.record()
-        times.append((start, end))
-    torch.cuda.synchronize()
-    ms = statistics.median(s.elapsed_time(e) for s, e in times)
+    ms = statistics.median(time_calls(lambda i: step(warmup + i), torch.device("cuda"), 0, iters))  # CUDA events
     row = {"arch": arch, "mode": "graphed" if graphed else "eager", "img_per_s": settings.batch * 1000.0 / ms,
            "step_ms": ms, "peak_gb": torch.cuda.max_memory_allocated() / GB, "warmup_s": warm_s}
     if graphed:

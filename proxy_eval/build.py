@@ -212,9 +212,7 @@ def build_evaluator(cfg: Any, cache: FeatureCache | str | os.PathLike | None = N
     from proxy_eval.trial import CachedEvaluator
 
     if cache is None:
-        from proxy_eval.prepare import prepare
-
-        cache = prepare(cfg)
+        cache = prepare_proxy(cfg)
     path = cache.path if isinstance(cache, FeatureCache) else cache
     return CachedEvaluator(path, trial_settings(cfg), Recipe.from_cfg(cfg.recipe))
 

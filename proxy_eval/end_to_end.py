@@ -47,21 +47,14 @@ from detector.errors import UserError
 from detector.evaluate import evaluate as coco_evaluate
 from detector.optim import Schedule, build_optimizer, build_scheduler
 from detector.recipe import Recipe
-from detector.train_data import build_train_stream
+from detector.train_data import batch_to_device, build_train_stream
 from detector.zoo import resolve_arch
 from proxy_eval.result import TrialResult
 from proxy_eval.splits import ProxySplits, make_splits
-from proxy_eval.trial import InjectedFailure, TrialSettings, decoder_cost, injected_failure
+from proxy_eval.trial import (InjectedFailure, TrialDiverged, TrialSettings, TrialTimeout, decoder_cost,
+                              failed_trial, injected_failure, trial_reward)
 
 Report = Callable[[dict], None]
-
-
-class _Diverged(Exception):
-    pass
-
-
-class _Timeout(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -109,13 +102,6 @@ def _subset(dataset: Any, image_ids: tuple[int, ...]) -> Subset:
     return Subset(dataset, [index_of[int(i)] for i in image_ids])
 
 
-def _to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device):
-    images = [image.to(device, non_blocking=True) for image in images]
-    targets = [{**t, "boxes": t["boxes"].to(device, non_blocking=True),
-                "labels": t["labels"].to(device, non_blocking=True)} for t in targets]
-    return images, targets
-
-
 def _short_schedule(settings: TrialSettings) -> Schedule:
     return Schedule(iterations=settings.iters, lr=settings.lr, momentum=settings.momentum,
                     weight_decay=settings.weight_decay, warmup_iters=min(settings.warmup_iters, settings.iters - 1),
@@ -131,7 +117,8 @@ def train_detector(model: nn.Module, stream: Any, settings: TrialSettings, devic
     """``settings.iters`` SGD iterations of the whole detector on ``stream``; the last training loss.
 
     The loss is read back (a host sync) every ``report_every`` iterations and after the last: a
-    non-finite value raises the private diverged exception, a step past ``deadline`` the timeout one.
+    non-finite value raises :class:`~proxy_eval.trial.TrialDiverged`, a step past ``deadline``
+    :class:`~proxy_eval.trial.TrialTimeout`.
     """
     s = settings
     schedule = _short_schedule(s)
@@ -142,7 +129,7 @@ def train_detector(model: nn.Module, stream: Any, settings: TrialSettings, devic
     model.train()
     loss_value = math.nan
     for iteration in range(s.iters):
-        images, targets = _to_device(*next(stream), device)
+        images, targets = batch_to_device(*next(stream), device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss = sum(model(images, targets).values())
         if s.inject_nan is not None and iteration == s.inject_nan:
@@ -157,11 +144,11 @@ def train_detector(model: nn.Module, stream: Any, settings: TrialSettings, devic
         if done % s.report_every == 0 or done == s.iters or (s.inject_nan is not None and iteration == s.inject_nan):
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
-                raise _Diverged(f"training loss became {loss_value} by iteration {done}")
+                raise TrialDiverged(f"training loss became {loss_value} by iteration {done}")
             if report is not None:
                 report({"iteration": done, "loss": loss_value})
         if time.perf_counter() > deadline:
-            raise _Timeout(f"past proxy_eval.timeout_s={s.timeout_s} s at iteration {done}/{s.iters}")
+            raise TrialTimeout(f"past proxy_eval.timeout_s={s.timeout_s} s at iteration {done}/{s.iters}")
     return loss_value
 
 
@@ -176,7 +163,7 @@ def validation_loss(model: nn.Module, loader: Any, settings: TrialSettings, devi
     total, count = 0.0, 0
     try:
         for images, targets in loader:
-            images, targets = _to_device(images, targets, device)
+            images, targets = batch_to_device(images, targets, device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 losses = model(images, targets)
             total += float(sum(losses.values())) * len(images)
@@ -185,7 +172,7 @@ def validation_loss(model: nn.Module, loader: Any, settings: TrialSettings, devi
         model.eval()
     value = total / max(1, count)
     if not math.isfinite(value):
-        raise _Diverged(f"validation loss is {value}")
+        raise TrialDiverged(f"validation loss is {value}")
     return value
 
 
@@ -243,22 +230,12 @@ class EndToEndEvaluator:
         try:
             with torch.random.fork_rng(devices=[]):  # the loaders draw their base seed from torch's RNG
                 train_loss, val_loss, coco_metrics = self._trial(arch, seed, report, start, metrics)
-        except _Diverged as err:
-            return TrialResult.failure("diverged", str(err), time.perf_counter() - start, **metrics)
-        except _Timeout as err:
-            return TrialResult.failure("timeout", str(err), time.perf_counter() - start, **metrics)
-        except torch.OutOfMemoryError as err:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return TrialResult.failure("oom", str(err).splitlines()[0] if str(err) else "out of memory",
-                                       time.perf_counter() - start, **metrics)
         except Exception as err:  # evaluate never raises: a broken candidate is a result
-            return TrialResult.failure("error", f"{type(err).__name__}: {err}", time.perf_counter() - start, **metrics)
+            return failed_trial(err, time.perf_counter() - start, metrics)
         finally:
             set_deform_impl(previous_impl)
         ap = float(coco_metrics["AP"])
-        reward = ap if self.settings.reward == "ap" else math.exp(-val_loss)
-        return TrialResult(status="ok", reward=float(reward), ap=ap, ap50=float(coco_metrics["AP50"]), loss=val_loss,
+        return TrialResult(status="ok", reward=trial_reward(self.settings.reward, ap, val_loss), ap=ap, ap50=float(coco_metrics["AP50"]), loss=val_loss,
                            seconds=time.perf_counter() - start,
                            extra={"train_loss": train_loss, "AP75": float(coco_metrics["AP75"]), "seed": seed},
                            **metrics)
@@ -290,7 +267,7 @@ class EndToEndEvaluator:
                                 collate_fn=collate)
         coco_metrics, _ = coco_evaluate(model, val_loader, None, _amp_dtype(s, device))
         if time.perf_counter() > deadline:
-            raise _Timeout(f"past proxy_eval.timeout_s={s.timeout_s} s during validation")
+            raise TrialTimeout(f"past proxy_eval.timeout_s={s.timeout_s} s during validation")
         return train_loss, validation_loss(model, val_loader, s, device), coco_metrics
 
     __call__ = evaluate

@@ -71,12 +71,12 @@ AMP_MODES = ("auto", "bf16", "off")
 Report = Callable[[dict], None]
 
 
-class _Diverged(Exception):
-    pass
+class TrialDiverged(Exception):
+    """A non-finite training or validation loss (-> status ``diverged``)."""
 
 
-class _Timeout(Exception):
-    pass
+class TrialTimeout(Exception):
+    """Past ``timeout_s`` of wall clock (-> status ``timeout``)."""
 
 
 class InjectedFailure(RuntimeError):
@@ -149,6 +149,26 @@ def decoder_losses(fpn: nn.Module, head: nn.Module, features: dict[str, Tensor],
     head_out = head(fpn(features))
     points = points_for(head_out["cls_logits"], recipe.point_offset)
     return sum(compute_losses(head_out, points, targets, recipe, num_classes).values())
+
+
+def failed_trial(err: Exception, seconds: float, metrics: dict[str, Any]) -> TrialResult:
+    """The result of a trial that raised ``err``: diverged, timeout, oom (the CUDA cache is emptied),
+    or error with the exception's type and message. ``metrics`` (params, gflops) are kept."""
+    if isinstance(err, TrialDiverged):
+        return TrialResult.failure("diverged", str(err), seconds, **metrics)
+    if isinstance(err, TrialTimeout):
+        return TrialResult.failure("timeout", str(err), seconds, **metrics)
+    if isinstance(err, torch.OutOfMemoryError):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return TrialResult.failure("oom", str(err).splitlines()[0] if str(err) else "out of memory", seconds, **metrics)
+    return TrialResult.failure("error", f"{type(err).__name__}: {err}", seconds, **metrics)
+
+
+def trial_reward(reward: str, ap: float, val_loss: float) -> float:
+    """``ap``: the proxy-val AP; ``neg_loss``: exp(-loss), which ranks exactly like minus the loss but
+    stays in (0, 1], so that the floor reward 0 of a failed trial remains the worst value a searcher sees."""
+    return float(ap if reward == "ap" else math.exp(-val_loss))
 
 
 def injected_failure(seed: int, arch: Arch | str, fail_prob: float) -> bool:
@@ -250,8 +270,8 @@ def train_decoder(fpn: nn.Module, head: nn.Module, train: PlacedSplit, settings:
 
     Batches are drawn without replacement from a generator seeded with ``seed`` (a new permutation
     per epoch). With ``last_stage`` (a backbone ``layer4``) C5 is recomputed from the batch's C4
-    every iteration and the stage trains with the decoder. Raises the module's private diverged /
-    timeout exceptions (``evaluate`` turns them into results).
+    every iteration and the stage trains with the decoder. Raises :class:`TrialDiverged` /
+    :class:`TrialTimeout` (``evaluate`` turns them into results).
     """
     s = settings
     modules = [fpn, head] + ([last_stage] if last_stage is not None else [])
@@ -278,7 +298,7 @@ def train_decoder(fpn: nn.Module, head: nn.Module, train: PlacedSplit, settings:
             loss = loss * math.nan
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise _Diverged(f"training loss became {loss_value} at iteration {iteration}")
+            raise TrialDiverged(f"training loss became {loss_value} at iteration {iteration}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if s.clip_grad > 0:
@@ -287,7 +307,7 @@ def train_decoder(fpn: nn.Module, head: nn.Module, train: PlacedSplit, settings:
         if report is not None and ((iteration + 1) % s.report_every == 0 or iteration + 1 == s.iters):
             report({"iteration": iteration + 1, "loss": loss_value})
         if time.perf_counter() > deadline:
-            raise _Timeout(f"past proxy_eval.timeout_s={s.timeout_s} s at iteration {iteration + 1}/{s.iters}")
+            raise TrialTimeout(f"past proxy_eval.timeout_s={s.timeout_s} s at iteration {iteration + 1}/{s.iters}")
     return loss_value
 
 
@@ -315,10 +335,10 @@ def predict_decoder(fpn: nn.Module, head: nn.Module, val: PlacedSplit, settings:
         total_loss += float(sum(losses.values())) * len(indices)
         detections.append(postprocess(head_out, points, [val.split.sizes[i] for i in indices], recipe))
         if time.perf_counter() > deadline:
-            raise _Timeout(f"past proxy_eval.timeout_s={settings.timeout_s} s during validation")
+            raise TrialTimeout(f"past proxy_eval.timeout_s={settings.timeout_s} s during validation")
     val_loss = total_loss / max(1, len(val))
     if not math.isfinite(val_loss):
-        raise _Diverged(f"validation loss is {val_loss}")
+        raise TrialDiverged(f"validation loss is {val_loss}")
     return val_loss, detections
 
 
@@ -390,24 +410,12 @@ class CachedEvaluator:
             val_loss, detections = predict_decoder(fpn, head, state["val"], self.settings, self.recipe, num_classes,
                                                    device, deadline, last_stage)
             coco_metrics = score_detections(detections, data.val, state["coco"], num_classes)
-        except _Diverged as err:
-            return TrialResult.failure("diverged", str(err), time.perf_counter() - start, **metrics)
-        except _Timeout as err:
-            return TrialResult.failure("timeout", str(err), time.perf_counter() - start, **metrics)
-        except torch.OutOfMemoryError as err:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return TrialResult.failure("oom", str(err).splitlines()[0] if str(err) else "out of memory",
-                                       time.perf_counter() - start, **metrics)
         except Exception as err:  # evaluate never raises: a broken candidate is a result
-            return TrialResult.failure("error", f"{type(err).__name__}: {err}", time.perf_counter() - start, **metrics)
+            return failed_trial(err, time.perf_counter() - start, metrics)
         finally:
             set_deform_impl(previous_impl)
         ap = coco_metrics["AP"]
-        # neg_loss is exp(-loss): ranks exactly like minus the loss, but stays in (0, 1] so that the
-        # floor reward 0 of a failed trial remains the worst value a searcher can see.
-        reward = ap if self.settings.reward == "ap" else math.exp(-val_loss)
-        return TrialResult(status="ok", reward=float(reward), ap=ap, ap50=coco_metrics["AP50"], loss=val_loss,
+        return TrialResult(status="ok", reward=trial_reward(self.settings.reward, ap, val_loss), ap=ap, ap50=coco_metrics["AP50"], loss=val_loss,
                            seconds=time.perf_counter() - start,
                            extra={"train_loss": train_loss, "AP75": coco_metrics["AP75"], "seed": seed},
                            **metrics)

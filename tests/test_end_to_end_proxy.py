@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from detector.cli import compose
-from detector.data.synthetic import write_dataset
 from detector.errors import UserError
 from proxy_eval import end_to_end
 from proxy_eval.build import build_evaluator, prepare_proxy
@@ -24,11 +23,8 @@ DCN_CODE = ("fpn:c3-c5-dcn-sep3-sum/c4-c5-skip-dcn-cat/c5-c4-sep3d3-skip-sum/c3-
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_dataset(root, num_train=20, num_val=2, seed=0, workers=1, image_min_side=64, image_max_side=96,
-                  large_every=0, max_objects=3, min_object_size=8)
-    return root
+def data_root(tiny_synthetic_root):
+    return tiny_synthetic_root
 
 
 def config(root, *overrides):

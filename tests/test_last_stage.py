@@ -10,7 +10,6 @@ import torch
 from omegaconf import OmegaConf
 
 from detector.cli import CONF_DIR, compose
-from detector.data.synthetic import write_dataset
 from detector.errors import UserError
 from detector.recipe import Recipe
 from proxy_eval import trial as trial_module
@@ -31,11 +30,9 @@ def data_cfg(root):
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory):
+def caches(tmp_path_factory, tiny_synthetic_root):
     """(data root, cache dir, plain cache, cache with the last stage)."""
-    root = tmp_path_factory.mktemp("synthetic")
-    write_dataset(root, num_train=20, num_val=2, seed=0, workers=1, image_min_side=64, image_max_side=96,
-                  large_every=0, max_objects=3, min_object_size=8)
+    root = tiny_synthetic_root
     cache_dir = tmp_path_factory.mktemp("cache")
     plain = prepare_features(PREPARE, data_cfg(root), BackboneSpec("resnet18"), RECIPE, 6, cache_dir=cache_dir)
     with_stage = prepare_features(dataclasses.replace(PREPARE, train_last_stage=True), data_cfg(root),

@@ -13,7 +13,6 @@ import torch
 from omegaconf import OmegaConf
 
 from detector.cli import CONF_DIR, compose
-from detector.data.synthetic import write_dataset
 from detector.recipe import Recipe
 from detector.backbone import ShapeSpec
 from detector.zoo import resolve_arch, zoo_arch
@@ -32,10 +31,8 @@ DCN_CODE = ("fpn:c3-c5-dcn-sep3-sum/c4-c5-skip-dcn-cat/c5-c4-sep3d3-skip-sum/c3-
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_dataset(root, num_train=20, num_val=2, seed=0, workers=1, image_min_side=64, image_max_side=96,
-                  large_every=0, max_objects=3, min_object_size=8)
+def prepared(tmp_path_factory, tiny_synthetic_root):
+    root = tiny_synthetic_root
     settings = PrepareSettings(train_images=12, val_images=6, resolution=96, width=32, adapt_iters=1,
                                adapt_batch_size=4)
     data_cfg = {"name": "synthetic", "root": str(root), "train_split": "train", "val_split": "val", "num_classes": 6}
