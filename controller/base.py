@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from detector.arch import Arch
+from detector.arch.grammar import Arch
 from detector.errors import UserError, WriteError
-from search.space import SearchSpace
+from detector.arch.space import SearchSpace
 
 STATE_FORMAT = 1
 

@@ -15,7 +15,7 @@ from controller.evolution import EvolutionSearcher
 from controller.ppo import PPOSearcher
 from controller.random_search import RandomSearcher
 from controller.reinforce import ReinforceSearcher
-from search.space import SearchSpace
+from detector.arch.space import SearchSpace
 
 SEARCHERS: dict[str, type[Searcher]] = {
     "ppo": PPOSearcher,

@@ -15,7 +15,7 @@ from typing import Any
 
 from controller.base import ControllerError, Proposal, Searcher
 from controller.random_search import sample_uniform
-from search.space import SearchSpace
+from detector.arch.space import SearchSpace
 
 
 class EvolutionSearcher(Searcher):

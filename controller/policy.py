@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from search.space import SearchSpace
+from detector.arch.space import SearchSpace
 
 INIT_RANGE = 0.1
 

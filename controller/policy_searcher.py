@@ -25,7 +25,7 @@ import torch
 
 from controller.base import ControllerError, Proposal, Searcher
 from controller.policy import ControllerPolicy
-from search.space import SearchSpace
+from detector.arch.space import SearchSpace
 
 
 class PolicySearcher(Searcher):

@@ -20,7 +20,7 @@ import torch
 
 from controller.base import ControllerError
 from controller.policy_searcher import PolicySearcher
-from search.space import SearchSpace
+from detector.arch.space import SearchSpace
 
 
 class PPOSearcher(PolicySearcher):

@@ -5,7 +5,7 @@ import math
 import random
 
 from controller.base import Proposal, Searcher
-from search.space import SearchSpace
+from detector.arch.space import SearchSpace
 
 
 def sample_uniform(space: SearchSpace, rng: random.Random) -> tuple[tuple[int, ...], int]:

@@ -8,7 +8,7 @@ REINFORCE does).
 from __future__ import annotations
 
 from controller.policy_searcher import PolicySearcher
-from search.space import SearchSpace
+from detector.arch.space import SearchSpace
 
 
 class ReinforceSearcher(PolicySearcher):

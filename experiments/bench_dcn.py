@@ -9,7 +9,7 @@ the same run (warm-up excluded, median of repeats, CUDA events on GPU) with its 
     python experiments/bench_dcn.py --device cuda --check --breakdown --sweep
     python experiments/bench_dcn.py --device cpu --quick
 
-Imports only torch, torchvision and detector.fast_deform (the GPU machine has nothing else).
+Imports only torch, torchvision and detector.fast.deform (the GPU machine has nothing else).
 """
 from __future__ import annotations
 
@@ -254,7 +254,7 @@ def compare(impl, shape: Shape, dtype: torch.dtype, device: torch.device, stride
     grad = torch.randn(shape.batch, c, out_h, out_w, generator=gen).to(device)
     results = []
     for fn, dt in ((impl, dtype), (torchvision.ops.deform_conv2d, reference_dtype or dtype)):
-        # offsets and masks stay float32 for a 16-bit impl (as detector.deform computes them), so the
+        # offsets and masks stay float32 for a 16-bit impl (as detector.model.deform computes them), so the
         # error measured is the kernel's, not that of 16-bit sampling positions
         coord_dt = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
         t = {k: v.to(device, coord_dt if k in ("offset", "mask") else dt).requires_grad_() for k, v in base.items()}
@@ -293,7 +293,7 @@ def correctness_check(device: torch.device) -> bool:
 
 def breakdown(shape: Shape, device: torch.device, args: argparse.Namespace) -> None:
     """Time the pieces of one bf16 fast call with the triton sampler (one chunk)."""
-    from detector import fast_deform_triton as fdt
+    from detector.fast.triton import deform as fdt
 
     dtype = torch.bfloat16
     layer = make_layer(shape, dtype, device)
@@ -337,7 +337,7 @@ def breakdown(shape: Shape, device: torch.device, args: argparse.Namespace) -> N
 
 def sweep(shape: Shape, device: torch.device, args: argparse.Namespace) -> None:
     """Time the two triton kernels (bf16) for a few (rows, channels, warps) configs; keep the fastest."""
-    from detector import fast_deform_triton as fdt
+    from detector.fast.triton import deform as fdt
 
     layer = make_layer(shape, torch.bfloat16, device)
     x = layer["x"].detach()

@@ -1,7 +1,7 @@
 """Training throughput of arch=nasfcos for each fast-DCN option set, against our fcos in the same run.
 
-Each row runs ``detector.bench`` (batch 16, 800 x <= 1333, bf16 + channels_last, all fast paths)
-with ``detector.fast_deform.DEFAULT_OPTIONS`` set to one of ``bench_dcn.VARIANTS``; the first row
+Each row runs ``detector.commands.bench`` (batch 16, 800 x <= 1333, bf16 + channels_last, all fast paths)
+with ``detector.fast.deform.DEFAULT_OPTIONS`` set to one of ``bench_dcn.VARIANTS``; the first row
 is our fcos (no DCN), the reference of the "vs fcos" column (issue target: nasfcos >= 0.6x).
 
     python experiments/bench_deform_options.py --device cuda            # on the GPU machine
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from bench_dcn import VARIANTS  # noqa: E402
 from detector import fast_deform  # noqa: E402
-from detector.bench import bench  # noqa: E402
+from detector.commands.bench import bench  # noqa: E402
 
 
 def bench_config(arch: str, device: str, quick: bool, iters: int) -> dict:

@@ -3,7 +3,7 @@
 Shapes are those of a nasfcos training step in the bench (batch 16, 800 x 1216 images: P3 100x152,
 P4 50x76, P5 25x38), bf16 autocast, channels_last, on one GPU:
 
-- ``resize``: ``F.interpolate(bilinear)`` vs :func:`detector.fast_fpn.resize_gemm` (P5 -> P3,
+- ``resize``: ``F.interpolate(bilinear)`` vs :func:`detector.fast.fpn.resize_gemm` (P5 -> P3,
   P4 -> P3, P3 -> P4);
 - ``cat reduce``: the ``cat`` aggregation's grouped 1x1 conv vs :class:`FastConcatReduce` at P3;
 - ``dcn predictor``: the 3x3 conv predicting offsets and masks with 54 vs 56 output channels at P3.
@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from detector.fast_fpn import FastConcatReduce, resize_gemm  # noqa: E402
-from detector.ops import build_aggregation  # noqa: E402
+from detector.fast.fpn import FastConcatReduce, resize_gemm  # noqa: E402
+from detector.model.ops import build_aggregation  # noqa: E402
 
 
 def timed(step, device: torch.device, warmup: int = 3, iters: int = 20) -> float:

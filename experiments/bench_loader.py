@@ -6,7 +6,7 @@ instances file into a temporary folder, then measures images/s of
 
 - ``build_loader``: ``detector.data.coco.build_loader`` (training transform: resize to short
   side 800 / long side <= 1333, flip), as evaluation and simple scripts use it;
-- ``train stream``: ``detector.train_data.build_train_stream``, what ``python -m detector train``
+- ``train stream``: ``detector.data.stream.build_train_stream``, what ``python -m detector train``
   iterates: uint8 images (the model converts them on the GPU), ``pin_memory`` on CUDA machines;
 - ``train stream f32`` (``--float-stream``): the same with float32 images, as before uint8 (the
   main process pinning 4x the bytes was the bottleneck: 1.27x the training speed on the H100);
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "stages_ms": stage_times(dataset), "rows": []}
         result.update(pin_times(dataset, args.batch))
         print("per image in one process (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in result["stages_ms"].items()))
-        from detector.train_data import build_train_stream
+        from detector.data.stream import build_train_stream
 
         transforms = _transforms_module()
         stream_set, _ = build_dataset(root, uint8_images=True)  # what the training engine iterates

@@ -31,13 +31,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from detector.backbone import ShapeSpec, build_backbone  # noqa: E402
-from detector.build import build_decoder  # noqa: E402
-from detector.recipe import Recipe  # noqa: E402
-from detector.zoo import zoo_arch  # noqa: E402
+from detector.model.backbone import ShapeSpec, build_backbone  # noqa: E402
+from detector.model.build import build_decoder  # noqa: E402
+from detector.model.recipe import Recipe  # noqa: E402
+from detector.arch.zoo import zoo_arch  # noqa: E402
 from proxy_eval.feature_cache import SplitFeatures  # noqa: E402
 from proxy_eval.trial import TrialSettings, decoder_cost, place_split, predict_decoder, train_decoder  # noqa: E402
-from search.space import SearchSpace  # noqa: E402
+from detector.arch.space import SearchSpace  # noqa: E402
 
 CONF = ROOT / "conf"
 NUM_CLASSES = 80
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     codes = [("nasfcos", zoo_arch("nasfcos")), ("fcos", zoo_arch("fcos"))]
     codes += [(f"random-{k}", space.sample(rng)) for k in range(args.random_codes)]
 
-    from detector.deform import set_deform_impl
+    from detector.model.deform import set_deform_impl
 
     set_deform_impl(settings.deform_impl)
     print(f"device {device_name} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "

@@ -1,4 +1,4 @@
-"""GPU check of the CUDA-graph training step (detector/graphed_training.py): correctness, then speed.
+"""GPU check of the CUDA-graph training step (detector/fast/graphs/training.py): correctness, then speed.
 
 1. Correctness: a small nasfcos (ResNet-18, width 64, 2 x 96 x 128 images, all fast paths) and the
    full-size one (ResNet-50, width 256, 2 x 800 x ~1333), eager and graphed from the same weights,
@@ -6,7 +6,7 @@
    same weights: losses, gradient norms, the relative gradient difference graphed vs eager and
    eager vs eager (the noise floor of GPU atomics), bf16 autocast + channels_last as the bench.
 2. Speed: training images/s of nasfcos and of our fcos, eager and graphed, on the bench's batches
-   (``detector.throughput.make_batches``: batch 16, 800 x 1000..1333, landscape; graphed rows pad
+   (``detector.bench.throughput.make_batches``: batch 16, 800 x 1000..1333, landscape; graphed rows pad
    every batch to 800 x 1344), all in this process; the nasfcos / fcos ratio per mode (issue #9:
    >= 0.6x) and peak memory (<= 40 GB).
 
@@ -30,11 +30,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from detector.deform import set_deform_impl  # noqa: E402
-from detector.graphed_training import install_training_graph  # noqa: E402
-from detector.throughput import (BenchSettings, Variant, build_ours, load_recipe, make_batches,  # noqa: E402
+from detector.model.deform import set_deform_impl  # noqa: E402
+from detector.fast.graphs.training import install_training_graph  # noqa: E402
+from detector.bench.throughput import (BenchSettings, Variant, build_ours, load_recipe, make_batches,  # noqa: E402
                                  time_calls, train_graph_pad_to)
-from detector.zoo import resolve_arch  # noqa: E402
+from detector.arch.zoo import resolve_arch  # noqa: E402
 
 GB = 1e9
 
@@ -99,7 +99,7 @@ class _PadOnly:
     """Pads like the graphed model, never captures: the eager reference for the correctness check."""
 
     def __init__(self, pad_to):
-        from detector.graphed_training import GraphedTraining
+        from detector.fast.graphs.training import GraphedTraining
 
         self._graphs = GraphedTraining(pad_to=pad_to)
         self.applies = self._graphs.applies

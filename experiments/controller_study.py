@@ -42,7 +42,7 @@ def run_one(name: str, seed: int, samples: int, stage: str) -> dict:
 
     from controller.build import build_searcher
     from proxy_eval.toy import ToyEvaluator
-    from search.space import SearchSpace
+    from detector.arch.space import SearchSpace
 
     torch.set_num_threads(1)
     space = SearchSpace(stage)
@@ -112,7 +112,7 @@ def mean_std(values: list[float]) -> str:
 
 def write_markdown(runs: dict[str, list[dict]], args: argparse.Namespace, command: str, path: Path,
                    png: Path, wall: float) -> None:
-    from search.space import SearchSpace
+    from detector.arch.space import SearchSpace
 
     space = SearchSpace(args.stage)
     uniform = statistics.mean(1 / d.num_choices for d in space.decisions)

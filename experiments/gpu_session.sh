@@ -78,7 +78,7 @@ bench() {  # bench ARCH RECIPE OVERRIDES...: the CLI when Hydra imports, else th
   else
     python3 - "$DEVICE" "$@" "${quick[@]}" <<'PY'
 import json, sys, yaml
-from detector.bench import bench
+from detector.commands.bench import bench
 device, arch, recipe, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 cfg = {"arch": arch, "device": device, "format": "json", "seed": 0,
        "recipe": yaml.safe_load(open(f"conf/recipe/{recipe}.yaml")),
@@ -94,7 +94,7 @@ PY
 render() {  # render NAME: the bench JSON in NAME.out as a text table in NAME.txt
   python3 - "$OUT/$1.out" > "$OUT/$1.txt" 2>> "$OUT/$1.err" <<'PY'
 import json, sys
-from detector.bench import format_table
+from detector.commands.bench import format_table
 lines = open(sys.argv[1]).read().strip().splitlines()
 print(format_table(json.loads(lines[-1])) if lines else "no output")
 PY

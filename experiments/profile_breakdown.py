@@ -1,7 +1,7 @@
 """Where a training step's time goes: data, backbone, FPN, head, target assignment, loss, optimizer.
 
 Each part is timed on its own (forward + backward where it has one), on the bench's random
-COCO-shaped batches and model (detector/throughput.py: ResNet-50, frozen BN, batch 16,
+COCO-shaped batches and model (detector/bench/throughput.py: ResNet-50, frozen BN, batch 16,
 800 x <= 1333, bf16 autocast + channels_last on CUDA), median of ``--iters`` after warm-up:
 
 - ``data: h2d float32`` / ``data: h2d uint8``: copying the batch's images from pinned host memory
@@ -38,13 +38,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from detector.dense_loss import SizeRangeCache  # noqa: E402
-from detector.deform import set_deform_impl  # noqa: E402
-from detector.fast_paths import active_fast_paths, parse_paths  # noqa: E402
-from detector.targets import assign_targets  # noqa: E402
-from detector.throughput import (BenchSettings, Variant, build_ours, build_torchvision_fcos, load_recipe,  # noqa: E402
+from detector.fast.loss import SizeRangeCache  # noqa: E402
+from detector.model.deform import set_deform_impl  # noqa: E402
+from detector.fast.switch import active_fast_paths, parse_paths  # noqa: E402
+from detector.model.targets import assign_targets  # noqa: E402
+from detector.bench.throughput import (BenchSettings, Variant, build_ours, build_torchvision_fcos, load_recipe,  # noqa: E402
                                  make_batches, time_calls)
-from detector.zoo import resolve_arch  # noqa: E402
+from detector.arch.zoo import resolve_arch  # noqa: E402
 
 QUICK = dict(batch=2, infer_batches=(1, 2), short_side=64, max_size=96, backbone="resnet18", num_batches=2,
              boxes_per_image=3)

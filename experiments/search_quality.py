@@ -193,7 +193,7 @@ def write_searchers_markdown(curves: dict[str, list[list[float]]], runs: dict[st
 def pick_architectures(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(label, code): the zoo's three plus codes at evenly spaced reward ranks of the searcher runs
     (or the list of ``--archs-file``)."""
-    from detector.zoo import resolve_arch
+    from detector.arch.zoo import resolve_arch
 
     if args.archs_file:
         return [(entry["label"], entry["code"]) for entry in json.loads(Path(args.archs_file).read_text())]
@@ -208,7 +208,7 @@ def pick_architectures(args: argparse.Namespace) -> list[tuple[str, str]]:
         for rank in [round(i * (len(rows) - 1) / max(1, wanted - 1)) for i in range(wanted)]:
             picked.append((f"searched-rank{rank + 1}of{len(rows)}", rows[rank]["code"]))
         return picked
-    from search.space import SearchSpace
+    from detector.arch.space import SearchSpace
 
     space, rng = SearchSpace("fpn"), random.Random(0)
     while len(picked) < args.archs:

@@ -25,10 +25,10 @@ import os
 import time
 from typing import Any, Callable, Protocol
 
-from detector.arch import Arch, FCOSHead, SearchedFPN, SearchedHead
+from detector.arch.grammar import Arch, FCOSHead, SearchedFPN, SearchedHead
 from detector.errors import UserError
-from detector.recipe import Recipe
-from detector.zoo import resolve_arch
+from detector.model.recipe import Recipe
+from detector.arch.zoo import resolve_arch
 from proxy_eval.feature_cache import FeatureCache
 from proxy_eval.result import TrialResult
 
@@ -249,7 +249,7 @@ class ToyProxy:
 
     def _toy(self, arch: Arch, seed: int) -> Any:
         from proxy_eval.toy import ToyEvaluator
-        from search.space import space_from_cfg
+        from detector.arch.space import space_from_cfg
 
         searched_fpn, searched_head = isinstance(arch.fpn, SearchedFPN), isinstance(arch.head, SearchedHead)
         if searched_fpn and not searched_head:

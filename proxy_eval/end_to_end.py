@@ -9,10 +9,10 @@ briefly adapted backbone, a trial here is a short version of the real retraining
 ``arch`` is built as ``python -m detector train`` builds it (``cfg.backbone`` with its start
 weights, ``cfg.recipe``, width ``proxy_eval.width`` or ``cfg.model.width``), trained on the
 proxy-train images through the training data pipeline (``cfg.data``'s transforms and
-augmentation, the seeded stream of :mod:`detector.train_data`) for ``iters`` SGD iterations with
-the training engine's optimizer (:func:`detector.optim.build_optimizer`: bias lr x2, no weight
+augmentation, the seeded stream of :mod:`detector.data.stream`) for ``iters`` SGD iterations with
+the training engine's optimizer (:func:`detector.engine.optim.build_optimizer`: bias lr x2, no weight
 decay on biases) under its own short schedule (linear warmup from lr / 3, cosine decay), then
-scored on proxy-val with pycocotools (:func:`detector.evaluate.evaluate`). Both image lists come
+scored on proxy-val with pycocotools (:func:`detector.engine.evaluate.evaluate`). Both image lists come
 from the training split (:mod:`proxy_eval.splits`, seeded by ``split_seed``); the official val split
 is never read. Why this mode exists: experiments/search_quality/README.md, attempts 13-14 (the AP
 of a short full training ranks architectures like their final AP; the frozen-feature proxy does not).
@@ -40,15 +40,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from detector.arch import Arch
+from detector.arch.grammar import Arch
 from detector.data.transforms import collate
-from detector.deform import get_deform_impl, set_deform_impl
+from detector.model.deform import get_deform_impl, set_deform_impl
 from detector.errors import UserError
-from detector.evaluate import evaluate as coco_evaluate
-from detector.optim import Schedule, build_optimizer, build_scheduler
-from detector.recipe import Recipe
-from detector.train_data import batch_to_device, build_train_stream
-from detector.zoo import resolve_arch
+from detector.engine.evaluate import evaluate as coco_evaluate
+from detector.engine.optim import Schedule, build_optimizer, build_scheduler
+from detector.model.recipe import Recipe
+from detector.data.stream import batch_to_device, build_train_stream
+from detector.arch.zoo import resolve_arch
 from proxy_eval.result import TrialResult
 from proxy_eval.splits import ProxySplits, make_splits
 from proxy_eval.trial import (InjectedFailure, TrialDiverged, TrialSettings, TrialTimeout, decoder_cost,
@@ -210,8 +210,8 @@ class EndToEndEvaluator:
         return self._state
 
     def _build(self, arch: Arch, seed: int, device: torch.device) -> nn.Module:
-        from detector.build import build_detector_from_cfg
-        from detector.fast_paths import set_fast_paths, training_fast_paths
+        from detector.model.build import build_detector_from_cfg
+        from detector.fast.switch import set_fast_paths, training_fast_paths
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

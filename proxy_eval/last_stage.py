@@ -9,7 +9,7 @@ and a decoder that only fits frozen features fast should not win the proxy for t
 Contract:
 
 - :func:`check_supported` (``proxy_eval.prepare``, before adapting): only ResNet backbones
-  (``detector.backbone.ResNetBackbone``) that return both C4 and C5 and do not freeze the last
+  (``detector.model.backbone.ResNetBackbone``) that return both C4 and C5 and do not freeze the last
   stage (``backbone.frozen_stages`` < 4) are supported; anything else raises
   :class:`LastStageError` (a :class:`~detector.errors.UserError`) naming the setting.
 - :func:`last_stage_payload` (``proxy_eval.prepare``, after adapting): the adapted ``layer4``
@@ -67,7 +67,7 @@ def last_stage_payload(backbone: nn.Module, name: str, norm: str) -> dict[str, A
 
 def build_last_stage(payload: Mapping[str, Any], device: torch.device | str = "cpu") -> nn.Module:
     """A trainable ``layer4`` holding a copy of the cached adapted weights, on ``device``."""
-    from detector.backbone import build_backbone
+    from detector.model.backbone import build_backbone
 
     norm = "bn" if payload["norm"] == "syncbn" else str(payload["norm"])  # a trial is one process
     with torch.device("meta"):  # structure only: no RNG, no memory, no initialisation cost

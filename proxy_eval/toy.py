@@ -24,10 +24,10 @@ import hashlib
 import random
 import time
 
-from detector.arch import Arch, ArchError, parse
+from detector.arch.grammar import Arch, ArchError, parse
 from detector.errors import UserError
 from proxy_eval.result import TrialResult
-from search.space import SearchSpace
+from detector.arch.space import SearchSpace
 
 
 class ToyEvaluator:

@@ -12,10 +12,10 @@ COCO box AP (pycocotools, against a ground truth built from the cached proxy-val
 resolution, so small / medium / large follow proxy-pixel areas). ``reward`` is ``ap`` (default)
 or ``neg_loss`` = exp(-mean validation loss sum): the authors' reward (minus the loss) mapped
 monotonically into (0, 1], so failures (reward 0) rank below every finished candidate. ``params`` and
-``gflops`` are the decoder's, at the proxy resolution, batch 1 (``detector.describe``
+``gflops`` are the decoder's, at the proxy resolution, batch 1 (``detector.commands.describe``
 conventions: 2 x MACs, DCN counted as a dense conv). ``loss`` is the mean validation loss sum;
 the last training loss is in ``extra["train_loss"]``. ``deform_impl`` picks the DCN kernel
-(``detector.deform.set_deform_impl``) for the trial and restores the previous one after it.
+(``detector.model.deform.set_deform_impl``) for the trial and restores the previous one after it.
 
 With ``train_last_stage`` (the cache must have been prepared with it) a trial also trains the
 backbone's last stage: a fresh copy of the adapted ``layer4`` from the cache (the same start for
@@ -53,15 +53,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from detector.arch import Arch
-from detector.backbone import ShapeSpec
-from detector.build import build_decoder
-from detector.deform import DEFORM_IMPLS, get_deform_impl, set_deform_impl
-from detector.loss import compute_losses
-from detector.points import points_for
-from detector.postprocess import postprocess
-from detector.recipe import Recipe
-from detector.zoo import resolve_arch
+from detector.arch.grammar import Arch
+from detector.model.backbone import ShapeSpec
+from detector.model.build import build_decoder
+from detector.model.deform import DEFORM_IMPLS, get_deform_impl, set_deform_impl
+from detector.model.loss import compute_losses
+from detector.model.points import points_for
+from detector.model.postprocess import postprocess
+from detector.model.recipe import Recipe
+from detector.arch.zoo import resolve_arch
 from proxy_eval.feature_cache import FeatureCache, ProxyFeatures, SplitFeatures
 from proxy_eval.last_stage import LastStageError, build_last_stage, with_last_stage
 from proxy_eval.result import TrialResult
@@ -186,7 +186,7 @@ def decoder_cost(arch: Arch, shapes: dict[str, ShapeSpec], num_classes: int, rec
     Counted on a batch of two (GroupNorm refuses a single value per group, which width 32 gives on
     a 1 x 1 P7) and halved; DCNs run through torchvision's op, which the counter knows.
     """
-    from detector.describe import count_parameters, flop_counter
+    from detector.commands.describe import count_parameters, flop_counter
 
     batch = 2
     with torch.device("meta"):
@@ -345,7 +345,7 @@ def predict_decoder(fpn: nn.Module, head: nn.Module, val: PlacedSplit, settings:
 def score_detections(detections: list[list[dict[str, Tensor]]], val: SplitFeatures, coco_gt: Any,
                      num_classes: int) -> dict[str, float]:
     """COCO box metrics (pycocotools) of batched proxy-val detections against ``proxy_val_coco``."""
-    from detector.coco_eval import evaluate_detections, to_coco_results
+    from detector.data.coco_eval import evaluate_detections, to_coco_results
 
     flat = [d for batch in detections for d in batch]
     meta = [{"image_id": image_id, "scale": 1.0, "orig_size": size} for image_id, size in zip(val.image_ids, val.sizes)]

@@ -1,7 +1,7 @@
 """Human-readable description of an architecture code (torch-free): what `search show` prints."""
 from __future__ import annotations
 
-from detector.arch import LEVEL_STRIDES, Arch, FCOSHead, SearchedFPN, SearchedHead, StandardFPN
+from detector.arch.grammar import LEVEL_STRIDES, Arch, FCOSHead, SearchedFPN, SearchedHead, StandardFPN
 
 P_TARGET_LEVEL = {"P5": "c5", "P4": "c4", "P3": "c3"}
 

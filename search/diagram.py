@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from detector.arch import Arch, SearchedFPN, SearchedHead
+from detector.arch.grammar import Arch, SearchedFPN, SearchedHead
 
 _LEVEL_COLOR = "#cfe2f3"
 _BLOCK_COLOR = "#fff2cc"

@@ -44,13 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
-from detector.arch import Arch, ArchError, FCOSHead, FPNPart, HeadPart, parse
+from detector.arch.grammar import Arch, ArchError, FCOSHead, FPNPart, HeadPart, parse
 from detector.errors import UserError
-from detector.zoo import resolve_arch
+from detector.arch.zoo import resolve_arch
 from proxy_eval.result import TrialResult
 from search.history import History, best_row
 from search.run_dir import RunDir
-from search.space import STAGES, SearchSpace, space_from_cfg
+from detector.arch.space import STAGES, SearchSpace, space_from_cfg
 
 log = logging.getLogger(__name__)
 

@@ -162,7 +162,7 @@ def _plot_best_so_far(rows: list[dict[str, Any]], path: Path) -> None:
 
 def write_report(run_dir: str | Path, top_k: int = 5) -> Path:
     """Write report.md and the PNGs into ``run_dir``; print the retrain command. Returns report.md."""
-    from detector.arch import parse
+    from detector.arch.grammar import parse
     from search.diagram import draw_arch
 
     run_dir = Path(run_dir)

@@ -172,7 +172,7 @@ class LoggerObserver:
     ``logger=wandb``), from the driver only: numbers go to wandb, text fields to the file only."""
 
     def __init__(self, cfg: Any, run_dir: Path) -> None:
-        from detector.loggers import build_logger
+        from detector.engine.loggers import build_logger
 
         self.logger = build_logger(cfg, run_dir, arch_code="", name=f"search-{Path(run_dir).name}")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from detector.errors import UserError, WriteError
-from detector.zoo import BEST_FILE
+from detector.arch.zoo import BEST_FILE
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"

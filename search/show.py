@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 
 from detector.errors import UserError
-from detector.zoo import ZOO, resolve_arch
+from detector.arch.zoo import ZOO, resolve_arch
 from search.describe_arch import describe_arch
 from search.diagram import draw_arch
-from search.space import space_from_cfg
+from detector.arch.space import space_from_cfg
 
 
 def _diagram_name(arch_value: str) -> str:

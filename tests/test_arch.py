@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from detector.arch import ArchError, FCOSHead, SearchedFPN, SearchedHead, StandardFPN, parse
-from detector.zoo import ZOO, resolve_arch, zoo_arch
-from search.space import SearchSpace
+from detector.arch.grammar import ArchError, FCOSHead, SearchedFPN, SearchedHead, StandardFPN, parse
+from detector.arch.zoo import ZOO, resolve_arch, zoo_arch
+from detector.arch.space import SearchSpace
 
 JOINT = SearchSpace("joint")
 
@@ -163,5 +163,5 @@ def test_resolve_reads_files_and_run_directories(tmp_path):
 
 
 def test_codes_and_space_import_without_torch():
-    code = "import sys, detector.arch, detector.zoo, search.space; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, detector.arch.grammar, detector.arch.zoo, detector.arch.space; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from detector.backbone import (BACKBONE_NAMES, BackboneError, WeightsError, build_backbone)
+from detector.model.backbone import (BACKBONE_NAMES, BackboneError, WeightsError, build_backbone)
 from detector.errors import UserError
 
 

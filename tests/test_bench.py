@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from detector.__main__ import COMMANDS
-from detector.bench import bench_command, format_table, settings_from_cfg
+from detector.commands.bench import bench_command, format_table, settings_from_cfg
 from detector.cli import compose, dispatch
-from detector.throughput import (BenchError, BenchSettings, default_variants, make_batches, ratios, time_calls)
-from detector.zoo import zoo_arch
+from detector.bench.throughput import (BenchError, BenchSettings, default_variants, make_batches, ratios, time_calls)
+from detector.arch.zoo import zoo_arch
 from experiment_scripts import load_experiment
 
 
@@ -129,7 +129,7 @@ def test_loader_bench_writes_coco_sized_jpegs_and_measures_the_train_stream(tmp_
     fallback = bench_loader.JsonDetection(tmp_path, bench_loader.data_config(tmp_path))
     assert fallback[0][0].shape[-2:] == image.shape[-2:] or min(fallback[0][0].shape[-2:]) == 800
 
-    from detector.train_data import build_train_stream
+    from detector.data.stream import build_train_stream
 
     stream = build_train_stream(dataset, 4, 0, 0, 1, 0, workers=0)
     assert bench_loader.measure(stream, warmup=1, batches=2) > 0

@@ -7,17 +7,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detector import fcos_head, standard_fpn
-from detector.arch import parse
-from detector.backbone import ShapeSpec, build_backbone
-from detector.build import backbone_levels, build_decoder, build_detector, build_detector_from_cfg
+from detector.model import fcos_head
+from detector.model import standard_fpn
+from detector.arch.grammar import parse
+from detector.model.backbone import ShapeSpec, build_backbone
+from detector.model.build import backbone_levels, build_decoder, build_detector, build_detector_from_cfg
 from detector.cli import CONF_DIR, compose
-from detector.fcos import FCOS
-from detector.recipe import Recipe
-from detector.searched_fpn import SearchedFPNModule
-from detector.searched_head import SearchedHeadModule
-from detector.zoo import ZOO, zoo_arch
-from search.space import SearchSpace
+from detector.model.fcos import FCOS
+from detector.model.recipe import Recipe
+from detector.model.searched_fpn import SearchedFPNModule
+from detector.model.searched_head import SearchedHeadModule
+from detector.arch.zoo import ZOO, zoo_arch
+from detector.arch.space import SearchSpace
 
 NUM_CLASSES = 3
 WIDTH = 32

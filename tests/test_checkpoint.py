@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from detector.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_latest, restore_rng_state,
+from detector.engine.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_latest, restore_rng_state,
                                  save_atomic, write_training_checkpoint)
 from detector.cli import compose
-from detector.engine import train
+from detector.engine.train import train
 
 TINY_ITERATIONS = 6
 

@@ -3,7 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from detector.arch import parse
+from detector.arch.grammar import parse
 
 ROOT = Path(__file__).resolve().parents[1]
 

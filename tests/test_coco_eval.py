@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detector.coco_eval import METRIC_NAMES, evaluate_detections, format_metrics, to_coco_results
+from detector.data.coco_eval import METRIC_NAMES, evaluate_detections, format_metrics, to_coco_results
 from detector.data.coco import build_dataset, coco_from_dict
 from detector.data.synthetic import write_dataset
 

@@ -2,7 +2,7 @@
 
 This holds only if (a) the data stream gives the two processes the two halves of the same global
 batches, (b) the loss normalisers (positive counts, centerness sums) are averaged across
-processes (``detector.loss.reduce_num_positives``), so that DDP's gradient averaging yields the
+processes (``detector.model.loss.reduce_num_positives``), so that DDP's gradient averaging yields the
 single-process gradient, and (c) only rank 0 writes files.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from detector.checkpoint import load_checkpoint
+from detector.engine.checkpoint import load_checkpoint
 from detector.cli import compose
-from detector.engine import train
-from detector.train_data import StreamBatchSampler
+from detector.engine.train import train
+from detector.data.stream import StreamBatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 # same-size images (96x96, flips keep the size) so both settings pad identically; frozen BN so that

@@ -11,11 +11,11 @@ import torch
 from omegaconf import OmegaConf
 
 from detector.cli import CONF_DIR
-from detector.deform import ModulatedDeformConv
-from detector.describe import describe, describe_command, flop_counter
+from detector.model.deform import ModulatedDeformConv
+from detector.commands.describe import describe, describe_command, flop_counter
 from detector.errors import UserError
-from detector.recipe import Recipe
-from detector.zoo import zoo_arch
+from detector.model.recipe import Recipe
+from detector.arch.zoo import zoo_arch
 
 ROOT = Path(__file__).resolve().parents[1]
 W = 256  # decoder width

@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from detector.build import build_detector_from_cfg
+from detector.model.build import build_detector_from_cfg
 from detector.cli import compose
 from detector.data.coco import build_dataset
-from detector.distributed import autocast_dtype
-from detector.engine import seed_everything, train
+from detector.engine.distributed import autocast_dtype
+from detector.engine.train import seed_everything, train
 from detector.errors import UserError
-from detector.evaluate import eval_loader, evaluate
-from detector.loggers import build_logger
-from detector.optim import Schedule, ScheduleError, build_optimizer, build_scheduler, lr_factor
-from detector.zoo import resolve_arch
+from detector.engine.evaluate import eval_loader, evaluate
+from detector.engine.loggers import build_logger
+from detector.engine.optim import Schedule, ScheduleError, build_optimizer, build_scheduler, lr_factor
+from detector.arch.zoo import resolve_arch
 
 
 def test_biases_get_twice_the_lr_and_no_weight_decay_and_frozen_params_are_left_out():
@@ -156,7 +156,7 @@ def test_the_cuda_graph_training_step_is_off_by_default_and_its_settings_are_che
     from types import SimpleNamespace
 
     from detector.cli import compose
-    from detector.engine import training_graph_settings
+    from detector.engine.train import training_graph_settings
 
     def settings(*overrides, distributed=False):
         ctx = SimpleNamespace(device=torch.device("cuda", 0), distributed=distributed)

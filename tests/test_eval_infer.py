@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.checkpoint import CheckpointError
+from detector.engine.checkpoint import CheckpointError
 from detector.cli import compose
-from detector.coco_eval import METRIC_NAMES
-from detector.engine import train
-from detector.evaluate import checked_checkpoint
-from detector.infer import InferError, class_colour, draw_detections, infer_command
+from detector.data.coco_eval import METRIC_NAMES
+from detector.engine.train import train
+from detector.engine.evaluate import checked_checkpoint
+from detector.commands.infer import InferError, class_colour, draw_detections, infer_command
 
 ROOT = Path(__file__).resolve().parents[1]
 # score_thresh 0.001: a barely trained model still yields candidate boxes to evaluate and draw

@@ -1,4 +1,4 @@
-"""detector.fast_cat: the fused ``cat`` aggregation equals detector.ops.ConcatReduce.
+"""detector.fast.cat: the fused ``cat`` aggregation equals detector.model.ops.ConcatReduce.
 
 Values, the gradients of x, y and of every parameter, and the BatchNorm buffers afterwards, in
 float64, training (batch statistics, momentum and cumulative-average updates) and eval (running
@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from detector.ops import ConcatReduce
+from detector.model.ops import ConcatReduce
 
 
 def make_pair(width: int, momentum: float | None = 0.1, dtype=torch.float64, device="cpu", seed=0):
@@ -62,11 +62,11 @@ def compare_with_reference(forward, width=8, batch=2, height=5, width_px=7, trai
 
 INTERPRETER_SCRIPT = """
 import tests.test_fast_cat as t
-from detector.fast_cat import fused_concat_reduce
+from detector.fast.cat import fused_concat_reduce
 for case in (dict(), dict(channels_last=True), dict(training=False), dict(momentum=None),
              dict(width=160, height=3, width_px=50, channels_last=True)):  # 80 pairs: two pair blocks
     t.compare_with_reference(fused_concat_reduce, **case)
-from detector import fast_cat_triton
+from detector.fast.triton import cat as fast_cat_triton
 fast_cat_triton.SUM_PROGRAMS = 2  # one program per pair block: each loops over all 300 pixels
 t.compare_with_reference(fused_concat_reduce, width=8, height=6, width_px=25, batch=2)
 print("fused cat ok")
@@ -82,7 +82,7 @@ def test_fused_cat_kernels_equal_concat_reduce_under_the_interpreter():
 
 
 def test_fused_cat_rejects_an_odd_width():
-    from detector.fast_cat import fused_concat_reduce
+    from detector.fast.cat import fused_concat_reduce
 
     module = ConcatReduce(3)
     with pytest.raises(ValueError, match="even"):
@@ -93,7 +93,7 @@ def test_fused_cat_rejects_an_odd_width():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", [dict(), dict(channels_last=True, width=64), dict(training=False)])
 def test_cuda_fast_concat_reduce_module_equals_the_reference(case):
-    from detector.fast_fpn import FastConcatReduce
+    from detector.fast.fpn import FastConcatReduce
 
     def forward(module, x, y):
         module.__class__ = FastConcatReduce

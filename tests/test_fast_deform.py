@@ -1,4 +1,4 @@
-"""detector.fast_deform: equal to torchvision.ops.deform_conv2d, forward and backward.
+"""detector.fast.deform: equal to torchvision.ops.deform_conv2d, forward and backward.
 
 float64 on CPU with tight tolerances over the argument space (strides, dilations, offset and
 weight groups, mask/bias present or not, offsets far outside the image, zero offsets), gradcheck
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torchvision
 
-from detector import fast_deform
-from detector.fast_deform import DeformOptions, deform_conv2d_columns, deform_conv2d_fast, select_deform_conv2d
+from detector.fast import deform as fast_deform
+from detector.fast.deform import DeformOptions, deform_conv2d_columns, deform_conv2d_fast, select_deform_conv2d
 
 
 def make_case(batch=2, channels=4, out_channels=6, height=7, width=8, kernel=3, stride=1, padding=1, dilation=1,
@@ -276,7 +276,7 @@ def test_auto_matches_torchvision_on_cpu_and_handles_bfloat16():
 TRITON_INTERPRETER_SCRIPT = """
 import torch, torchvision
 import tests.test_fast_deform as t
-from detector.fast_deform import DeformOptions, deform_conv2d_columns
+from detector.fast.deform import DeformOptions, deform_conv2d_columns
 for options in (DeformOptions(keep_columns=True), DeformOptions(keep_columns=False)):
     fn = lambda *a, **k: deform_conv2d_columns(*a, **k, backend="triton", options=options)
     for case in (dict(), dict(zero_offsets=True, use_bias=False),

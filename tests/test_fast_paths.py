@@ -1,4 +1,4 @@
-"""Every fast path computes what its reference computes (detector/fast_paths.py and the files it swaps in).
+"""Every fast path computes what its reference computes (detector/fast/switch.py and the files it swaps in).
 
 - dense losses == reference losses (values and gradients, both recipes, an image without boxes),
   and the fast train forward has no op that forces a device-to-host sync (the reference has some);
@@ -23,16 +23,16 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from triton_interpreter import run_under_interpreter
 
-from detector.batched_postprocess import postprocess_batched
-from detector.build import build_detector
-from detector.dense_loss import compute_losses_dense
-from detector.fast_norm import DtypeKeepingFrozenBatchNorm2d, FusedGroupNorm
-from detector.fast_paths import FAST_PATHS, FastPathError, PointsCache, active_fast_paths, parse_paths, set_fast_paths
-from detector.loss import compute_losses
-from detector.points import make_points, points_for
-from detector.postprocess import postprocess
-from detector.throughput import load_recipe
-from detector.zoo import zoo_arch
+from detector.fast.postprocess import postprocess_batched
+from detector.model.build import build_detector
+from detector.fast.loss import compute_losses_dense
+from detector.fast.norm import DtypeKeepingFrozenBatchNorm2d, FusedGroupNorm
+from detector.fast.switch import FAST_PATHS, FastPathError, PointsCache, active_fast_paths, parse_paths, set_fast_paths
+from detector.model.loss import compute_losses
+from detector.model.points import make_points, points_for
+from detector.model.postprocess import postprocess
+from detector.bench.throughput import load_recipe
+from detector.arch.zoo import zoo_arch
 
 RECIPES = {name: load_recipe(name) for name in ("nasfcos", "torchvision")}
 SIZES = [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]  # P3..P7 of a 128x160 padded batch
@@ -203,7 +203,7 @@ def test_fused_group_norm_on_cpu_is_the_reference_with_relu():
 TRITON_CHECK = textwrap.dedent("""
     import torch
     from torch.nn import functional as F
-    from detector import gn_triton
+    from detector.fast.triton import group_norm as gn_triton
 
     def check(shape, groups, layout, relu, dtype, seed):
         gen = torch.Generator().manual_seed(seed)
@@ -236,7 +236,7 @@ TRITON_CHECK = textwrap.dedent("""
 
     # the module and its autograd function, with the kernels allowed on CPU tensors
     from torch import nn
-    from detector import fast_norm
+    from detector.fast import norm as fast_norm
     fast_norm.can_fuse = lambda x, module: True
     torch.manual_seed(5)
     reference = nn.Sequential(nn.GroupNorm(4, 16), nn.ReLU())
@@ -377,7 +377,7 @@ def test_points_cache_returns_the_computed_points_and_evicts_the_oldest():
 @pytest.mark.parametrize("sizes", [((5, 7), (10, 14)), ((6, 8), (24, 32)), ((13, 19), (25, 38)),
                                    ((10, 14), (5, 7)), ((9, 11), (4, 17))])
 def test_resize_gemm_is_bilinear_interpolate_in_values_gradients_and_layout(layout, sizes):
-    from detector.fast_fpn import resize_gemm
+    from detector.fast.fpn import resize_gemm
 
     (h, w), size = sizes
     x = torch.randn(2, 3, h, w, dtype=torch.float64).to(memory_format=layout).requires_grad_()
@@ -393,7 +393,7 @@ def test_resize_gemm_is_bilinear_interpolate_in_values_gradients_and_layout(layo
 
 
 def test_resize_gemm_matrices_made_in_inference_mode_do_not_break_training():
-    from detector.fast_fpn import resize_gemm
+    from detector.fast.fpn import resize_gemm
 
     with torch.inference_mode():
         resize_gemm(torch.randn(1, 2, 3, 5), (6, 10))
@@ -404,8 +404,8 @@ def test_resize_gemm_matrices_made_in_inference_mode_do_not_break_training():
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_fast_cat_reduce_equals_the_grouped_conv_in_values_and_gradients(layout):
-    from detector.fast_fpn import FastConcatReduce
-    from detector.ops import build_aggregation
+    from detector.fast.fpn import FastConcatReduce
+    from detector.model.ops import build_aggregation
 
     torch.manual_seed(0)
     reference = build_aggregation("cat", 8).double()
@@ -446,7 +446,7 @@ def test_resize_and_cat_reduce_paths_give_the_reference_training_losses():
 
 
 def test_self_check_judges_bf16_gradients_against_the_float32_reference():
-    from detector.fast_path_check import check_fast_paths
+    from detector.fast.check import check_fast_paths
 
     model = small_detector("nasfcos", fast=True)
     images = [torch.rand(3, 96, 128), torch.rand(3, 80, 112), torch.rand(3, 64, 64)]

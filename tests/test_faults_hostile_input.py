@@ -21,11 +21,11 @@ from typing import Callable
 
 import pytest
 
-from detector.arch import ArchError, parse
-from detector.zoo import ZOO, resolve_arch
+from detector.arch.grammar import ArchError, parse
+from detector.arch.zoo import ZOO, resolve_arch
 from faults import (CaseTimeout, CliOutcome, assert_one_line_bad_input, memory_limit, record_fault, run_cli,
                     run_cli_in_process, time_limit)
-from search.space import space_from_cfg
+from detector.arch.space import space_from_cfg
 
 FUZZ_CASES = 10_000
 CI_OVERRIDE_CASES = 120
@@ -135,12 +135,12 @@ TARGETS = [
             "train.amp": ["off", "auto"], "train.workers": ["0"], "schedule.iterations": ["4"],
             "schedule.lr": ["0.01"], "train.clip_grad": ["0"], "resume": ["false", "true"],
             "backbone": ["resnet18", "mobilenet_v2"], "recipe": ["nasfcos", "torchvision"], "model.width": ["64"]},
-           ("detector.engine", "seed_everything")),
+           ("detector.engine.train", "seed_everything")),
     Target("detector", "describe", lambda d: ["format=json"],
            {"arch": ["fcos", "nasfcos"], "format": ["text", "json"], "input_size": ["[256,320]"],
             "backbone": ["resnet18", "resnet50"], "backbone.name": ["resnet34"], "data.num_classes": ["3"],
             "model.width": ["64"], "recipe": ["torchvision"], "recipe.box_activation": ["exp_scale"]},
-           ("detector.describe", "measure_flops")),
+           ("detector.commands.describe", "measure_flops")),
 ]
 
 

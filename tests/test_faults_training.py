@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector import checkpoint as checkpoint_module
-from detector.checkpoint import load_checkpoint
+from detector.engine import checkpoint as checkpoint_module
+from detector.engine.checkpoint import load_checkpoint
 from detector.cli import compose
-from detector.engine import train
+from detector.engine.train import train
 from detector.errors import WriteError
 from faults import (PausePoint, assert_one_line_bad_input, disk_full_on_call, limit_file_size_in_child,
                     record_fault, run_cli, run_cli_in_process, sigkill, start_cli, wait_for_marker)
@@ -50,7 +50,7 @@ def killed(cache, unbroken, tmp_path_factory) -> Path:
     """A training subprocess SIGKILLed after computing iteration 4, before its checkpoint."""
     base = tmp_path_factory.mktemp("killed")
     run = base / "run"
-    pause = PausePoint("detector.checkpoint:write_training_checkpoint", base / "paused", call=4, when="before")
+    pause = PausePoint("detector.engine.checkpoint:write_training_checkpoint", base / "paused", call=4, when="before")
     proc = start_cli("detector", "train", *tiny_args(cache, run), pause=pause)
     try:
         wait_for_marker(pause, proc)
@@ -108,7 +108,7 @@ def test_a_truncated_last_checkpoint_is_reported_and_the_previous_one_used(cache
     data = (run / "last.pt").read_bytes()
     (run / "last.pt").write_bytes(data[: len(data) // 3])  # a copy cut short
     record_fault(record_property, 1, checkpoints_lost(run, {"previous.pt": 2}))  # the damaged one is the fault
-    with caplog.at_level(logging.WARNING, logger="detector.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="detector.engine.checkpoint"):
         resumed = train(compose("train", tiny_args(cache, run, "resume=true")))
     assert "last.pt is damaged" in caplog.text and "resuming from previous.pt" in caplog.text
     assert_same_result(resumed, run, unbroken)  # iteration 2 -> 6 gives the same run

@@ -10,15 +10,15 @@ import torch.multiprocessing as mp
 import torchvision
 from omegaconf import OmegaConf
 
-from detector.backbone import ShapeSpec, build_backbone
-from detector.fcos import FCOS
-from detector.fcos_head import FCOSHead
-from detector.loss import compute_losses, iou_loss, reduce_num_positives
-from detector.points import make_points
-from detector.postprocess import postprocess
-from detector.recipe import Recipe, RecipeError
-from detector.standard_fpn import StandardFPN
-from detector.targets import assign_targets, encode_distances
+from detector.model.backbone import ShapeSpec, build_backbone
+from detector.model.fcos import FCOS
+from detector.model.fcos_head import FCOSHead
+from detector.model.loss import compute_losses, iou_loss, reduce_num_positives
+from detector.model.points import make_points
+from detector.model.postprocess import postprocess
+from detector.model.recipe import Recipe, RecipeError
+from detector.model.standard_fpn import StandardFPN
+from detector.model.targets import assign_targets, encode_distances
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "recipe"
 SIZES_128 = [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]  # P3..P7 of a 128x128 image

@@ -1,4 +1,4 @@
-"""CUDA-graph training step (detector.graphed_training): padding rule, wiring into FCOS, bench options.
+"""CUDA-graph training step (detector.fast.graphs.training): padding rule, wiring into FCOS, bench options.
 
 CPU tests cover everything but the capture itself (the padding rule and what it does to targets,
 that the graph branch is skipped on CPU / in eval / without autograd, the flat network function,
@@ -10,18 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detector.build import build_detector
+from detector.model.build import build_detector
 from detector.cli import dispatch
-from detector.bench import settings_from_cfg
-from detector.fast_paths import set_fast_paths
-from detector.graphed_training import (ExternalTensors, GraphedTraining, NetworkFunction, TrainGraphError,
+from detector.commands.bench import settings_from_cfg
+from detector.fast.switch import set_fast_paths
+from detector.fast.graphs.training import (ExternalTensors, GraphedTraining, NetworkFunction, TrainGraphError,
                                        _detach_live_grads, bucket_shape, check_padding, install_training_graph,
                                        pad_bottom_right, remove_training_graph)
-from detector.points import points_for
-from detector.targets import assign_targets
-from detector.throughput import (BenchError, arch_ratios, default_variants, load_recipe, parse_graph_modes,
+from detector.model.points import points_for
+from detector.model.targets import assign_targets
+from detector.bench.throughput import (BenchError, arch_ratios, default_variants, load_recipe, parse_graph_modes,
                                  train_graph_pad_to, BenchSettings)
-from detector.zoo import resolve_arch
+from detector.arch.zoo import resolve_arch
 from detector.__main__ import COMMANDS
 
 NUM_CLASSES = 5
@@ -300,7 +300,7 @@ def test_bad_graph_options_exit_2_with_one_line(override, message, capsys):
 
 
 def test_quick_bench_measures_eager_and_graphed_rows_in_one_process(capsys):
-    from detector.bench import bench_command
+    from detector.commands.bench import bench_command
     from detector.cli import compose
 
     cfg = compose("train", ["arch=fcos", "device=cpu", "bench.quick=true", "format=json", "bench.cuda_graph=both",

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from detector.cli import CONF_DIR, compose
 from detector.errors import UserError
-from detector.recipe import Recipe
+from detector.model.recipe import Recipe
 from proxy_eval import trial as trial_module
 from proxy_eval.build import prepare_arguments, trial_settings
 from proxy_eval.feature_cache import FeatureCache

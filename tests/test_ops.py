@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detector.arch import AGGREGATIONS, FPN_OPS, HEAD_OPS
-from detector.deform import ModulatedDeformConv, get_deform_impl, set_deform_impl
-from detector.ops import (
+from detector.arch.grammar import AGGREGATIONS, FPN_OPS, HEAD_OPS
+from detector.model.deform import ModulatedDeformConv, get_deform_impl, set_deform_impl
+from detector.model.ops import (
     AGGREGATION_TABLE,
     FPN_OP_TABLE,
     HEAD_OP_TABLE,

@@ -13,12 +13,12 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
-from detector.backbone import build_backbone
-from detector.convert import ConversionError, torchvision_fcos_to_ours
-from detector.fcos import FCOS
-from detector.fcos_head import FCOSHead
-from detector.recipe import Recipe
-from detector.standard_fpn import StandardFPN
+from detector.model.backbone import build_backbone
+from detector.model.convert import ConversionError, torchvision_fcos_to_ours
+from detector.model.fcos import FCOS
+from detector.model.fcos_head import FCOSHead
+from detector.model.recipe import Recipe
+from detector.model.standard_fpn import StandardFPN
 
 NUM_CLASSES = 5
 RECIPE = Recipe.from_cfg(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/recipe/torchvision.yaml"))

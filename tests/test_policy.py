@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from controller.policy import ControllerPolicy
-from detector.zoo import zoo_arch
-from search.space import SearchSpace
+from detector.arch.zoo import zoo_arch
+from detector.arch.space import SearchSpace
 
 
 def make_policy(stage: str = "fpn", seed: int = 0, **kwargs) -> ControllerPolicy:

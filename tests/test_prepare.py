@@ -11,11 +11,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detector.build import build_detector
+from detector.model.build import build_detector
 from detector.cli import CONF_DIR, compose
 from detector.data.synthetic import write_dataset
-from detector.recipe import Recipe
-from detector.zoo import zoo_arch
+from detector.model.recipe import Recipe
+from detector.arch.zoo import zoo_arch
 from proxy_eval import prepare as prepare_module
 from proxy_eval.feature_cache import FeatureCache
 from proxy_eval.prepare import (
@@ -125,7 +125,7 @@ def test_adapt_from_a_detection_checkpoint_uses_its_backbone(data_root, tmp_path
     images = [dataset_images[k][0] for k in range(2)]
     detector.eval()
     with torch.no_grad():
-        expected = detector.backbone(normalised_batch(images, detector, RESOLUTION, torch.device("cpu")))
+        expected = detector.model.backbone(normalised_batch(images, detector, RESOLUTION, torch.device("cpu")))
     torch.testing.assert_close(features.val.features["c4"][:2].float(), expected["c4"], atol=2e-2, rtol=2e-3)
 
 

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from detector.cli import compose
 from detector.errors import UserError
-from detector.zoo import resolve_arch
+from detector.arch.zoo import resolve_arch
 from proxy_eval.result import FLOOR_REWARD
 from search.history import read_history
 from search.run import run_search
@@ -82,7 +82,7 @@ def test_known_codes_are_reused_not_retrained_and_an_exhausted_space_stops(tmp_p
     assert all(r["reused_from"] == trained[0]["trial"] and r["reward"] == trained[0]["reward"]
                and r["seconds"] == 0.0 for r in reused)
     from controller.random_search import RandomSearcher
-    from search.space import SearchSpace
+    from detector.arch.space import SearchSpace
 
     searcher = RandomSearcher(SearchSpace("fpn", levels=("c5",), num_blocks=3, fpn_ops=("skip",),
                                           aggregations=("sum",)))

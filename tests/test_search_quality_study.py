@@ -35,7 +35,7 @@ def test_only_trained_trials_enter_the_curves_and_failures_count_at_their_floor(
 
 
 def test_fidelity_picks_the_zoo_then_searched_codes_from_best_to_worst(study, tmp_path):
-    from search.space import SearchSpace
+    from detector.arch.space import SearchSpace
     import random
 
     space, rng = SearchSpace("fpn"), random.Random(3)

@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detector.arch import OutputPlan, SearchedHead, parse
-from detector.backbone import ShapeSpec
-from detector.build import build_decoder
-from detector.deform import ModulatedDeformConv
+from detector.arch.grammar import OutputPlan, SearchedHead, parse
+from detector.model.backbone import ShapeSpec
+from detector.model.build import build_decoder
+from detector.model.deform import ModulatedDeformConv
 from detector.errors import UserError
-from detector.searched_fpn import SearchedFPNModule
-from detector.searched_head import SearchedHeadModule
-from detector.zoo import ZOO, zoo_arch
-from search.space import SearchSpace
+from detector.model.searched_fpn import SearchedFPNModule
+from detector.model.searched_head import SearchedHeadModule
+from detector.arch.zoo import ZOO, zoo_arch
+from detector.arch.space import SearchSpace
 
 WIDTH = 32
 

@@ -15,9 +15,9 @@ from controller.evolution import EvolutionSearcher
 from controller.ppo import PPOSearcher
 from controller.random_search import RandomSearcher
 from controller.reinforce import ReinforceSearcher
-from detector.zoo import zoo_arch
+from detector.arch.zoo import zoo_arch
 from proxy_eval.toy import ToyEvaluator
-from search.space import SearchSpace
+from detector.arch.space import SearchSpace
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SPACE = SearchSpace("fpn")

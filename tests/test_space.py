@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from detector.arch import ArchError, FCOSHead, StandardFPN
-from detector.zoo import zoo_arch
-from search.space import SearchSpace
+from detector.arch.grammar import ArchError, FCOSHead, StandardFPN
+from detector.arch.zoo import zoo_arch
+from detector.arch.space import SearchSpace
 
 
 def test_decision_layout_of_the_default_space():

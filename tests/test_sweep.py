@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from detector.sweep_summary import SweepError, format_table, summarize
+from detector.commands.summary import SweepError, format_table, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 

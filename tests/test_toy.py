@@ -7,11 +7,11 @@ import statistics
 
 import pytest
 
-from detector.arch import parse
+from detector.arch.grammar import parse
 from detector.errors import UserError
-from detector.zoo import zoo_arch
+from detector.arch.zoo import zoo_arch
 from proxy_eval.toy import ToyEvaluator
-from search.space import SearchSpace
+from detector.arch.space import SearchSpace
 
 
 def test_the_hidden_target_scores_one_and_is_a_valid_code_of_the_space():

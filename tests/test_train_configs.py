@@ -15,13 +15,13 @@ import torch
 
 from detector.cli import CONF_DIR, compose
 from detector.data.errors import DataError
-from detector.distributed import DeviceError
-from detector.engine import train
+from detector.engine.distributed import DeviceError
+from detector.engine.train import train
 from detector.errors import UserError
-from detector.optim import Schedule
-from detector.recipe import Recipe
-from detector.run_dir import RunDirError
-from detector.zoo import resolve_arch
+from detector.engine.optim import Schedule
+from detector.model.recipe import Recipe
+from detector.engine.run_dir import RunDirError
+from detector.arch.zoo import resolve_arch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -137,7 +137,7 @@ def test_out_dir_holding_a_run_is_not_overwritten(tmp_path):
 
 
 def test_batch_not_divisible_by_processes_is_refused():
-    from detector.distributed import Context, per_process_batch
+    from detector.engine.distributed import Context, per_process_batch
 
     ctx = Context(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"))
     assert per_process_batch(16, ctx) == 4
@@ -188,7 +188,7 @@ def test_an_unknown_training_fast_path_is_refused_before_any_file(tmp_path):
 
 
 def test_training_fast_paths_auto_is_the_training_set_on_cuda_and_none_on_cpu():
-    from detector.fast_paths import TRAINING_FAST_PATHS, training_fast_paths
+    from detector.fast.switch import TRAINING_FAST_PATHS, training_fast_paths
 
     assert training_fast_paths("auto", torch.device("cpu")) == ()
     assert training_fast_paths("auto", torch.device("cuda")) == TRAINING_FAST_PATHS

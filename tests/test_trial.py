@@ -13,9 +13,9 @@ import torch
 from omegaconf import OmegaConf
 
 from detector.cli import CONF_DIR, compose
-from detector.recipe import Recipe
-from detector.backbone import ShapeSpec
-from detector.zoo import resolve_arch, zoo_arch
+from detector.model.recipe import Recipe
+from detector.model.backbone import ShapeSpec
+from detector.arch.zoo import resolve_arch, zoo_arch
 from experiment_scripts import load_experiment
 from proxy_eval import trial as trial_module
 from proxy_eval.build import ToyProxy, build_evaluator

@@ -5,7 +5,7 @@ Contract with the model: images leave the loader as float32 RGB tensors in [0, 1
 `collate` keeps them as a list and the model pads them, with `pad_batch` if it likes. A transform
 built with ``uint8_images=True`` hands over the uint8 pixels (0..255) instead: 4x fewer bytes to
 pin and copy to the GPU, where the model divides by 255 -- bit-identical to `to_tensor`'s float32
-image (the training loader uses this; see detector.fcos.FCOS.normalize).
+image (the training loader uses this; see detector.model.fcos.FCOS.normalize).
 
 Boxes are float32 (K, 4) arrays in xyxy pixel coordinates. After `DetectionTransform` they are in
 the resized image's pixels: ``resized = original * scale`` (one scale for both axes; the resized

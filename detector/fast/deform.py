@@ -1,0 +1,593 @@
+"""A faster modulated deformable convolution: bilinear-gather im2col + one GEMM.
+
+``deform_conv2d_fast`` is a drop-in for ``torchvision.ops.deform_conv2d`` (same signature, same
+values, same gradients): offset groups are inferred from the offset channels, weight groups from
+``in_channels // weight.shape[1]``, the offset layout is torchvision's -- for offset group g and
+kernel tap k = i*kw + j, channel ``2*(g*K + k)`` holds dy and ``2*(g*K + k) + 1`` dx -- and the
+mask channel ``g*K + k`` multiplies that sample. Sampling is bilinear with zero padding (corners
+outside the image read 0); the offset gradient is the derivative of that formula with the lower
+corner at ``floor(y)``, i.e. one-sided from above at integer positions -- exactly torchvision's
+kernels, which matters at zero offsets (a fresh DCN), where every sample sits on an integer.
+
+How it works, per chunk of images (DESIGN section 10 has the motivation):
+
+1. *sample*: for every output pixel, tap and input channel, bilinearly interpolate the input at
+   the offset position and multiply by the mask, giving columns ``(n*L, Gw, K, Cw)`` (L output
+   pixels, Gw weight groups of Cw channels, K taps) in the compute dtype; coordinates and
+   interpolation weights are always float32 (float64 for float64 inputs);
+2. *GEMM*: per weight group one ``columns @ (Cout/Gw, K*Cw)^T`` over the pixels of all images of
+   the chunk, bias fused, writes the NHWC (channels_last) output directly -- tensor cores in
+   bf16/fp16;
+3. backward takes the weight gradient from one GEMM per weight group over the forward's columns
+   (kept, or sampled again: ``DeformOptions.keep_columns``), the column gradient from another, and
+   scatters it back to the input (atomics), the offsets and the masks.
+
+The output has the input's memory format, like ``conv2d``: channels_last for a channels_last input
+(no layout copies in a channels_last model, in either direction), NCHW-contiguous otherwise.
+Extra memory per call is bounded by ``COLUMN_BUDGET_BYTES`` (the batch is processed in chunks of
+images).
+
+Two samplers implement steps 1 and 3: ``torch`` (gather / scatter_add, any device, the tested
+reference) and ``triton`` (fused CUDA kernels in :mod:`detector.fast.triton.deform`).
+Unlike torchvision this runs in bfloat16. Under autocast it behaves like ``conv2d``: input,
+weight and bias are cast to the autocast dtype and the output has that dtype.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torchvision
+from torch import Tensor
+
+IMPLS = ("torchvision", "fast", "auto")
+BACKENDS = ("auto", "torch", "triton")
+# Column bytes per chunk of images: bounds the extra memory of one call (the torch sampler keeps
+# about three float32 column-sized temporaries, the triton one two in the compute dtype).
+COLUMN_BUDGET_BYTES = 4 << 30  # one chunk for a batch of 16 at P3 of 800 x 1333 (fewer launches)
+
+DeformConv2d = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class DeformGeometry:
+    """Static shape facts of one deformable convolution."""
+
+    height: int
+    width: int
+    out_height: int
+    out_width: int
+    kernel_h: int
+    kernel_w: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    offset_groups: int
+    weight_groups: int
+
+    @property
+    def taps(self) -> int:
+        return self.kernel_h * self.kernel_w
+
+    @property
+    def out_pixels(self) -> int:
+        return self.out_height * self.out_width
+
+
+def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"deform_conv2d_fast: {name} must be an int or a pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def describe_deform_conv(
+    input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
+    stride, padding, dilation,
+) -> DeformGeometry:
+    """Check the arguments like torchvision does and return the geometry; ValueError if inconsistent."""
+    if input.dim() != 4 or weight.dim() != 4 or offset.dim() != 4:
+        raise ValueError(
+            "deform_conv2d_fast: input, offset and weight must be 4-D, got "
+            f"{tuple(input.shape)}, {tuple(offset.shape)}, {tuple(weight.shape)}"
+        )
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(
+            f"deform_conv2d_fast: need stride >= 1, dilation >= 1, padding >= 0, got {stride}, {dilation}, {padding}"
+        )
+    batch, channels, height, width = input.shape
+    out_channels, group_channels, kernel_h, kernel_w = weight.shape
+    taps = kernel_h * kernel_w
+    if group_channels == 0 or channels % group_channels != 0 or out_channels % (channels // group_channels) != 0:
+        raise ValueError(
+            f"deform_conv2d_fast: weight {tuple(weight.shape)} does not fit {channels} input channels "
+            "(in_channels must be a multiple of weight.shape[1], out_channels of the group count)"
+        )
+    offset_groups = offset.shape[1] // (2 * taps)
+    if offset_groups == 0 or offset.shape[1] != 2 * taps * offset_groups or channels % offset_groups != 0:
+        raise ValueError(
+            f"deform_conv2d_fast: offset has {offset.shape[1]} channels; need 2*offset_groups*{taps} "
+            f"with offset_groups dividing the {channels} input channels"
+        )
+    out_height = (height + 2 * padding[0] - (dilation[0] * (kernel_h - 1) + 1)) // stride[0] + 1
+    out_width = (width + 2 * padding[1] - (dilation[1] * (kernel_w - 1) + 1)) // stride[1] + 1
+    offset_fits = offset.shape[0] == batch and tuple(offset.shape[2:]) == (out_height, out_width)
+    if out_height < 1 or out_width < 1 or not offset_fits:
+        raise ValueError(
+            f"deform_conv2d_fast: offset {tuple(offset.shape)} must be ({batch}, {offset.shape[1]}, "
+            f"{out_height}, {out_width}) for input {tuple(input.shape)} and this kernel/stride/padding/dilation"
+        )
+    if mask is not None and tuple(mask.shape) != (batch, offset_groups * taps, out_height, out_width):
+        raise ValueError(
+            f"deform_conv2d_fast: mask {tuple(mask.shape)} must be "
+            f"({batch}, {offset_groups * taps}, {out_height}, {out_width}) to match the offsets"
+        )
+    if bias is not None and tuple(bias.shape) != (out_channels,):
+        raise ValueError(f"deform_conv2d_fast: bias {tuple(bias.shape)} must be ({out_channels},)")
+    return DeformGeometry(
+        height, width, out_height, out_width, kernel_h, kernel_w, stride, padding, dilation,
+        offset_groups, channels // group_channels,
+    )
+
+
+# --- the torch sampler ------------------------------------------------------------------------
+
+
+def _sampling_points(offset: Tensor, geo: DeformGeometry) -> tuple[Tensor, Tensor]:
+    """Absolute sampling coordinates y, x, each (n, L, K, G), in the offset's dtype."""
+    n, groups, taps, pixels = offset.shape[0], geo.offset_groups, geo.taps, geo.out_pixels
+    pairs = offset.reshape(n, groups, taps, 2, pixels).permute(0, 4, 2, 1, 3)  # (n, L, K, G, 2)
+    kw = dict(device=offset.device, dtype=offset.dtype)
+    rows = torch.arange(geo.out_height, **kw) * geo.stride[0] - geo.padding[0]
+    cols = torch.arange(geo.out_width, **kw) * geo.stride[1] - geo.padding[1]
+    tap_rows = torch.arange(geo.kernel_h, **kw) * geo.dilation[0]
+    tap_cols = torch.arange(geo.kernel_w, **kw) * geo.dilation[1]
+    grid_shape = (geo.out_height, geo.out_width, geo.kernel_h, geo.kernel_w)
+    base_y = (rows.view(-1, 1, 1, 1) + tap_rows.view(1, 1, -1, 1)).expand(grid_shape).reshape(1, pixels, taps, 1)
+    base_x = (cols.view(1, -1, 1, 1) + tap_cols.view(1, 1, 1, -1)).expand(grid_shape).reshape(1, pixels, taps, 1)
+    return base_y + pairs[..., 0], base_x + pairs[..., 1]
+
+
+@dataclass
+class _Bilinear:
+    """Bilinear corners of sampling points (all (n, L, K, G)), corner order 00, 01, 10, 11 (y, x)."""
+
+    frac_y: Tensor
+    frac_x: Tensor
+    indices: list[Tensor]  # flat pixel index y*W + x, 0 where the corner is invalid
+    valid: list[Tensor]  # bool: corner inside the image
+    weights: list[Tensor]  # bilinear weight, not masked, 0 where invalid
+
+
+def _bilinear_corners(y: Tensor, x: Tensor, height: int, width: int) -> _Bilinear:
+    y = y.clamp(-2, height + 1)  # keeps the integer casts finite; only moves all-invalid samples
+    x = x.clamp(-2, width + 1)
+    y0, x0 = y.floor(), x.floor()
+    frac_y, frac_x = y - y0, x - x0
+    y0, x0 = y0.long(), x0.long()
+    indices, valid, weights = [], [], []
+    for dy, dx, weight in ((0, 0, (1 - frac_y) * (1 - frac_x)), (0, 1, (1 - frac_y) * frac_x),
+                           (1, 0, frac_y * (1 - frac_x)), (1, 1, frac_y * frac_x)):
+        cy, cx = y0 + dy, x0 + dx
+        ok = (cy >= 0) & (cy < height) & (cx >= 0) & (cx < width)
+        indices.append(torch.where(ok, cy * width + cx, 0))
+        valid.append(ok)
+        weights.append(weight * ok)
+    return _Bilinear(frac_y, frac_x, indices, valid, weights)
+
+
+def _to_group_layout(columns: Tensor, geo: DeformGeometry) -> Tensor:
+    """(rows, K, C) -> (rows, Gw, K, Cw), the GEMM layout."""
+    rows, taps, channels = columns.shape
+    groups = geo.weight_groups
+    return columns.view(rows, taps, groups, channels // groups).transpose(1, 2).contiguous()
+
+
+def _from_group_layout(columns: Tensor) -> Tensor:
+    """(rows, Gw, K, Cw) -> (rows, K, C)."""
+    rows, groups, taps, group_channels = columns.shape
+    return columns.transpose(1, 2).reshape(rows, taps, groups * group_channels)
+
+
+def _gather_index(index: Tensor, group_channels: int) -> Tensor:
+    n, pixels, taps, groups = index.shape
+    return index.reshape(n, pixels * taps, groups, 1).expand(n, pixels * taps, groups, group_channels)
+
+
+def torch_sample_columns(x_nhwc: Tensor, offset: Tensor, mask: Tensor | None, geo: DeformGeometry) -> Tensor:
+    """Modulated bilinear columns (n*L, Gw, K, Cw) in x's dtype from x (n, H, W, C)."""
+    n, height, width, channels = x_nhwc.shape
+    groups, pixels, taps = geo.offset_groups, geo.out_pixels, geo.taps
+    group_channels = channels // groups
+    corners = _bilinear_corners(*_sampling_points(offset, geo), height, width)
+    source = x_nhwc.reshape(n, height * width, groups, group_channels)
+    modulation = _mask_points(mask, geo) if mask is not None else None
+    columns = torch.zeros(n, pixels * taps, groups, group_channels, device=x_nhwc.device, dtype=offset.dtype)
+    for index, weight in zip(corners.indices, corners.weights):
+        if modulation is not None:
+            weight = weight * modulation
+        values = torch.gather(source, 1, _gather_index(index, group_channels))  # (n, L*K, G, Cg)
+        columns.addcmul_(values, weight.reshape(n, pixels * taps, groups, 1))
+    return _to_group_layout(columns.to(x_nhwc.dtype).view(n * pixels, taps, channels), geo)
+
+
+def _mask_points(mask: Tensor, geo: DeformGeometry) -> Tensor:
+    n = mask.shape[0]
+    return mask.reshape(n, geo.offset_groups, geo.taps, geo.out_pixels).permute(0, 3, 2, 1)  # (n, L, K, G)
+
+
+def torch_sample_columns_backward(
+    grad_columns: Tensor, x_nhwc: Tensor, offset: Tensor, mask: Tensor | None, geo: DeformGeometry,
+    grad_x_nhwc: Tensor, grad_offset: Tensor, grad_mask: Tensor | None,
+) -> None:
+    """Accumulate into grad_x_nhwc (n, H, W, C) and write grad_offset / grad_mask (offset's dtype)."""
+    n, height, width, channels = x_nhwc.shape
+    groups, pixels, taps = geo.offset_groups, geo.out_pixels, geo.taps
+    group_channels = channels // groups
+    corners = _bilinear_corners(*_sampling_points(offset, geo), height, width)
+    modulation = _mask_points(mask, geo) if mask is not None else None
+    grad_cols = _from_group_layout(grad_columns).to(offset.dtype).reshape(n, pixels * taps, groups, group_channels)
+    source = x_nhwc.reshape(n, height * width, groups, group_channels)
+    grad_source = grad_x_nhwc.view(n, height * width, groups, group_channels)
+    corner_sums = []  # per corner: sum over channels of grad_col * input value, (n, L, K, G)
+    for index, ok, weight in zip(corners.indices, corners.valid, corners.weights):
+        gather_index = _gather_index(index, group_channels)
+        values = torch.gather(source, 1, gather_index).to(offset.dtype)
+        corner_sums.append((grad_cols * values).sum(-1).view(n, pixels, taps, groups) * ok)
+        if modulation is not None:
+            weight = weight * modulation
+        contribution = grad_cols * weight.reshape(n, pixels * taps, groups, 1)
+        grad_source.scatter_add_(1, gather_index, contribution.to(grad_source.dtype))
+    s00, s01, s10, s11 = corner_sums
+    fy, fx = corners.frac_y, corners.frac_x
+    grad_y = (s10 - s00) * (1 - fx) + (s11 - s01) * fx
+    grad_x = (s01 - s00) * (1 - fy) + (s11 - s10) * fy
+    if modulation is not None:
+        grad_y, grad_x = grad_y * modulation, grad_x * modulation
+    pairs = torch.stack((grad_y, grad_x), dim=-1)  # (n, L, K, G, 2)
+    grad_offset.copy_(pairs.permute(0, 3, 2, 4, 1).reshape(grad_offset.shape))
+    if grad_mask is not None:
+        sampled = sum(s * w for s, w in zip(corner_sums, corners.weights))  # (n, L, K, G)
+        grad_mask.copy_(sampled.permute(0, 3, 2, 1).reshape(grad_mask.shape))
+
+
+# --- samplers, GEMMs and the autograd function ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    sample: Callable[..., Tensor]
+    backward: Callable[..., None]
+    column_dtype_bytes: Callable[[Tensor, Tensor], int]  # bytes per column element (x, offset)
+
+
+@dataclass(frozen=True)
+class DeformOptions:
+    """Speed/memory trade-offs of the fast path; every combination gives the same values up to rounding.
+
+    - ``keep_columns``: the forward keeps its columns for the weight gradient (one column-sized
+      tensor per call held until backward) instead of the backward sampling them again;
+    - ``packed``: :class:`detector.model.deform.ModulatedDeformConv` hands the predictor's raw output to
+      :func:`deform_conv2d_packed` (sigmoid and split inside the kernels) instead of slicing it;
+    - ``low_precision_input_grad``: in bf16/fp16 the input gradient is accumulated (atomics) in
+      that dtype, like torchvision's and mmcv's half-precision kernels, instead of in float32 --
+      half the atomic traffic, no float32 buffer to convert.
+
+    All on by default: on an H100 (bf16, DESIGN shape) keep_columns and low_precision_input_grad
+    take a DCN layer from 9.9 to 7.7 ms with the same gradient error against float64, and packed
+    adds ~6% to nasfcos training (experiments/dcn_notes.md, PERF.md); keeping columns costs one
+    column-sized tensor per DCN call until backward (nasfcos at batch 16: 14.6 -> 24 GB peak).
+    """
+
+    keep_columns: bool = True
+    low_precision_input_grad: bool = True
+    packed: bool = True
+
+
+# Read at every call: experiments/bench_dcn.py swaps it to time the variants.
+DEFAULT_OPTIONS = DeformOptions()
+
+
+TORCH_SAMPLER = Sampler(
+    "torch", torch_sample_columns, torch_sample_columns_backward, lambda x, offset: 3 * offset.element_size()
+)
+
+
+@functools.cache
+def triton_sampler() -> Sampler | None:
+    """The Triton sampler, or None where Triton is not importable."""
+    try:
+        from detector.fast.triton import deform as fast_deform_triton
+    except ImportError:
+        return None
+    return Sampler(
+        "triton", fast_deform_triton.sample_columns, fast_deform_triton.sample_columns_backward,
+        lambda x, offset: 2 * x.element_size(),
+    )
+
+
+def resolve_sampler(backend: str, x: Tensor) -> Sampler:
+    """"torch" | "triton" | "auto" (triton on CUDA when importable) -> Sampler; ValueError otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"deform_conv2d_columns: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        return TORCH_SAMPLER
+    sampler = triton_sampler()
+    # Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors: the CPU tests use it.
+    runnable = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if sampler is None or not runnable:
+        if backend == "triton":
+            raise ValueError("deform_conv2d_columns: backend 'triton' needs a CUDA input and an importable triton")
+        return TORCH_SAMPLER
+    return sampler
+
+
+def _weight_columns(weight: Tensor, geo: DeformGeometry) -> Tensor:
+    """(Cout, Cw, kh, kw) -> (Gw, Cout/Gw, K*Cw), matching the (Gw, K, Cw) column layout."""
+    out_channels, group_channels = weight.shape[:2]
+    per_group = weight.reshape(geo.weight_groups, out_channels // geo.weight_groups, group_channels, geo.taps)
+    return per_group.transpose(2, 3).reshape(geo.weight_groups, out_channels // geo.weight_groups, -1)
+
+
+def _group_columns(columns: Tensor) -> Tensor:
+    """(rows, Gw, K, Cw) -> (rows, Gw, K*Cw), a view."""
+    return columns.view(columns.shape[0], columns.shape[1], -1)
+
+
+def _columns_times_weight(columns: Tensor, weight_cols: Tensor, bias: Tensor | None, out_rows: Tensor) -> None:
+    """out_rows (rows, Cout) = columns (rows, Gw, K, Cw) x weight_cols (Gw, Cout/Gw, K*Cw)^T (+ bias).
+
+    One GEMM per weight group over all pixels of all images: the result is NHWC, the
+    channels_last layout of the output (bias fused into the GEMM).
+    """
+    grouped = _group_columns(columns)
+    groups, per_group = weight_cols.shape[:2]
+    if groups == 1:  # straight into the output rows (a contiguous slice of the output)
+        if bias is None:
+            torch.mm(grouped[:, 0], weight_cols[0].t(), out=out_rows)
+        else:
+            torch.addmm(bias, grouped[:, 0], weight_cols[0].t(), out=out_rows)
+        return
+    for g in range(groups):
+        part = slice(g * per_group, (g + 1) * per_group)
+        product = grouped[:, g] @ weight_cols[g].t()
+        out_rows[:, part] = product if bias is None else product + bias[part]
+
+
+def _grad_columns(grad_rows: Tensor, weight_cols: Tensor, taps: int) -> Tensor:
+    """grad_rows (rows, Cout) x weight_cols (Gw, Cout/Gw, K*Cw) -> column gradient (rows, Gw, K, Cw)."""
+    groups, per_group, width = weight_cols.shape
+    grad = grad_rows.new_empty(grad_rows.shape[0], groups, width)
+    if groups == 1:
+        torch.mm(grad_rows, weight_cols[0], out=grad.view(grad_rows.shape[0], width))
+    else:
+        for g in range(groups):
+            grad[:, g] = grad_rows[:, g * per_group:(g + 1) * per_group] @ weight_cols[g]
+    return grad.view(grad_rows.shape[0], groups, taps, -1)
+
+
+def _accumulate_grad_weight(grad_rows: Tensor, columns: Tensor, grad_weight_cols: Tensor | None,
+                            acc_dtype: torch.dtype) -> Tensor:
+    """grad_weight_cols (Gw, Cout/Gw, K*Cw) + grad_rows (rows, Cout)^T x columns (rows, Gw, K*Cw), per group.
+
+    ``None`` starts the sum: the first chunk's product is returned as it is (compute dtype, no
+    zero-filled buffer, no cast: the common one-chunk case); later chunks accumulate in acc_dtype.
+    """
+    grouped = _group_columns(columns)
+    groups = grouped.shape[1]
+    per_group = grad_rows.shape[1] // groups
+    parts = [grad_rows[:, g * per_group:(g + 1) * per_group].t() @ grouped[:, g] for g in range(groups)]
+    product = parts[0].unsqueeze(0) if groups == 1 else torch.stack(parts)
+    return product if grad_weight_cols is None else grad_weight_cols.to(acc_dtype) + product
+
+
+class _DeformConvColumns(torch.autograd.Function):
+    """Rows are output pixels in NHWC order (image, y, x): GEMM outputs and gradients are channels_last."""
+
+    @staticmethod
+    def forward(ctx, x, offset, mask, weight, bias, geo, sampler, images_per_chunk, options, packed):
+        # packed: offset is the predictor's (N, 3GK, Ho, Wo) output, mask logits included (mask is None)
+        layout = {"packed": True} if packed else {}
+        # x (N, C, H, W) compute dtype; offset (N, 2GK, Ho, Wo) / mask (N, GK, Ho, Wo): the coord dtype
+        # for the torch sampler, any float dtype for the Triton one
+        batch = x.shape[0]
+        x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C); free if x is channels_last
+        weight_cols = _weight_columns(weight, geo)
+        pixels = geo.out_pixels
+        out_rows = x.new_empty(batch * pixels, weight.shape[0])  # (N*L, Cout): NHWC
+        keep = options.keep_columns and ctx.needs_input_grad[3]
+        ctx.kept_columns = [] if keep else None  # per chunk, for the weight gradient
+        for start in range(0, batch, images_per_chunk):
+            stop = min(start + images_per_chunk, batch)
+            columns = sampler.sample(x_nhwc[start:stop], offset[start:stop],
+                                     None if mask is None else mask[start:stop], geo, **layout)
+            _columns_times_weight(columns, weight_cols, bias, out_rows[start * pixels:stop * pixels])
+            if keep:
+                ctx.kept_columns.append(columns)
+            del columns
+        # x_nhwc, not x: backward needs this layout, and keeping it saves a copy there
+        ctx.save_for_backward(x_nhwc, offset, mask, weight, bias)
+        ctx.geo, ctx.sampler, ctx.images_per_chunk, ctx.options, ctx.layout = geo, sampler, images_per_chunk, options, layout
+        return out_rows.view(batch, geo.out_height, geo.out_width, -1).permute(0, 3, 1, 2)  # channels_last
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_nhwc, offset, mask, weight, bias = ctx.saved_tensors
+        geo, sampler, chunk, options = ctx.geo, ctx.sampler, ctx.images_per_chunk, ctx.options
+        need_x, need_offset, need_mask, need_weight, need_bias = ctx.needs_input_grad[:5]
+        with torch.autocast(x_nhwc.device.type, enabled=False):
+            batch, pixels = x_nhwc.shape[0], geo.out_pixels
+            # (N*L, Cout); free when grad_out is channels_last, one copy otherwise
+            grad_rows = grad_out.to(x_nhwc.dtype).permute(0, 2, 3, 1).reshape(batch * pixels, -1)
+            weight_cols = _weight_columns(weight, geo)  # (Gw, Cout/Gw, K*Cw)
+            acc_dtype = torch.float64 if x_nhwc.dtype == torch.float64 else torch.float32
+            grad_weight_cols = None  # summed over chunks by _accumulate_grad_weight
+            need_columns_grad = need_x or need_offset or need_mask
+            low_precision = options.low_precision_input_grad and x_nhwc.dtype in (torch.bfloat16, torch.float16)
+            grad_x_dtype = x_nhwc.dtype if low_precision else acc_dtype  # the atomics' accumulator
+            grad_x_nhwc = (torch.zeros(x_nhwc.shape, device=x_nhwc.device, dtype=grad_x_dtype)
+                           if need_columns_grad else None)
+            grad_offset = torch.empty_like(offset) if need_columns_grad else None
+            grad_mask = torch.empty_like(mask) if need_columns_grad and mask is not None else None
+            for index, start in enumerate(range(0, batch, chunk)):
+                stop = min(start + chunk, batch)
+                rows = grad_rows[start * pixels:stop * pixels]
+                mask_chunk = None if mask is None else mask[start:stop]
+                if need_weight:
+                    if ctx.kept_columns is not None:
+                        columns = ctx.kept_columns[index]
+                    else:
+                        columns = sampler.sample(x_nhwc[start:stop], offset[start:stop], mask_chunk, geo,
+                                                 **ctx.layout)
+                    grad_weight_cols = _accumulate_grad_weight(rows, columns, grad_weight_cols, acc_dtype)
+                    del columns
+                if need_columns_grad:
+                    grad_columns = _grad_columns(rows, weight_cols, geo.taps)  # (n*L, Gw, K, Cw)
+                    sampler.backward(
+                        grad_columns, x_nhwc[start:stop], offset[start:stop], mask_chunk, geo,
+                        grad_x_nhwc[start:stop], grad_offset[start:stop],
+                        None if grad_mask is None else grad_mask[start:stop], **ctx.layout,
+                    )
+                    del grad_columns
+            # NHWC accumulator -> the input dtype, channels_last (one pass, no layout change)
+            grad_x = grad_x_nhwc.to(x_nhwc.dtype).permute(0, 3, 1, 2) if need_x else None
+            grad_weight = None
+            if need_weight:
+                groups, out_per_group = weight_cols.shape[:2]
+                grad_weight = (
+                    grad_weight_cols.view(groups, out_per_group, geo.taps, weight.shape[1])
+                    .transpose(2, 3).reshape(weight.shape).to(weight.dtype)
+                )
+            grad_bias = grad_rows.sum(0, dtype=acc_dtype).to(bias.dtype) if need_bias else None
+        return (grad_x, grad_offset if need_offset else None, grad_mask if need_mask else None,
+                grad_weight, grad_bias, None, None, None, None, None)
+
+
+def autocast_enabled(x: Tensor) -> bool:
+    """Whether autocast is on for x's device type."""
+    device_type = x.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if autocast_enabled(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def deform_conv2d_columns(
+    input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,
+    stride=1, padding=0, dilation=1, mask: Tensor | None = None,
+    *, backend: str = "auto", column_budget_bytes: int = COLUMN_BUDGET_BYTES, options: DeformOptions | None = None,
+) -> Tensor:
+    """:func:`deform_conv2d_fast` with the sampler (``backend``) and the chunk budget exposed."""
+    return _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask, backend,
+                          column_budget_bytes, options, packed=False)
+
+
+def deform_conv2d_packed(
+    input: Tensor, offset_mask: Tensor, weight: Tensor, bias: Tensor | None = None,
+    stride=1, padding=0, dilation=1,
+    *, backend: str = "auto", column_budget_bytes: int = COLUMN_BUDGET_BYTES, options: DeformOptions | None = None,
+) -> Tensor:
+    """DCNv2 from the offset predictor's raw output ``offset_mask`` (N, 3*G*K, Ho, Wo): the same as
+    ``deform_conv2d_fast(input, offset_mask[:, :2GK], ..., mask=offset_mask[:, 2GK:].sigmoid())``.
+
+    With the Triton sampler the kernels read the offsets and the mask logits in place, apply the
+    sigmoid and write one gradient for the whole tensor (no slices, sigmoid or gradient
+    concatenation around the call); the torch sampler takes the spelled-out form above.
+    """
+    taps = weight.shape[2] * weight.shape[3]
+    if offset_mask.dim() != 4 or offset_mask.shape[1] % (3 * taps):
+        raise ValueError(f"deform_conv2d_packed: offset_mask {tuple(offset_mask.shape)} must have 3*G*{taps} channels")
+    split = 2 * taps * (offset_mask.shape[1] // (3 * taps))
+    if resolve_sampler(backend, input).name != "triton":
+        return deform_conv2d_columns(input, offset_mask[:, :split], weight, bias, stride, padding, dilation,
+                                     offset_mask[:, split:].sigmoid(), backend=backend,
+                                     column_budget_bytes=column_budget_bytes, options=options)
+    return _deform_conv2d(input, offset_mask, weight, bias, stride, padding, dilation, None, backend,
+                          column_budget_bytes, options, packed=True)
+
+
+def _deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask, backend, column_budget_bytes,
+                   options, packed: bool) -> Tensor:
+    if packed:  # geometry checks on the two parts' shapes
+        split = offset.shape[1] * 2 // 3
+        geo = describe_deform_conv(input, offset[:, :split], weight, bias, offset[:, split:], stride, padding, dilation)
+    else:
+        geo = describe_deform_conv(input, offset, weight, bias, mask, stride, padding, dilation)
+    if not input.is_floating_point():
+        raise ValueError(f"deform_conv2d_fast: input must be floating point, got {input.dtype}")
+    compute_dtype = _compute_dtype(input)
+    coord_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    with torch.autocast(input.device.type, enabled=False):
+        x = input.to(compute_dtype)
+        sampler = resolve_sampler(backend, x)
+        if x.shape[0] == 0:
+            return x.new_zeros(0, weight.shape[0], geo.out_height, geo.out_width)
+        bytes_per_image = geo.out_pixels * geo.taps * x.shape[1] * sampler.column_dtype_bytes(
+            x, offset.new_empty(0, dtype=coord_dtype))
+        images_per_chunk = max(1, min(x.shape[0], column_budget_bytes // bytes_per_image))
+        if sampler.name != "triton":  # the Triton kernels read offsets / masks in any dtype (no copies)
+            offset, mask = offset.to(coord_dtype), None if mask is None else mask.to(coord_dtype)
+        out = _DeformConvColumns.apply(
+            x, offset.contiguous(), None if mask is None else mask.contiguous(),
+            weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype),
+            geo, sampler, images_per_chunk, DEFAULT_OPTIONS if options is None else options, packed,
+        )  # channels_last
+        # the input's layout, like conv2d: channels_last stays so, anything else gets NCHW-contiguous
+        return out if input.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+
+def deform_conv2d_fast(
+    input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,
+    stride=1, padding=0, dilation=1, mask: Tensor | None = None,
+) -> Tensor:
+    """Drop-in for ``torchvision.ops.deform_conv2d``: (N, Cin, H, W) -> (N, Cout, Ho, Wo).
+
+    Same arguments, values and gradients as torchvision (see the module docstring for the
+    layout); also runs in bfloat16, and under autocast computes in the autocast dtype. Uses the
+    Triton sampler on CUDA when Triton is importable, the torch sampler otherwise. Raises
+    ValueError on inconsistent shapes.
+    """
+    return deform_conv2d_columns(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+def deform_conv2d_auto(
+    input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,
+    stride=1, padding=0, dilation=1, mask: Tensor | None = None,
+) -> Tensor:
+    """The faster of the two per call (experiments/dcn_notes.md has the H100 measurements).
+
+    Fast where its Triton sampler runs (CUDA with Triton importable: 2x faster than torchvision in
+    float32, 6x in bf16/fp16) and for bfloat16 (torchvision has no bf16 kernel); torchvision
+    otherwise (CPU, or CUDA without Triton, where the torch sampler is about 2x slower).
+    """
+    impl = deform_conv2d_fast if _auto_uses_fast(input) else torchvision.ops.deform_conv2d
+    return impl(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+def _auto_uses_fast(input: Tensor) -> bool:
+    return _compute_dtype(input) == torch.bfloat16 or (input.is_cuda and triton_sampler() is not None)
+
+
+def packed_impl(impl: DeformConv2d, input: Tensor) -> Callable[..., Tensor] | None:
+    """:func:`deform_conv2d_packed` where ``impl`` (from :func:`select_deform_conv2d`) would take the
+    fast path for this input, else None (then call ``impl`` with the split offsets and mask)."""
+    fast = impl is deform_conv2d_fast or (impl is deform_conv2d_auto and _auto_uses_fast(input))
+    if fast and DEFAULT_OPTIONS.packed:
+        return deform_conv2d_packed
+    return None
+
+
+def select_deform_conv2d(impl: str) -> DeformConv2d:
+    """"torchvision" | "fast" | "auto" -> a function with torchvision's deform_conv2d signature."""
+    table = {"torchvision": torchvision.ops.deform_conv2d, "fast": deform_conv2d_fast, "auto": deform_conv2d_auto}
+    if impl not in table:
+        raise ValueError(f"select_deform_conv2d: impl must be one of {IMPLS}, got {impl!r}")
+    return table[impl]
