@@ -157,9 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     codes = [("nasfcos", zoo_arch("nasfcos")), ("fcos", zoo_arch("fcos"))]
     codes += [(f"random-{k}", space.sample(rng)) for k in range(args.random_codes)]
 
-    from detector.model.deform import set_deform_impl
-
-    set_deform_impl(settings.deform_impl)
     print(f"device {device_name} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"torch {torch.__version__}; features of {backbone} at {resolution}x{resolution}, decoder width "
           f"{settings.width}; {settings.iters} iterations x batch {settings.batch_size} (pool of {pool} images), "

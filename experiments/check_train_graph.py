@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from detector.model.deform import set_deform_impl  # noqa: E402
 from detector.fast.graphs.training import install_training_graph  # noqa: E402
 from detector.bench.throughput import (BenchSettings, Variant, build_ours, load_recipe, make_batches,  # noqa: E402
                                  time_calls, train_graph_pad_to)
@@ -41,7 +40,6 @@ GB = 1e9
 
 def build(arch: str, settings: BenchSettings, graphed: bool) -> torch.nn.Module:
     """Our detector as the bench builds it (all fast paths, fast DCN), channels_last, train mode."""
-    set_deform_impl("fast")
     model = build_ours(resolve_arch(arch), load_recipe("nasfcos"), settings, Variant(name=arch, deform_impl="fast"),
                        torch.device("cuda"))
     model.graphs = None  # inference graphs: not used here

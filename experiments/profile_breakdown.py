@@ -39,7 +39,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from detector.fast.loss import SizeRangeCache  # noqa: E402
-from detector.model.deform import set_deform_impl  # noqa: E402
 from detector.fast.switch import active_fast_paths, parse_paths  # noqa: E402
 from detector.model.targets import assign_targets  # noqa: E402
 from detector.bench.throughput import (BenchSettings, Variant, build_ours, build_torchvision_fcos, load_recipe,  # noqa: E402
@@ -62,7 +61,6 @@ def ours_breakdown(arch_name: str, recipe_name: str, paths: tuple[str, ...], def
                    settings: BenchSettings, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Per-part milliseconds of our detector's train step."""
     arch, recipe = resolve_arch(arch_name), load_recipe(recipe_name)
-    set_deform_impl(deform_impl)
     model = build_ours(arch, recipe, settings, Variant(name="profile", fast_paths=paths, deform_impl=deform_impl),
                        device)
     if settings.channels_last:

@@ -42,7 +42,6 @@ from torch.utils.data import DataLoader, Subset
 
 from detector.arch.grammar import Arch
 from detector.data.transforms import collate
-from detector.model.deform import get_deform_impl, set_deform_impl
 from detector.errors import UserError
 from detector.engine.evaluate import evaluate as coco_evaluate
 from detector.engine.optim import Schedule, build_optimizer, build_scheduler
@@ -220,20 +219,17 @@ class EndToEndEvaluator:
         model = model.to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        return set_fast_paths(model, training_fast_paths("auto", device))
+        return set_fast_paths(model, training_fast_paths("auto", device), deform=self.settings.deform_impl)
 
     def evaluate(self, arch: Arch | str, seed: int = 0, report: Report | None = None) -> TrialResult:
         """Train and score one candidate; every failure comes back as a result (see module doc)."""
         start = time.perf_counter()
         metrics: dict[str, Any] = {}
-        previous_impl = get_deform_impl()
         try:
             with torch.random.fork_rng(devices=[]):  # the loaders draw their base seed from torch's RNG
                 train_loss, val_loss, coco_metrics = self._trial(arch, seed, report, start, metrics)
         except Exception as err:  # evaluate never raises: a broken candidate is a result
             return failed_trial(err, time.perf_counter() - start, metrics)
-        finally:
-            set_deform_impl(previous_impl)
         ap = float(coco_metrics["AP"])
         return TrialResult(status="ok", reward=trial_reward(self.settings.reward, ap, val_loss), ap=ap, ap50=float(coco_metrics["AP50"]), loss=val_loss,
                            seconds=time.perf_counter() - start,
@@ -252,7 +248,6 @@ class EndToEndEvaluator:
             raise InjectedFailure(f"injected failure (proxy_eval.fail_prob={s.fail_prob})")
         state = self._loaded()
         device = state["device"]
-        set_deform_impl(s.deform_impl)
         model = self._build(arch, seed, device)
         metrics["params"], metrics["gflops"] = decoder_cost(arch, model.backbone.output_shapes(), self.model.num_classes,
                                                             self.recipe, self.model.width, self.cost_resolution)

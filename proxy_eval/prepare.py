@@ -191,7 +191,7 @@ def load_detection_checkpoint(detector: Any, path: str) -> None:
                and not k.endswith("num_batches_tracked")]
     if missing:
         raise PrepareError(f"proxy_eval.adapt_from: '{path}' lacks {len(missing)} backbone tensors of "
-                           f"{detector.model.backbone.__class__.__name__} (e.g. '{missing[0]}'); is it a checkpoint "
+                           f"{detector.backbone.__class__.__name__} (e.g. '{missing[0]}'); is it a checkpoint "
                            "with the same backbone (cfg.backbone)?")
     detector.load_state_dict(fitting, strict=False)
     log.info("adapt_from: loaded %d of %d tensors from %s", len(fitting), len(own), path)
@@ -219,8 +219,8 @@ def adapt(detector: Any, images: ProxyImages, settings: PrepareSettings, num_cla
         padded = normalised_batch(batch_images, detector, settings.resolution, device)  # (B, 3, R, R)
         targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
         with autocast_context(device, "auto"):
-            features = detector.model.backbone(padded)
-            loss = decoder_losses(detector.fpn, detector.head, features, targets, detector.model.recipe, num_classes)
+            features = detector.backbone(padded)
+            loss = decoder_losses(detector.fpn, detector.head, features, targets, detector.recipe, num_classes)
         if not torch.isfinite(loss):
             raise PrepareError(f"adaptation diverged at iteration {iteration} (loss {loss.item()}); lower "
                                "proxy_eval.adapt_lr")
@@ -246,7 +246,7 @@ def extract(detector: Any, images: ProxyImages, settings: PrepareSettings, devic
     boxes, labels, image_ids, sizes = [], [], [], []
     for batch_images, targets in tqdm(loader, desc=desc, disable=None, leave=False):
         padded = normalised_batch(batch_images, detector, settings.resolution, device)  # (B, 3, R, R)
-        for level, feature in detector.model.backbone(padded).items():
+        for level, feature in detector.backbone(padded).items():
             chunks.setdefault(level, []).append(feature.to("cpu", torch.float16))  # (B, C_l, R/s, R/s)
         for image, target in zip(batch_images, targets):
             boxes.append(target["boxes"].float())
@@ -344,12 +344,12 @@ def prepare_features(settings: PrepareSettings, data_cfg: Mapping[str, Any] | An
     for split, ids in (("train", splits.train_ids), ("val", splits.val_ids)):
         images = ProxyImages(dataset, ids, settings.resolution, settings.min_box_size)
         parts[split] = extract(detector, images, settings, device, f"features proxy-{split}")
-    shapes = {level: (spec.channels, spec.stride) for level, spec in detector.model.backbone.output_shapes().items()}
-    last_stage = (last_stage_payload(detector.model.backbone, backbone.name, backbone.norm)
+    shapes = {level: (spec.channels, spec.stride) for level, spec in detector.backbone.output_shapes().items()}
+    last_stage = (last_stage_payload(detector.backbone, backbone.name, backbone.norm)
                   if settings.train_last_stage else None)
     features = ProxyFeatures(train=parts["train"], val=parts["val"], shapes=shapes,
                              resolution=settings.resolution, num_classes=num_classes, last_stage=last_stage)
-    backbone_state = detector.model.backbone.state_dict()
+    backbone_state = detector.backbone.state_dict()
     meta = {
         "material": material,
         "num_train": len(splits.train_ids),

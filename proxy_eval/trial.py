@@ -14,8 +14,8 @@ or ``neg_loss`` = exp(-mean validation loss sum): the authors' reward (minus the
 monotonically into (0, 1], so failures (reward 0) rank below every finished candidate. ``params`` and
 ``gflops`` are the decoder's, at the proxy resolution, batch 1 (``detector.commands.describe``
 conventions: 2 x MACs, DCN counted as a dense conv). ``loss`` is the mean validation loss sum;
-the last training loss is in ``extra["train_loss"]``. ``deform_impl`` picks the DCN kernel
-(``detector.model.deform.set_deform_impl``) for the trial and restores the previous one after it.
+the last training loss is in ``extra["train_loss"]``. ``deform_impl`` picks the DCN kernel of the
+trial's decoder (``detector.fast.deform_layer.set_deform_kernel``); nothing process-wide changes.
 
 With ``train_last_stage`` (the cache must have been prepared with it) a trial also trains the
 backbone's last stage: a fresh copy of the adapted ``layer4`` from the cache (the same start for
@@ -56,7 +56,8 @@ from torch import Tensor, nn
 from detector.arch.grammar import Arch
 from detector.model.backbone import ShapeSpec
 from detector.model.build import build_decoder
-from detector.model.deform import DEFORM_IMPLS, get_deform_impl, set_deform_impl
+from detector.fast.deform_layer import set_deform_kernel
+from detector.model.deform import DEFORM_IMPLS
 from detector.model.loss import compute_losses
 from detector.model.points import points_for
 from detector.model.postprocess import postprocess
@@ -195,13 +196,8 @@ def decoder_cost(arch: Arch, shapes: dict[str, ShapeSpec], num_classes: int, rec
                     for level, spec in shapes.items()}
     fpn.eval()
     head.eval()
-    previous = get_deform_impl()
-    set_deform_impl("torchvision")
-    try:
-        with torch.no_grad(), flop_counter() as counter:
-            head(fpn(features))
-    finally:
-        set_deform_impl(previous)
+    with torch.no_grad(), flop_counter() as counter:  # a fresh decoder's DCNs are the reference (torchvision)
+        head(fpn(features))
     return count_parameters(fpn) + count_parameters(head), counter.get_total_flops() / batch / 1e9
 
 
@@ -388,7 +384,6 @@ class CachedEvaluator:
         """Train and score one candidate; every failure comes back as a result (see module doc)."""
         start = time.perf_counter()
         metrics: dict[str, Any] = {}
-        previous_impl = get_deform_impl()
         try:
             if self.settings.threads:
                 torch.set_num_threads(int(self.settings.threads))
@@ -403,7 +398,8 @@ class CachedEvaluator:
                                                                 self.settings.width, data.resolution)
             fpn, head = self._build(arch, state["shapes"], num_classes, seed, device)
             last_stage = self._last_stage(data, device)
-            set_deform_impl(self.settings.deform_impl)
+            set_deform_kernel(fpn, self.settings.deform_impl)
+            set_deform_kernel(head, self.settings.deform_impl)
             deadline = start + self.settings.timeout_s
             train_loss = train_decoder(fpn, head, state["train"], self.settings, self.recipe, num_classes, device,
                                        seed, report, deadline, last_stage)
@@ -412,8 +408,6 @@ class CachedEvaluator:
             coco_metrics = score_detections(detections, data.val, state["coco"], num_classes)
         except Exception as err:  # evaluate never raises: a broken candidate is a result
             return failed_trial(err, time.perf_counter() - start, metrics)
-        finally:
-            set_deform_impl(previous_impl)
         ap = coco_metrics["AP"]
         return TrialResult(status="ok", reward=trial_reward(self.settings.reward, ap, val_loss), ap=ap, ap50=coco_metrics["AP50"], loss=val_loss,
                            seconds=time.perf_counter() - start,

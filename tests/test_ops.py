@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from detector.arch.grammar import AGGREGATIONS, FPN_OPS, HEAD_OPS
-from detector.model.deform import ModulatedDeformConv, get_deform_impl, set_deform_impl
+from detector.fast.deform_layer import FastModulatedDeformConv, deform_kernel, set_deform_kernel
+from detector.model.deform import ModulatedDeformConv
 from detector.model.ops import (
     AGGREGATION_TABLE,
     FPN_OP_TABLE,
@@ -200,26 +201,64 @@ def test_dcn_accepts_bfloat16_modules_and_inputs():
     assert dcn.weight.grad is not None and dcn.weight.grad.dtype == torch.bfloat16
 
 
-def test_the_fast_deform_kernel_can_replace_torchvision_behind_the_switch():
+def test_the_fast_deform_kernel_can_replace_torchvision_behind_the_per_model_switch():
     torch.manual_seed(0)
     dcn = ModulatedDeformConv(WIDTH, WIDTH, 3)
     with torch.no_grad():
         dcn.offset_mask.weight.normal_(std=0.05)
+    keys = list(dcn.state_dict())
     x = torch.randn(2, WIDTH, 7, 9, requires_grad=True)
-    assert get_deform_impl() == "auto"
-    try:
-        set_deform_impl("torchvision")
-        reference = dcn(x)
-        (reference_grad,) = torch.autograd.grad(reference.square().sum(), x)
-        set_deform_impl("fast")
-        fast = dcn(x)
-        (fast_grad,) = torch.autograd.grad(fast.square().sum(), x)
-    finally:
-        set_deform_impl("auto")
+    assert deform_kernel(dcn) == "torchvision"  # a freshly built module is the reference
+    reference = dcn(x)
+    (reference_grad,) = torch.autograd.grad(reference.square().sum(), x)
+    set_deform_kernel(dcn, "fast")
+    assert type(dcn) is FastModulatedDeformConv and deform_kernel(dcn) == "fast"
+    assert list(dcn.state_dict()) == keys
+    fast = dcn(x)
+    (fast_grad,) = torch.autograd.grad(fast.square().sum(), x)
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast_grad, reference_grad, atol=1e-4, rtol=1e-4)
+    set_deform_kernel(dcn, "torchvision")
+    assert type(dcn) is ModulatedDeformConv and deform_kernel(dcn) == "torchvision"
     with pytest.raises(ValueError, match="unknown"):
-        set_deform_impl("cuda_v3")
+        set_deform_kernel(dcn, "cuda_v3")
+
+
+def test_two_models_in_threads_of_one_process_keep_their_own_deform_kernels(monkeypatch):
+    """The kernel belongs to the model (executor=local runs trials as threads of one process)."""
+    import threading
+
+    from detector.fast import deform as fast_deform
+
+    calls = {"fast": 0}
+    real_kernel = fast_deform._deform_conv2d  # both fast entry points (packed and split) go through it
+
+    def counting_kernel(*args, **kwargs):
+        calls["fast"] += 1
+        return real_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(fast_deform, "_deform_conv2d", counting_kernel)
+    torch.manual_seed(0)
+    reference_model, fast_model = ModulatedDeformConv(WIDTH, WIDTH, 3), ModulatedDeformConv(WIDTH, WIDTH, 3)
+    fast_model.load_state_dict(reference_model.state_dict())
+    set_deform_kernel(fast_model, "fast")
+    x = torch.randn(1, WIDTH, 6, 6)
+    outputs, barrier = {}, threading.Barrier(2)
+
+    def run(name, model):
+        barrier.wait()
+        with torch.no_grad():
+            outputs[name] = [model(x) for _ in range(3)]
+
+    threads = [threading.Thread(target=run, args=item) for item in (("reference", reference_model), ("fast", fast_model))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert deform_kernel(reference_model) == "torchvision" and deform_kernel(fast_model) == "fast"
+    assert calls["fast"] == 3  # the fast model's three calls, none of the reference model's
+    for ref, fast in zip(outputs["reference"], outputs["fast"]):
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_op_names_and_bad_group_norm_widths_are_refused_clearly():

@@ -125,7 +125,7 @@ def test_adapt_from_a_detection_checkpoint_uses_its_backbone(data_root, tmp_path
     images = [dataset_images[k][0] for k in range(2)]
     detector.eval()
     with torch.no_grad():
-        expected = detector.model.backbone(normalised_batch(images, detector, RESOLUTION, torch.device("cpu")))
+        expected = detector.backbone(normalised_batch(images, detector, RESOLUTION, torch.device("cpu")))
     torch.testing.assert_close(features.val.features["c4"][:2].float(), expected["c4"], atol=2e-2, rtol=2e-3)
 
 

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from detector.arch.grammar import Arch
 from detector.model.build import build_detector
-from detector.model.deform import DEFORM_IMPLS, get_deform_impl, set_deform_impl
+from detector.model.deform import DEFORM_IMPLS
 from detector.errors import UserError
 from detector.fast.check import check_fast_paths
 from detector.fast.switch import (COMPILE_PARTS, FAST_PATHS, active_fast_paths, compile_parts, parse_paths,
@@ -185,7 +185,7 @@ def build_ours(arch: Arch, recipe: Recipe, settings: BenchSettings, variant: Var
     torch.manual_seed(settings.seed)
     model = build_detector(arch, settings.num_classes, recipe, settings.backbone, "none", settings.width,
                            frozen_stages=1, norm="frozen_bn").to(device)
-    set_fast_paths(model, variant.fast_paths)
+    set_fast_paths(model, variant.fast_paths, deform=variant.deform_impl)
     compile_parts(model, variant.compile)
     return model
 
@@ -347,13 +347,11 @@ def measure_variant(variant: Variant, arch: Arch, recipe: Recipe, settings: Benc
                     device: torch.device) -> dict[str, Any]:
     """Build the variant's model, measure it, release it; the row's numbers (or its error)."""
     row: dict[str, Any] = {"name": variant.name, "model": variant.model}
-    previous_impl = get_deform_impl()
     try:
         if variant.model == "torchvision":
             row["layout"] = variant.torchvision_layout
             model = build_torchvision_fcos(recipe, settings, variant.torchvision_layout, device)
         else:
-            set_deform_impl(variant.deform_impl)
             row_arch = resolve_arch(variant.arch) if variant.arch else arch
             model = build_ours(row_arch, recipe, settings, variant, device)
             row.update(arch=str(row_arch), fast_paths=list(active_fast_paths(model)),
@@ -384,7 +382,6 @@ def measure_variant(variant: Variant, arch: Arch, recipe: Recipe, settings: Benc
     except Exception as err:  # one failing row (OOM, a kernel that does not compile) must not hide the others
         row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
     finally:
-        set_deform_impl(previous_impl)
         model = None
         _release(device)
     return row
@@ -433,9 +430,7 @@ def check_variants(settings: BenchSettings, variants: list[Variant]) -> None:
 
 def run_self_check(variant: Variant, arch: Arch, recipe: Recipe, settings: BenchSettings, batch: Batch,
                    device: torch.device) -> dict[str, Any]:
-    previous_impl = get_deform_impl()
     try:
-        set_deform_impl(variant.deform_impl)
         model = _prepare(build_ours(arch, recipe, settings, replace(variant, compile=()), device), settings)
         precisions = ("fp32", "bf16") if settings.precision == "bf16" else ("fp32",)
         return check_fast_paths(model, batch.images, batch.targets, precisions)
@@ -444,7 +439,6 @@ def run_self_check(variant: Variant, arch: Arch, recipe: Recipe, settings: Bench
     except Exception as err:  # reported in the result, like a failing row
         return {"ok": False, "error": f"{type(err).__name__}: {str(err).strip()[:300]}"}
     finally:
-        set_deform_impl(previous_impl)
         _release(device)
 
 

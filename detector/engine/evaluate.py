@@ -31,6 +31,7 @@ from detector.data.coco import CocoDetection, build_dataset
 from detector.data.transforms import collate
 from detector.engine.distributed import Context, autocast_dtype, broadcast_object, gather_objects, setup, teardown
 from detector.errors import UserError
+from detector.fast.deform_layer import set_deform_kernel
 from detector.engine.run_dir import ensure_writable, write_json
 from detector.arch.zoo import resolve_arch
 
@@ -92,7 +93,8 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: Context | None = None,
 
 
 def model_from_checkpoint(payload: dict[str, Any], device: torch.device | str = "cpu") -> nn.Module:
-    """The checkpoint's detector (built from its own arch and config) with its weights, in eval mode."""
+    """The checkpoint's detector (built from its own arch and config) with its weights, in eval mode,
+    its DCNs on the ``auto`` kernel (:mod:`detector.fast.deform_layer`)."""
     from detector.model.build import build_detector_from_cfg
 
     cfg = OmegaConf.create(payload["config"])
@@ -103,6 +105,7 @@ def model_from_checkpoint(payload: dict[str, Any], device: torch.device | str = 
     if missing or unexpected:
         raise CheckpointError(f"checkpoint weights do not fit arch '{payload['arch']}': missing {list(missing)[:3]}, "
                               f"unexpected {list(unexpected)[:3]}; was it written by another version?")
+    set_deform_kernel(model, "auto")  # the fast DCN kernel where it pays (CUDA / bf16), torchvision elsewhere
     return model.to(device).eval()
 
 

@@ -174,7 +174,7 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     model = _main_first(ctx, lambda: build_detector_from_cfg(cfg, arch)).to(ctx.device)
     if bool(cfg.train.channels_last):
         model = model.to(memory_format=torch.channels_last)
-    set_fast_paths(model, fast_paths)  # same function and state dict keys as the reference code
+    set_fast_paths(model, fast_paths, deform="auto")  # same function and state dict keys as the reference code
     if ctx.is_main and fast_paths:
         log.info("fast paths on: %s", ", ".join(fast_paths))
     train_graphs = None

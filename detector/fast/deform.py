@@ -43,6 +43,8 @@ import torch
 import torchvision
 from torch import Tensor
 
+from detector.model.deform import autocast_enabled
+
 IMPLS = ("torchvision", "fast", "auto")
 BACKENDS = ("auto", "torch", "triton")
 # Column bytes per chunk of images: bounds the extra memory of one call (the torch sampler keeps
@@ -468,12 +470,6 @@ class _DeformConvColumns(torch.autograd.Function):
                 grad_weight, grad_bias, None, None, None, None, None)
 
 
-def autocast_enabled(x: Tensor) -> bool:
-    """Whether autocast is on for x's device type."""
-    device_type = x.device.type
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
 def _compute_dtype(x: Tensor) -> torch.dtype:
     if autocast_enabled(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return torch.get_autocast_dtype(x.device.type)
@@ -568,18 +564,19 @@ def deform_conv2d_auto(
     float32, 6x in bf16/fp16) and for bfloat16 (torchvision has no bf16 kernel); torchvision
     otherwise (CPU, or CUDA without Triton, where the torch sampler is about 2x slower).
     """
-    impl = deform_conv2d_fast if _auto_uses_fast(input) else torchvision.ops.deform_conv2d
+    impl = deform_conv2d_fast if auto_uses_fast(input) else torchvision.ops.deform_conv2d
     return impl(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
-def _auto_uses_fast(input: Tensor) -> bool:
+def auto_uses_fast(input: Tensor) -> bool:
+    """Whether ``auto`` takes the fast kernel for this input (bfloat16, or CUDA with Triton)."""
     return _compute_dtype(input) == torch.bfloat16 or (input.is_cuda and triton_sampler() is not None)
 
 
 def packed_impl(impl: DeformConv2d, input: Tensor) -> Callable[..., Tensor] | None:
     """:func:`deform_conv2d_packed` where ``impl`` (from :func:`select_deform_conv2d`) would take the
     fast path for this input, else None (then call ``impl`` with the split offsets and mask)."""
-    fast = impl is deform_conv2d_fast or (impl is deform_conv2d_auto and _auto_uses_fast(input))
+    fast = impl is deform_conv2d_fast or (impl is deform_conv2d_auto and auto_uses_fast(input))
     if fast and DEFAULT_OPTIONS.packed:
         return deform_conv2d_packed
     return None

@@ -21,6 +21,11 @@ cat_reduce     the ``cat`` aggregation's grouped 1x1 conv as two multiply-adds
                (``detector.fast.fpn``)
 =============  ===============================================================================
 
+The deformable convolution's kernel is the same switch's ``deform`` argument (``torchvision`` =
+the reference, ``fast``, ``auto``; :mod:`detector.fast.deform_layer`): it is a choice of kernel per
+call rather than one more on/off path, and it belongs to the model like the eight above, so two
+models in one process (trials in threads) may differ.
+
 ``compile_parts(model, parts)`` additionally wraps parts in ``torch.compile(dynamic=True)``
 (opt-in: compilation takes tens of seconds per part and the first steps at new sizes recompile).
 """
@@ -36,6 +41,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from detector.fast.postprocess import postprocess_batched
 from detector.fast.loss import compute_losses_dense
 from detector.errors import UserError
+from detector.fast.deform_layer import set_deform_kernel
 from detector.fast.fpn import CAT_REDUCE_CLASSES, RESIZE_CLASSES
 from detector.fast.norm import DtypeKeepingFrozenBatchNorm2d, FusedGroupNorm
 from detector.model.fcos import FCOS
@@ -137,9 +143,13 @@ def _uses_any(model: nn.Module, classes) -> bool:
     return any(type(m) in classes for m in model.modules())
 
 
-def set_fast_paths(model: FCOS, paths: str | Iterable[str] | None) -> FCOS:
-    """Turn exactly ``paths`` on (see the table above) and every other fast path off; returns model."""
+def set_fast_paths(model: FCOS, paths: str | Iterable[str] | None, deform: str | None = None) -> FCOS:
+    """Turn exactly ``paths`` on (see the table above) and every other fast path off, and make the
+    DCNs call the ``deform`` kernel (``torchvision`` | ``fast`` | ``auto``; None leaves it as it is);
+    returns model."""
     wanted = set(parse_paths(paths))
+    if deform is not None:
+        set_deform_kernel(model, deform)
     _swap_classes(model, FROZEN_BN_CLASSES, "frozen_bn" in wanted)
     _set_group_norm(model, "group_norm" in wanted)
     _swap_classes(model, RESIZE_CLASSES, "resize" in wanted)

@@ -17,12 +17,12 @@ whole DCN -- offset predictor included, so the sampling positions keep full prec
 float32 with autocast disabled locally, and casts the result back to the autocast dtype (or the
 input's dtype). Outside autocast, float32/float16/float64 inputs run natively.
 
-Kernel choice: :func:`set_deform_impl` picks the function every ``ModulatedDeformConv`` calls
-(read at forward time): ``auto`` (default: the Triton kernel of :mod:`detector.fast.deform` on CUDA
-and for bfloat16, torchvision otherwise), ``torchvision`` (``torchvision.ops.deform_conv2d`` with
-the float32 handling above), or ``fast`` (always :mod:`detector.fast.deform`; same values and
-gradients; they run in the autocast dtype, bfloat16 included, so no float32 detour is taken and
-the offset predictor runs in the autocast dtype too, as any conv would).
+Kernel: this reference module always calls ``torchvision.ops.deform_conv2d``. The per-model
+fast-path switch (:func:`detector.fast.switch.set_fast_paths`, argument ``deform``) turns a model's
+DCNs into :class:`detector.fast.deform_layer.FastModulatedDeformConv` (same parameters and state
+dict keys), which calls the faster kernel of :mod:`detector.fast.deform` (``fast``) or picks per
+call (``auto``). The choice belongs to the model, not the process: two models in one process (two
+trials in threads of ``executor=local``) may use different kernels.
 torchvision's DCN is 10-17x slower than a plain conv of the same shape on an H100 (DESIGN section
 10); the fast kernel runs the DESIGN shape 6.4x faster in bf16 (experiments/PERF.md).
 """
@@ -34,22 +34,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
-from detector.fast.deform import autocast_enabled, packed_impl, select_deform_conv2d
-
-DEFORM_IMPLS = ("torchvision", "fast", "auto")
-_deform_impl = "auto"
+DEFORM_IMPLS = ("torchvision", "fast", "auto")  # the kernels a model's DCNs can call (see the docstring)
 
 
-def set_deform_impl(impl: str) -> None:
-    """Select the deformable-convolution kernel of every ModulatedDeformConv: one of DEFORM_IMPLS."""
-    global _deform_impl
-    if impl not in DEFORM_IMPLS:
-        raise ValueError(f"deform impl '{impl}' is unknown; choose one of {', '.join(DEFORM_IMPLS)}")
-    _deform_impl = impl
-
-
-def get_deform_impl() -> str:
-    return _deform_impl
+def autocast_enabled(x: Tensor) -> bool:
+    """Whether autocast is on for x's device type."""
+    device_type = x.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 class ModulatedDeformConv(nn.Module):
@@ -89,17 +80,19 @@ class ModulatedDeformConv(nn.Module):
         nn.init.zeros_(self.offset_mask.weight)
         nn.init.zeros_(self.offset_mask.bias)
 
-    def _deform(self, x: Tensor, deform_fn=deform_conv2d) -> Tensor:
+    def predict_offset_mask(self, x: Tensor) -> Tensor:
+        """(N, C_in, H, W) -> (N, 3*G*K*K, H, W): offsets then mask logits, from the predictor conv."""
         # Parameters follow x's dtype (a no-op unless a bf16-cast module runs its float32 path); under
         # autocast conv2d casts them itself, once per step for the head's levels sharing them (cast cache).
         weight, bias = self.offset_mask.weight, self.offset_mask.bias
         if not autocast_enabled(x):
             weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-        offset_mask = nn.functional.conv2d(x, weight, bias, padding=self.padding)  # (N, 3*G*K*K, H, W)
-        packed = packed_impl(deform_fn, x)
-        if packed is not None:  # the fast kernels split offsets / mask logits and apply the sigmoid themselves
-            return packed(x, offset_mask, self.weight.to(x.dtype), self.bias.to(x.dtype),
-                          padding=(self.padding, self.padding))
+        return nn.functional.conv2d(x, weight, bias, padding=self.padding)
+
+    def _deform(self, x: Tensor, deform_fn=deform_conv2d) -> Tensor:
+        return self._deform_split(x, self.predict_offset_mask(x), deform_fn)
+
+    def _deform_split(self, x: Tensor, offset_mask: Tensor, deform_fn) -> Tensor:
         offset = offset_mask[:, : self.num_offsets]  # (N, 2*G*K*K, H, W)
         mask = offset_mask[:, self.num_offsets:].sigmoid()  # (N, G*K*K, H, W)
         return deform_fn(
@@ -108,8 +101,6 @@ class ModulatedDeformConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C_in, H, W) -> (N, C_out, H, W); see the module docstring for precision handling."""
-        if _deform_impl != "torchvision":
-            return self._deform(x, select_deform_conv2d(_deform_impl))
         device_type = x.device.type
         autocast_on = autocast_enabled(x)
         if not autocast_on and x.dtype != torch.bfloat16:

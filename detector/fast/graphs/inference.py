@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from detector.model.deform import get_deform_impl
+from detector.fast.deform_layer import deform_kernel
 
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (autotuning, lazy initialisation)
 
@@ -62,7 +62,7 @@ class GraphedInference:
     def run(self, model: nn.Module, padded: Tensor) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
         device = padded.device.type
         autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        key = (tuple(padded.shape), padded.dtype, autocast, torch.is_inference_mode_enabled(), get_deform_impl())
+        key = (tuple(padded.shape), padded.dtype, autocast, torch.is_inference_mode_enabled(), deform_kernel(model))
 
         def network(x: Tensor) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
             with torch.autocast(device, dtype=autocast[1], enabled=autocast[0], cache_enabled=False):

@@ -59,7 +59,7 @@ from torch.utils._pytree import tree_leaves
 from torchvision.ops import FrozenBatchNorm2d
 
 from detector.fast import deform as fast_deform
-from detector.model.deform import get_deform_impl
+from detector.fast.deform_layer import deform_kernel
 from detector.errors import UserError
 
 HEAD_KEYS = ("cls_logits", "bbox_reg", "centerness")
@@ -226,10 +226,10 @@ class GraphedTraining:
         shape = bucket_shape(padded.shape[-2], padded.shape[-1], self.pad_to, self.multiple)
         return pad_bottom_right(padded, shape)
 
-    def key(self, padded: Tensor) -> tuple:
+    def key(self, model: nn.Module, padded: Tensor) -> tuple:
         device = padded.device.type
         autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        return (tuple(padded.shape), padded.dtype, str(padded.device), autocast, get_deform_impl(),
+        return (tuple(padded.shape), padded.dtype, str(padded.device), autocast, deform_kernel(model),
                 dataclasses.astuple(fast_deform.DEFAULT_OPTIONS))
 
     @staticmethod
@@ -246,7 +246,7 @@ class GraphedTraining:
         _free_pools()
 
     def run(self, model: nn.Module, padded: Tensor) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
-        key = self.key(padded)
+        key = self.key(model, padded)
         weights = self.weights_key(model)
         if weights != self._weights:
             if self._graphs:
