@@ -1,6 +1,6 @@
 """Proxy cost: seconds per candidate at the COCO proxy setting (``conf/proxy_eval/coco.yaml``).
 
-Times exactly what a trial of ``proxy_eval.trial.CachedEvaluator`` runs -- decoder build,
+Times exactly what a trial of ``proxy_eval.cached.CachedEvaluator`` runs -- decoder build,
 ``train_decoder`` (``iters`` SGD iterations of ``batch_size`` images, bf16 autocast on GPU) and
 ``predict_decoder`` (validation loss and detections of ``val_images`` images) -- for ``nasfcos``,
 ``fcos`` and random codes of the joint space, on random backbone features of the right shapes
@@ -36,7 +36,9 @@ from detector.model.build import build_decoder  # noqa: E402
 from detector.model.recipe import Recipe  # noqa: E402
 from detector.arch.zoo import zoo_arch  # noqa: E402
 from proxy_eval.feature_cache import SplitFeatures  # noqa: E402
-from proxy_eval.trial import TrialSettings, decoder_cost, place_split, predict_decoder, train_decoder  # noqa: E402
+from proxy_eval.settings import TrialSettings
+from detector.model.cost import decoder_cost
+from proxy_eval.decoder_training import place_split, predict_decoder, train_decoder
 from detector.arch.space import SearchSpace  # noqa: E402
 
 CONF = ROOT / "conf"
@@ -112,7 +114,7 @@ def bench_one(code, shapes, train, val, settings: TrialSettings, recipe: Recipe,
     row = {"params_m": params / 1e6, "gflops": gflops, "build_s": built - start, "train_s": trained - built,
            "val_s": validated - trained, "ms_per_iter": 1000 * (trained - built) / settings.iters}
     if score:
-        from proxy_eval.trial import proxy_val_coco, score_detections
+        from proxy_eval.cached import proxy_val_coco, score_detections
 
         score_detections(detections, val.split, proxy_val_coco(val.split, NUM_CLASSES), NUM_CLASSES)
         row["score_s"] = time.perf_counter() - validated

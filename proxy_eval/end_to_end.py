@@ -4,7 +4,7 @@
 
     evaluate(arch, seed=0, report=None) -> TrialResult      # never raises
 
-Where the cached proxy (:mod:`proxy_eval.trial`) trains only the decoder on features of a frozen,
+Where the cached proxy (:mod:`proxy_eval.cached`) trains only the decoder on features of a frozen,
 briefly adapted backbone, a trial here is a short version of the real retraining: the full FCOS of
 ``arch`` is built as ``python -m detector train`` builds it (``cfg.backbone`` with its start
 weights, ``cfg.recipe``, width ``proxy_eval.width`` or ``cfg.model.width``), trained on the
@@ -48,10 +48,11 @@ from detector.engine.optim import Schedule, build_optimizer, build_scheduler
 from detector.model.recipe import Recipe
 from detector.data.stream import batch_to_device, build_train_stream
 from detector.arch.zoo import resolve_arch
-from proxy_eval.result import TrialResult
+from proxy_eval.result import (InjectedFailure, TrialDiverged, TrialResult, TrialTimeout, failed_trial, injected_failure,
+                               trial_reward)
 from proxy_eval.splits import ProxySplits, make_splits
-from proxy_eval.trial import (InjectedFailure, TrialDiverged, TrialSettings, TrialTimeout, decoder_cost,
-                              failed_trial, injected_failure, trial_reward)
+from proxy_eval.settings import TrialSettings, resolve_device
+from detector.model.cost import decoder_cost
 
 Report = Callable[[dict], None]
 
@@ -116,8 +117,8 @@ def train_detector(model: nn.Module, stream: Any, settings: TrialSettings, devic
     """``settings.iters`` SGD iterations of the whole detector on ``stream``; the last training loss.
 
     The loss is read back (a host sync) every ``report_every`` iterations and after the last: a
-    non-finite value raises :class:`~proxy_eval.trial.TrialDiverged`, a step past ``deadline``
-    :class:`~proxy_eval.trial.TrialTimeout`.
+    non-finite value raises :class:`~proxy_eval.result.TrialDiverged`, a step past ``deadline``
+    :class:`~proxy_eval.result.TrialTimeout`.
     """
     s = settings
     schedule = _short_schedule(s)
@@ -198,8 +199,6 @@ class EndToEndEvaluator:
     def _loaded(self) -> dict[str, Any]:
         if self._state is None:
             from detector.data.coco import build_dataset
-            from proxy_eval.build import resolve_device
-
             cfg, cache_dir = self.data.data_cfg, self.data.cache_dir
             train = build_dataset(cfg, "train", train=True, cache_dir=cache_dir, uint8_images=True)
             val = build_dataset(cfg, "train", train=False, cache_dir=cache_dir)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -47,7 +47,6 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from detector.cache_dir import resolve_cache_dir
-from detector.errors import UserError
 from detector.model.recipe import Recipe
 from detector.arch.zoo import zoo_arch
 from proxy_eval.feature_cache import (
@@ -60,54 +59,13 @@ from proxy_eval.feature_cache import (
 )
 from proxy_eval.last_stage import check_supported, last_stage_payload
 from proxy_eval.splits import ProxySplits, make_splits
-from proxy_eval.trial import autocast_context, decoder_losses, lr_at
+from proxy_eval.decoder_training import autocast_context, decoder_losses, lr_at
+from proxy_eval.settings import BackboneSpec, PrepareError, PrepareSettings, prepare_arguments
 
 log = logging.getLogger(__name__)
 
 TRANSFORM = "letterbox-bilinear-antialias-pad-bottom-right-v1"  # part of the cache key
 FEATURES_DIR = "features"
-
-
-class PrepareError(UserError):
-    """A proxy setting or an adaptation checkpoint is unusable."""
-
-
-@dataclass(frozen=True)
-class PrepareSettings:
-    """What determines the proxy features (read from ``cfg.proxy_eval`` by :mod:`proxy_eval.build`)."""
-
-    train_images: int | None
-    val_images: int
-    split_seed: int = 0
-    resolution: int = 384
-    width: int = 256
-    adapt_from: str | None = None
-    adapt_iters: int = 0
-    adapt_batch_size: int = 8
-    adapt_lr: float = 0.01
-    min_box_size: float = 1.0
-    extract_batch_size: int = 16
-    workers: int = 0
-    train_last_stage: bool = False  # also store the adapted last stage (proxy_eval.last_stage)
-
-    def __post_init__(self) -> None:
-        if self.resolution < 64 or self.resolution % 32:
-            raise PrepareError(f"proxy_eval.resolution={self.resolution}: use a multiple of 32, at least 64")
-        if self.adapt_iters < 0 or self.adapt_batch_size < 1 or self.extract_batch_size < 1:
-            raise PrepareError("proxy_eval: adapt_iters must be >= 0 and batch sizes >= 1")
-        if self.width < 32 or self.width % 32:
-            raise PrepareError(f"proxy_eval.width={self.width}: use a multiple of 32 (GroupNorm(32) in the head)")
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """``cfg.backbone`` as plain values."""
-
-    name: str
-    weights: str = "none"
-    frozen_stages: int = 1
-    norm: str = "frozen_bn"
-    levels: tuple[str, ...] = ("c3", "c4", "c5")
 
 
 # ----------------------------------------------------------------------------- proxy images
@@ -370,8 +328,6 @@ def prepare_features(settings: PrepareSettings, data_cfg: Mapping[str, Any] | An
 
 def prepare(cfg: Any) -> FeatureCache:
     """Adapt + cache for the composed search config (the driver calls this once before trials)."""
-    from proxy_eval.build import prepare_arguments
-
     return prepare_features(**prepare_arguments(cfg))
 
 

@@ -9,18 +9,29 @@
 - ``error``: anything else (the message is in ``error``).
 
 Non-``ok`` results carry ``reward = FLOOR_REWARD`` so that a searcher can still learn from them.
+
+Inside a trial, failures are raised as :class:`TrialDiverged` / :class:`TrialTimeout` /
+:class:`InjectedFailure` (or any exception) and turned into results by :func:`failed_trial` at the
+evaluator's boundary; :func:`trial_reward` is the one reward rule of every proxy.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+
 STATUSES = ("ok", "diverged", "oom", "timeout", "error")
+
+
 FLOOR_REWARD = 0.0
 
 
 @dataclass
+
+
 class TrialResult:
     status: str
     reward: float
@@ -62,3 +73,45 @@ class TrialResult:
     @classmethod
     def failure(cls, status: str, error: str = "", seconds: float = 0.0, **metrics: Any) -> "TrialResult":
         return cls(status=status, reward=FLOOR_REWARD, error=error[:500], seconds=seconds, **metrics)
+
+
+class TrialDiverged(Exception):
+    """A non-finite training or validation loss (-> status ``diverged``)."""
+
+
+class TrialTimeout(Exception):
+    """Past ``timeout_s`` of wall clock (-> status ``timeout``)."""
+
+
+class InjectedFailure(RuntimeError):
+    """Raised inside a trial by ``fail_prob`` fault injection (becomes status ``error``)."""
+
+
+def failed_trial(err: Exception, seconds: float, metrics: dict[str, Any]) -> TrialResult:
+    """The result of a trial that raised ``err``: diverged, timeout, oom (the CUDA cache is emptied),
+    or error with the exception's type and message. ``metrics`` (params, gflops) are kept."""
+    if isinstance(err, TrialDiverged):
+        return TrialResult.failure("diverged", str(err), seconds, **metrics)
+    if isinstance(err, TrialTimeout):
+        return TrialResult.failure("timeout", str(err), seconds, **metrics)
+    import torch  # here, so that the result type stays importable without torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return TrialResult.failure("oom", str(err).splitlines()[0] if str(err) else "out of memory", seconds, **metrics)
+    return TrialResult.failure("error", f"{type(err).__name__}: {err}", seconds, **metrics)
+
+
+def trial_reward(reward: str, ap: float, val_loss: float) -> float:
+    """``ap``: the proxy-val AP; ``neg_loss``: exp(-loss), which ranks exactly like minus the loss but
+    stays in (0, 1], so that the floor reward 0 of a failed trial remains the worst value a searcher sees."""
+    return float(ap if reward == "ap" else math.exp(-val_loss))
+
+
+def injected_failure(seed: int, arch: Any, fail_prob: float) -> bool:
+    """Whether fault injection fails this (seed, arch): a coin seeded by both, stable across runs."""
+    if fail_prob <= 0:
+        return False
+    digest = hashlib.sha256(f"{seed}:{arch}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big")).random() < fail_prob

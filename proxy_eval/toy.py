@@ -16,17 +16,20 @@ and ``gflops`` are 0 (no network exists) and ``seconds`` is the measured evaluat
 
 The evaluator is plain Python (picklable, torch-free) and works with any stage's space; an
 architecture outside the space gives an ``error`` result, never an exception. The
-``proxy_eval=toy`` config is read in :mod:`proxy_eval.build`, which wraps this class.
+``proxy_eval=toy`` config is read by :mod:`proxy_eval.settings`; :class:`ToyProxy` wraps this class
+behind the evaluator contract.
 """
 from __future__ import annotations
 
 import hashlib
 import random
 import time
+from typing import Any, Callable
 
-from detector.arch.grammar import Arch, ArchError, parse
+from detector.arch.grammar import Arch, ArchError, FCOSHead, SearchedFPN, SearchedHead, parse
+from detector.arch.zoo import resolve_arch
 from detector.errors import UserError
-from proxy_eval.result import TrialResult
+from proxy_eval.result import TrialResult, injected_failure
 from detector.arch.space import SearchSpace
 
 
@@ -78,3 +81,74 @@ class ToyEvaluator:
 
     __call__ = evaluate
 
+
+class ToyProxy:
+    """:class:`proxy_eval.toy.ToyEvaluator` behind the evaluator contract.
+
+    The toy space follows the candidate: a searched FPN with a fixed head is scored in the ``fpn``
+    stage's space, a searched head on a fixed FPN in the ``head`` stage's, both searched in
+    ``joint``. The trial ``seed`` offsets the toy's noise seed. ``sleep_s`` makes each trial take
+    that long (tests that kill a search mid-trial). ``fail_prob`` gives ``error`` and
+    ``inject_nan`` (not null) gives ``diverged``, as with the cached evaluator.
+    """
+
+    def __init__(self, space_cfg: Any, target_seed: int = 0, noise: float = 0.0, seed: int = 0,
+                 weight_spread: float = 0.0, fail_prob: float = 0.0, inject_nan: int | None = None,
+                 sleep_s: float = 0.0) -> None:
+        self.space_cfg = dict(space_cfg)
+        self.target_seed, self.noise, self.seed = int(target_seed), float(noise), int(seed)
+        self.weight_spread, self.fail_prob, self.inject_nan = float(weight_spread), float(fail_prob), inject_nan
+        self.sleep_s = float(sleep_s)
+        self._toys: dict[tuple[str, int], Any] = {}
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> "ToyProxy":
+        from proxy_eval.settings import toy_arguments
+
+        return cls(**toy_arguments(cfg))
+
+    def _toy(self, arch: Arch, seed: int) -> Any:
+        from detector.arch.space import space_from_cfg
+
+        searched_fpn, searched_head = isinstance(arch.fpn, SearchedFPN), isinstance(arch.head, SearchedHead)
+        if searched_fpn and not searched_head:
+            stage, fixed = "fpn", str(arch.head)
+        elif searched_head and not searched_fpn:
+            stage, fixed = "head", str(arch.fpn)
+        else:
+            stage, fixed = "joint", ""
+        key = (stage, fixed, seed)
+        if key not in self._toys:
+            space = space_from_cfg(_AttrDict(self.space_cfg), stage,
+                                   fixed_fpn=arch.fpn if stage == "head" else None,
+                                   fixed_head=arch.head if stage == "fpn" else FCOSHead())
+            self._toys[key] = ToyEvaluator(space, self.target_seed, self.noise, self.seed + seed, self.weight_spread)
+        return self._toys[key]
+
+    def evaluate(self, arch: Arch | str, seed: int = 0, report: Callable[[dict], None] | None = None) -> TrialResult:
+        start = time.perf_counter()
+        if self.sleep_s > 0:
+            time.sleep(self.sleep_s)
+        try:
+            if isinstance(arch, str):
+                arch = resolve_arch(arch, num_blocks=None, num_head_layers=None)
+            if injected_failure(seed, arch, self.fail_prob):
+                return TrialResult.failure("error", f"InjectedFailure: injected failure (proxy_eval.fail_prob="
+                                           f"{self.fail_prob})", time.perf_counter() - start)
+            if self.inject_nan is not None:
+                return TrialResult.failure("diverged", f"training loss became nan at iteration {self.inject_nan}",
+                                           time.perf_counter() - start)
+            result = self._toy(arch, seed).evaluate(arch)
+            if report is not None and result.ok:
+                report({"iteration": 1, "loss": result.loss})
+            return result
+        except Exception as err:  # the contract: never raise
+            return TrialResult.failure("error", f"{type(err).__name__}: {err}", time.perf_counter() - start)
+
+    __call__ = evaluate
+
+
+class _AttrDict(dict):
+    """A dict readable as attributes (what ``space_from_cfg`` expects from a config node)."""
+
+    __getattr__ = dict.__getitem__

@@ -297,7 +297,7 @@ def ray_worker_kill_hook() -> None:
     """
     fault_dir = Path(os.environ[RAY_FAULT_DIR])
     kill_at = int(os.environ[RAY_KILL_EVALUATION])
-    from proxy_eval.build import ToyProxy
+    from proxy_eval.toy import ToyProxy
 
     real_evaluate = ToyProxy.evaluate
 

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from detector.cli import CONF_DIR
 from detector.model.deform import ModulatedDeformConv
-from detector.commands.describe import describe, describe_command, flop_counter
+from detector.model.cost import describe, flop_counter
+from detector.commands.describe import describe_command
 from detector.errors import UserError
 from detector.model.recipe import Recipe
 from detector.arch.zoo import zoo_arch

@@ -170,9 +170,10 @@ def test_a_search_with_the_end_to_end_proxy_runs_real_trials_without_a_feature_c
 
 def test_the_cached_proxy_on_a_gpu_gets_a_warning_and_the_end_to_end_one_does_not(data_root, monkeypatch, caplog):
     import proxy_eval.build
+    import proxy_eval.settings
     import search.run
 
-    monkeypatch.setattr(proxy_eval.build, "resolve_device", lambda value: "cuda")
+    monkeypatch.setattr(proxy_eval.settings, "resolve_device", lambda value: "cuda")
     monkeypatch.setattr(proxy_eval.build, "prepare_proxy", lambda cfg: None)
     with caplog.at_level("WARNING", logger="search.run"):
         search.run._prepare(compose("search", ["proxy_eval=cached"]))

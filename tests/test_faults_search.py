@@ -171,7 +171,7 @@ def test_a_trial_that_crashes_is_retried_and_one_that_keeps_crashing_is_recorded
                                                                                   record_property):
     """executor=local: an exception escaping the evaluator (what a dying worker looks like to the
     driver) is an ``error`` attempt; it is retried, and the search goes on either way."""
-    from proxy_eval.build import ToyProxy
+    from proxy_eval.toy import ToyProxy
 
     real_evaluate = ToyProxy.evaluate
     attempts: dict[str, int] = {}
@@ -237,11 +237,11 @@ def test_a_trial_whose_loss_becomes_nan_or_inf_is_diverged_and_the_search_comple
                                                                                      record_property):
     """Real trials on cached features; the 1st trial's training loss is multiplied by NaN and the
     2nd's by +inf inside the real training loop; the 3rd trains normally."""
-    from proxy_eval import trial as trial_module
+    from proxy_eval import cached as cached_module, decoder_training
 
     poison = {"factor": None}
-    real_losses = trial_module.decoder_losses
-    real_evaluate = trial_module.CachedEvaluator.evaluate
+    real_losses = decoder_training.decoder_losses
+    real_evaluate = cached_module.CachedEvaluator.evaluate
     factors = iter([math.nan, math.inf])
 
     def poisoned_losses(*args, **kwargs):
@@ -255,8 +255,8 @@ def test_a_trial_whose_loss_becomes_nan_or_inf_is_diverged_and_the_search_comple
         finally:
             poison["factor"] = None
 
-    monkeypatch.setattr(trial_module, "decoder_losses", poisoned_losses)
-    monkeypatch.setattr(trial_module.CachedEvaluator, "evaluate", evaluate_with_poison)
+    monkeypatch.setattr(decoder_training, "decoder_losses", poisoned_losses)
+    monkeypatch.setattr(cached_module.CachedEvaluator, "evaluate", evaluate_with_poison)
     run_dir = tmp_path / "run"
     run_search(compose("search", [*TINY_CACHED, "search.stages=[fpn]", "search.budget=3",
                                   f"search.run_dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"]))

@@ -12,12 +12,14 @@ from omegaconf import OmegaConf
 from detector.cli import CONF_DIR, compose
 from detector.errors import UserError
 from detector.model.recipe import Recipe
-from proxy_eval import trial as trial_module
-from proxy_eval.build import prepare_arguments, trial_settings
+from proxy_eval import decoder_training
+from proxy_eval.settings import prepare_arguments, trial_settings
 from proxy_eval.feature_cache import FeatureCache
 from proxy_eval.last_stage import LastStageError, build_last_stage, with_last_stage
-from proxy_eval.prepare import BackboneSpec, PrepareSettings, prepare_features
-from proxy_eval.trial import CachedEvaluator, TrialSettings
+from proxy_eval.settings import BackboneSpec, PrepareSettings
+from proxy_eval.prepare import prepare_features
+from proxy_eval.cached import CachedEvaluator
+from proxy_eval.settings import TrialSettings
 
 RECIPE = Recipe.from_cfg(OmegaConf.load(CONF_DIR / "recipe" / "nasfcos.yaml"))
 PREPARE = PrepareSettings(train_images=12, val_images=6, resolution=96, width=32, adapt_iters=1, adapt_batch_size=4)
@@ -77,7 +79,7 @@ def test_a_trial_trains_layer4_from_the_adapted_weights_on_the_cached_c3_c4(cach
     adapted = {k: v.clone() for k, v in data.last_stage["state"].items()}
     start_stage = build_last_stage(data.last_stage).train()
     seen, stages = [], []
-    original_with_last_stage = trial_module.with_last_stage
+    original_with_last_stage = decoder_training.with_last_stage
 
     def spy(features, stage):
         out = original_with_last_stage(features, stage)
@@ -88,7 +90,7 @@ def test_a_trial_trains_layer4_from_the_adapted_weights_on_the_cached_c3_c4(cach
             stages.append(stage)
         return out
 
-    monkeypatch.setattr(trial_module, "with_last_stage", spy)
+    monkeypatch.setattr(decoder_training, "with_last_stage", spy)
     result = CachedEvaluator(with_stage.path, TRIAL, RECIPE).evaluate("fcos", seed=0)
     assert result.status == "ok", result.error
     assert len(seen) == TRIAL.iters and len({id(s) for s in stages}) == 1

@@ -18,16 +18,8 @@ from detector.model.recipe import Recipe
 from detector.arch.zoo import zoo_arch
 from proxy_eval import prepare as prepare_module
 from proxy_eval.feature_cache import FeatureCache
-from proxy_eval.prepare import (
-    BackboneSpec,
-    PrepareError,
-    PrepareSettings,
-    ProxyImages,
-    letterbox,
-    normalised_batch,
-    prepare_command,
-    prepare_features,
-)
+from proxy_eval.settings import BackboneSpec, PrepareError, PrepareSettings
+from proxy_eval.prepare import ProxyImages, letterbox, normalised_batch, prepare_command, prepare_features
 
 RESOLUTION = 96
 SETTINGS = PrepareSettings(train_images=12, val_images=6, split_seed=0, resolution=RESOLUTION, width=32,

@@ -17,11 +17,16 @@ from detector.model.recipe import Recipe
 from detector.model.backbone import ShapeSpec
 from detector.arch.zoo import resolve_arch, zoo_arch
 from experiment_scripts import load_experiment
-from proxy_eval import trial as trial_module
-from proxy_eval.build import ToyProxy, build_evaluator
-from proxy_eval.prepare import BackboneSpec, PrepareSettings, prepare_features
+from proxy_eval import cached as cached_module
+from proxy_eval.toy import ToyProxy
+from proxy_eval.build import build_evaluator
+from proxy_eval.settings import BackboneSpec, PrepareSettings
+from proxy_eval.prepare import prepare_features
 from proxy_eval.result import FLOOR_REWARD
-from proxy_eval.trial import CachedEvaluator, TrialSettings, decoder_cost, injected_failure
+from proxy_eval.cached import CachedEvaluator
+from proxy_eval.settings import TrialSettings
+from detector.model.cost import decoder_cost
+from proxy_eval.result import injected_failure
 
 RECIPE = Recipe.from_cfg(OmegaConf.load(CONF_DIR / "recipe" / "nasfcos.yaml"))
 SETTINGS = TrialSettings(iters=3, batch_size=4, lr=0.01, warmup_iters=1, width=32, eval_batch_size=8,
@@ -127,7 +132,7 @@ def test_out_of_memory_gives_oom(prepared, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trial_module, "build_decoder", out_of_memory)
+    monkeypatch.setattr(cached_module, "build_decoder", out_of_memory)
     result = evaluator(cache).evaluate("fcos", seed=0)
     assert result.status == "oom" and "out of memory" in result.error
 
@@ -188,7 +193,7 @@ def test_the_benchmark_reads_the_coco_proxy_settings_like_hydra():
     flat, resolution, val_images = bench.trial_settings(
         bench.read_flat_yaml(CONF_DIR / "proxy_eval" / "coco.yaml"), "cuda", quick=False)
     cfg = compose("search", ["proxy_eval=coco", "device=cuda"])
-    from proxy_eval.build import trial_settings
+    from proxy_eval.settings import trial_settings
 
     assert flat == trial_settings(cfg)
     assert (resolution, val_images) == (cfg.proxy_eval.resolution, cfg.proxy_eval.val_images) == (384, 500)

@@ -1,0 +1,270 @@
+"""The proxy's settings: the one module that reads ``cfg.proxy_eval`` (and the few other keys a
+proxy needs), turning it into plain frozen values that travel to trial workers.
+
+- :class:`TrialSettings` -- how one candidate trains and is scored (every proxy);
+- :class:`PrepareSettings`, :class:`BackboneSpec` -- what determines the cached proxy's features;
+- :func:`trial_settings`, :func:`prepare_arguments`, :func:`split_arguments`,
+  :func:`end_to_end_options`, :func:`toy_arguments` -- those values from a composed config;
+- :func:`proxy_name`, :func:`resolve_device`.
+
+Keys read besides ``cfg.proxy_eval``: ``cfg.reward``, ``cfg.device`` (auto | cpu | cuda, resolved in
+the process that runs the trial), ``cfg.model.width`` (when ``proxy_eval.width`` is null),
+``cfg.cache_dir``, ``cfg.data``, ``cfg.backbone``, ``cfg.recipe``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from detector.errors import UserError
+from detector.model.deform import DEFORM_IMPLS
+from detector.model.recipe import Recipe
+
+
+REWARDS = ("ap", "neg_loss")
+
+
+AMP_MODES = ("auto", "bf16", "off")
+
+
+@dataclass(frozen=True)
+
+
+class TrialSettings:
+    """Training and evaluation settings of one trial (read from ``cfg.proxy_eval`` by :func:`trial_settings`)."""
+
+    iters: int = 60
+    batch_size: int = 8
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 10
+    clip_grad: float = 10.0
+    width: int = 64
+    amp: str = "auto"
+    eval_batch_size: int = 16
+    score_thresh: float | None = None  # None: the recipe's
+    reward: str = "ap"
+    timeout_s: float = 600.0
+    report_every: int = 10
+    fail_prob: float = 0.0
+    inject_nan: int | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    deform_impl: str = "fast"
+    train_last_stage: bool = False
+
+    def __post_init__(self) -> None:
+        if self.reward not in REWARDS:
+            raise UserError(f"reward={self.reward}: choose one of {', '.join(REWARDS)}")
+        if self.amp not in AMP_MODES:
+            raise UserError(f"proxy_eval.amp={self.amp}: choose one of {', '.join(AMP_MODES)}")
+        if self.iters < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise UserError("proxy_eval: iters, batch_size and eval_batch_size must be >= 1")
+        if not 0.0 <= self.fail_prob <= 1.0:
+            raise UserError(f"proxy_eval.fail_prob={self.fail_prob}: a probability in [0, 1]")
+        if self.timeout_s <= 0:
+            raise UserError(f"proxy_eval.timeout_s={self.timeout_s}: must be > 0 seconds")
+        if self.deform_impl not in DEFORM_IMPLS:
+            raise UserError(f"proxy_eval.deform_impl={self.deform_impl}: choose one of {', '.join(DEFORM_IMPLS)}")
+
+
+class PrepareError(UserError):
+    """A proxy setting or an adaptation checkpoint is unusable."""
+
+
+@dataclass(frozen=True)
+
+
+class PrepareSettings:
+    """What determines the proxy features (read from ``cfg.proxy_eval`` by :func:`prepare_arguments`)."""
+
+    train_images: int | None
+    val_images: int
+    split_seed: int = 0
+    resolution: int = 384
+    width: int = 256
+    adapt_from: str | None = None
+    adapt_iters: int = 0
+    adapt_batch_size: int = 8
+    adapt_lr: float = 0.01
+    min_box_size: float = 1.0
+    extract_batch_size: int = 16
+    workers: int = 0
+    train_last_stage: bool = False  # also store the adapted last stage (proxy_eval.last_stage)
+
+    def __post_init__(self) -> None:
+        if self.resolution < 64 or self.resolution % 32:
+            raise PrepareError(f"proxy_eval.resolution={self.resolution}: use a multiple of 32, at least 64")
+        if self.adapt_iters < 0 or self.adapt_batch_size < 1 or self.extract_batch_size < 1:
+            raise PrepareError("proxy_eval: adapt_iters must be >= 0 and batch sizes >= 1")
+        if self.width < 32 or self.width % 32:
+            raise PrepareError(f"proxy_eval.width={self.width}: use a multiple of 32 (GroupNorm(32) in the head)")
+
+
+@dataclass(frozen=True)
+
+
+class BackboneSpec:
+    """``cfg.backbone`` as plain values."""
+
+    name: str
+    weights: str = "none"
+    frozen_stages: int = 1
+    norm: str = "frozen_bn"
+    levels: tuple[str, ...] = ("c3", "c4", "c5")
+
+
+PROXY_NAMES = ("cached", "end_to_end", "toy")
+
+
+def _proxy(cfg: Any) -> Any:
+    node = cfg.get("proxy_eval", None)
+    if node is None:
+        raise UserError("proxy_eval: missing; choose proxy_eval=cached, end_to_end or toy")
+    return node
+
+
+def _inject_nan(value: Any) -> int | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return 0
+    if int(value) < 0:
+        raise UserError(f"proxy_eval.inject_nan={value}: an iteration >= 0, true, or null")
+    return int(value)
+
+
+def _flag(value: Any, key: str) -> bool:
+    """A boolean setting; anything but true / false (or null = false) is a UserError."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise UserError(f"proxy_eval.{key}={value!r}: use true or false")
+
+
+def resolve_device(value: Any) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cpu``/``cuda[:k]`` pass through."""
+    import torch
+
+    value = str(value or "auto")
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if value != "cpu" and not value.startswith("cuda"):
+        raise UserError(f"device={value}: choose auto, cpu or cuda")
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={value} but no CUDA device is visible; use device=cpu or auto")
+    return value
+
+
+def _width(cfg: Any, proxy: Any) -> int:
+    width = proxy.get("width", None)
+    if width is None:
+        width = cfg.model.width
+    return int(width)
+
+
+def prepare_arguments(cfg: Any) -> dict[str, Any]:
+    """Keyword arguments of :func:`proxy_eval.prepare.prepare_features` from the config."""
+    proxy = _proxy(cfg)
+    train_images = proxy.get("train_images", None)
+    settings = PrepareSettings(
+        train_images=None if train_images is None else int(train_images),
+        val_images=int(proxy.val_images),
+        split_seed=int(proxy.get("split_seed", 0)),
+        resolution=int(proxy.resolution),
+        width=_width(cfg, proxy),
+        adapt_from=str(proxy.adapt_from) if proxy.get("adapt_from", None) else None,
+        adapt_iters=int(proxy.get("adapt_iters", 0)),
+        adapt_batch_size=int(proxy.get("adapt_batch_size", 8)),
+        adapt_lr=float(proxy.get("adapt_lr", 0.01)),
+        min_box_size=float(proxy.get("min_box_size", 1.0)),
+        extract_batch_size=int(proxy.get("extract_batch_size", 16)),
+        workers=int(proxy.get("workers", 0)),
+        train_last_stage=_flag(proxy.get("train_last_stage", False), "train_last_stage"),
+    )
+    b = cfg.backbone
+    levels = b.get("levels", None) or ("c3", "c4", "c5")
+    backbone = BackboneSpec(name=str(b.name), weights=str(b.weights) if b.get("weights", None) else "none",
+                            frozen_stages=int(b.frozen_stages), norm=str(b.norm), levels=tuple(levels))
+    return {
+        "settings": settings,
+        "data_cfg": cfg.data,
+        "backbone": backbone,
+        "recipe": Recipe.from_cfg(cfg.recipe),
+        "num_classes": int(cfg.data.num_classes),
+        "cache_dir": cfg.get("cache_dir", None),
+        "device": resolve_device(cfg.get("device", "auto")),
+    }
+
+
+def trial_settings(cfg: Any) -> TrialSettings:
+    """:class:`TrialSettings` from the config (device stays ``auto`` until a trial runs)."""
+    proxy = _proxy(cfg)
+    score_thresh = proxy.get("score_thresh", None)
+    threads = proxy.get("threads", None)
+    return TrialSettings(
+        iters=int(proxy.iters),
+        batch_size=int(proxy.batch_size),
+        lr=float(proxy.lr),
+        momentum=float(proxy.get("momentum", 0.9)),
+        weight_decay=float(proxy.get("weight_decay", 1e-4)),
+        warmup_iters=int(proxy.get("warmup_iters", 0)),
+        clip_grad=float(proxy.get("clip_grad", 0.0)),
+        width=_width(cfg, proxy),
+        amp=str(proxy.get("amp", "auto")),
+        eval_batch_size=int(proxy.get("eval_batch_size", 16)),
+        score_thresh=None if score_thresh is None else float(score_thresh),
+        reward=str(cfg.get("reward", "ap")),
+        timeout_s=float(proxy.get("timeout_s", 600)),
+        report_every=max(1, int(proxy.get("report_every", 10))),
+        fail_prob=float(proxy.get("fail_prob", 0.0)),
+        inject_nan=_inject_nan(proxy.get("inject_nan", None)),
+        device=str(cfg.get("device", "auto") or "auto"),
+        threads=None if threads is None else int(threads),
+        deform_impl=str(proxy.get("deform_impl", "fast")),
+        train_last_stage=_flag(proxy.get("train_last_stage", False), "train_last_stage"),
+    )
+
+
+def proxy_name(cfg: Any) -> str:
+    """``proxy_eval.name``, checked: cached | end_to_end | toy."""
+    name = str(_proxy(cfg).get("name", "cached"))
+    if name not in PROXY_NAMES:
+        raise UserError(f"proxy_eval.name={name}: choose one of {', '.join(PROXY_NAMES)}")
+    return name
+
+
+def split_arguments(cfg: Any) -> dict[str, Any]:
+    """Keyword arguments of :func:`proxy_eval.end_to_end.prepare_data`: the data and its proxy split."""
+    proxy = _proxy(cfg)
+    train_images = proxy.get("train_images", None)
+    return {"data_cfg": cfg.data, "cache_dir": cfg.get("cache_dir", None),
+            "train_images": None if train_images is None else int(train_images),
+            "val_images": int(proxy.val_images), "split_seed": int(proxy.get("split_seed", 0))}
+
+
+def end_to_end_options(cfg: Any) -> dict[str, Any]:
+    """How the end-to-end proxy builds candidates: ``model`` (the keys ``build_detector_from_cfg``
+    reads, as plain values), ``workers`` and ``cost_resolution``."""
+    from omegaconf import OmegaConf
+
+    def plain(node: Any) -> dict[str, Any]:
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+
+    proxy = _proxy(cfg)
+    model = {"backbone": plain(cfg.backbone), "recipe": plain(cfg.recipe), "num_classes": int(cfg.data.num_classes),
+             "width": _width(cfg, proxy)}
+    return {"model": model, "workers": int(proxy.get("workers", 0)),
+            "cost_resolution": int(proxy.get("cost_resolution", 128))}
+
+
+def toy_arguments(cfg: Any) -> dict[str, Any]:
+    """Keyword arguments of :class:`proxy_eval.toy.ToyProxy` (the space config as a plain dict)."""
+    from omegaconf import OmegaConf
+
+    proxy = _proxy(cfg)
+    space_cfg = OmegaConf.to_container(cfg.space, resolve=True) if OmegaConf.is_config(cfg.space) else cfg.space
+    return {"space_cfg": space_cfg, "target_seed": int(proxy.get("target_seed", 0)),
+            "noise": float(proxy.get("noise", 0.0)), "seed": int(proxy.get("seed", 0)),
+            "weight_spread": float(proxy.get("weight_spread", 0.0)), "fail_prob": float(proxy.get("fail_prob", 0.0)),
+            "inject_nan": _inject_nan(proxy.get("inject_nan", None)), "sleep_s": float(proxy.get("sleep_s", 0.0))}
