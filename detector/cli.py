@@ -22,10 +22,12 @@ EXIT_BAD_INPUT = 2
 
 @dataclass(frozen=True)
 class Command:
-    """A sub-command: ``target`` is ``"module:function"`` taking the composed config."""
+    """A sub-command: ``target`` is ``"module:function"`` taking the composed config; ``config`` names
+    the command's own primary config under ``conf/`` (None: the app's)."""
 
     target: str
     help: str
+    config: str | None = None
 
     def load(self) -> Callable:
         module, func = self.target.split(":")
@@ -202,6 +204,7 @@ def dispatch(app: str, config_name: str, commands: dict[str, Command], argv: Seq
     name, overrides = argv[0], argv[1:]
     if name not in commands:
         fail(f"unknown command '{name}'; choose one of: {', '.join(commands)}")
+    config_name = commands[name].config or config_name
     multirun = any(o in ("-m", "--multirun") for o in overrides)
     overrides = [o for o in overrides if o not in ("-m", "--multirun")]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

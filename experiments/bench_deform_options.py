@@ -30,7 +30,7 @@ from detector.commands.bench import bench  # noqa: E402
 
 def bench_config(arch: str, device: str, quick: bool, iters: int) -> dict:
     """A plain-dict config as `python -m detector bench` composes it, trimmed to the training row."""
-    settings = yaml.safe_load((ROOT / "conf" / "train.yaml").read_text())["bench"]
+    settings = yaml.safe_load((ROOT / "conf" / "bench.yaml").read_text())["bench"]
     settings.update(quick=quick, iters=iters, infer_batches=[8], infer_iters=4, deform_impl=["fast"],
                     torchvision="none", self_check=False, ablate=False)
     recipe = yaml.safe_load((ROOT / "conf" / "recipe" / "nasfcos.yaml").read_text())

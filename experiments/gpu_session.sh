@@ -82,7 +82,7 @@ from detector.commands.bench import bench
 device, arch, recipe, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 cfg = {"arch": arch, "device": device, "format": "json", "seed": 0,
        "recipe": yaml.safe_load(open(f"conf/recipe/{recipe}.yaml")),
-       "bench": yaml.safe_load(open("conf/train.yaml"))["bench"]}
+       "bench": yaml.safe_load(open("conf/bench.yaml"))["bench"]}
 for item in overrides:
     key, value = item.split("=", 1)
     cfg["bench"][key.removeprefix("bench.")] = yaml.safe_load(value)

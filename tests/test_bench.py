@@ -22,7 +22,7 @@ from experiment_scripts import load_experiment
 
 @pytest.fixture(scope="module")
 def bench_json():
-    cfg = compose("train", ["arch=fcos", "device=cpu", "bench.quick=true", "format=json"])
+    cfg = compose("bench", ["arch=fcos", "device=cpu", "bench.quick=true", "format=json"])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         returned = bench_command(cfg)
@@ -133,3 +133,18 @@ def test_loader_bench_writes_coco_sized_jpegs_and_measures_the_train_stream(tmp_
 
     stream = build_train_stream(dataset, 4, 0, 0, 1, 0, workers=0)
     assert bench_loader.measure(stream, warmup=1, batches=2) > 0
+
+
+def test_bench_defaults_come_from_its_own_yaml_and_unknown_keys_are_refused_with_the_list():
+    from detector.cli import compose
+    from detector.commands.bench import bench_defaults
+
+    defaults = bench_defaults()
+    settings, options = settings_from_cfg({"device": "cpu", "bench": {}})
+    assert settings.batch == defaults["batch"] and settings.iters == defaults["iters"]
+    assert settings.width == defaults["width"] and settings.backbone == defaults["backbone"]
+    assert options["deform_impls"] == tuple(defaults["deform_impl"])
+    assert "bench" not in compose("train", [])  # the training config carries no bench keys
+    assert dict(compose("bench", []).bench) == defaults
+    with pytest.raises(BenchError, match=r"bench\.itres: not a bench setting; the settings are quick, batch"):
+        settings_from_cfg({"device": "cpu", "bench": {"itres": 3}})

@@ -303,7 +303,7 @@ def test_quick_bench_measures_eager_and_graphed_rows_in_one_process(capsys):
     from detector.commands.bench import bench_command
     from detector.cli import compose
 
-    cfg = compose("train", ["arch=fcos", "device=cpu", "bench.quick=true", "format=json", "bench.cuda_graph=both",
+    cfg = compose("bench", ["arch=fcos", "device=cpu", "bench.quick=true", "format=json", "bench.cuda_graph=both",
                             "bench.torchvision=none", "bench.self_check=false", "bench.also_arch=fcos"])
     result = bench_command(cfg)
     names = [row["name"] for row in result["rows"]]

@@ -1,11 +1,11 @@
 """``python -m detector bench arch=<code>``: our detector's throughput beside torchvision's FCOS.
 
 Reads ``arch``, ``device``, ``seed``, ``format`` (text | json), ``recipe`` and the ``bench``
-section of ``conf/train.yaml`` (documented there); :mod:`detector.bench.throughput` does the measuring.
-The model is built as it is retrained (``bench.backbone``, default ResNet-50, frozen BN, stem and
-stage 1 frozen, ``bench.width`` 256, ``bench.num_classes`` 80) with random weights -- the
-``backbone`` / ``model`` / ``data`` groups of the training config are not used, so the default
-synthetic experiment does not shrink the benchmark.
+section of the command's own config, ``conf/bench.yaml`` (documented there; the one source of every
+bench default: a section given here is laid over it, and a key it lacks is refused with the valid
+list); :mod:`detector.bench.throughput` does the measuring. The model is built as it is retrained
+(``bench.backbone``, default ResNet-50, frozen BN, stem and stage 1 frozen, ``bench.width`` 256,
+``bench.num_classes`` 80) with random weights.
 
 ``bench.quick=true`` swaps in tiny sizes and counts (ResNet-18, batch 2, 64-px images): a smoke run
 that finishes in seconds on a CPU; its numbers mean nothing.
@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from detector.cli import CONF_DIR
 from detector.engine.distributed import select_device
 from detector.fast.switch import parse_paths
 from detector.model.recipe import Recipe
@@ -35,11 +36,26 @@ QUICK = dict(batch=2, infer_batches=(1, 2), short_side=64, max_size=96, backbone
              infer_warmup=1, infer_iters=2, num_batches=2, boxes_per_image=3)
 
 
-def _get(section: Any, key: str, default: Any) -> Any:
-    if section is None:
-        return default
-    value = section.get(key, default) if isinstance(section, Mapping) or hasattr(section, "get") else default
-    return default if value is None else value
+BENCH_CONFIG = CONF_DIR / "bench.yaml"
+
+
+def bench_defaults() -> dict[str, Any]:
+    """The ``bench`` section of ``conf/bench.yaml``, read with PyYAML (scripts without Hydra use it too)."""
+    import yaml
+
+    return dict(yaml.safe_load(BENCH_CONFIG.read_text(encoding="utf-8"))["bench"])
+
+
+def bench_section(cfg: Any) -> dict[str, Any]:
+    """``cfg.bench`` laid over :func:`bench_defaults`; a key the YAML does not have is a BenchError."""
+    given = cfg.get("bench", None) or {}
+    if not isinstance(given, Mapping) and not hasattr(given, "items"):
+        raise BenchError("bench: expected a section of settings (see conf/bench.yaml)")
+    defaults = bench_defaults()
+    unknown = sorted(str(k) for k in given if k not in defaults)
+    if unknown:
+        raise BenchError(f"bench.{unknown[0]}: not a bench setting; the settings are {', '.join(defaults)}")
+    return {**defaults, **{str(k): v for k, v in given.items()}}
 
 
 def _as_tuple(value: Any) -> tuple:
@@ -64,42 +80,42 @@ def _switch(value: Any, key: str, on_gpu: bool) -> bool:
 
 def settings_from_cfg(cfg: Any) -> tuple[BenchSettings, dict[str, Any]]:
     """(BenchSettings, variant options) from the composed config; BenchError for bad values."""
-    bench = cfg.get("bench", None)
+    bench = bench_section(cfg)
     device = select_device(str(cfg.get("device", "auto")))
     on_gpu = device.type == "cuda"
-    precision = str(_get(bench, "precision", "auto"))
+    precision = str(bench["precision"])
     if precision == "auto":
         precision = "bf16" if on_gpu else "fp32"
     try:
         settings = BenchSettings(
-            device=str(device), batch=int(_get(bench, "batch", 16)),
-            infer_batches=tuple(int(b) for b in _get(bench, "infer_batches", (1, 8))),
-            short_side=int(_get(bench, "short_side", 800)), max_size=int(_get(bench, "max_size", 1333)),
-            boxes_per_image=int(_get(bench, "boxes_per_image", 7)),
-            num_classes=int(_get(bench, "num_classes", 80)), width=int(_get(bench, "width", 256)),
-            backbone=str(_get(bench, "backbone", "resnet50")), precision=precision,
-            channels_last=_switch(_get(bench, "channels_last", "auto"), "channels_last", on_gpu),
-            cudnn_benchmark=bool(_get(bench, "cudnn_benchmark", True)),
-            warmup=int(_get(bench, "warmup", 5)), iters=int(_get(bench, "iters", 20)),
-            infer_warmup=int(_get(bench, "infer_warmup", 8)), infer_iters=int(_get(bench, "infer_iters", 24)),
-            num_batches=int(_get(bench, "num_batches", 4)), lr=float(_get(bench, "lr", 1e-3)),
-            seed=int(cfg.get("seed", 0) or 0), self_check=bool(_get(bench, "self_check", True)),
-            time_limit=float(_get(bench, "time_limit", 0.0)),
+            device=str(device), batch=int(bench["batch"]),
+            infer_batches=tuple(int(b) for b in bench["infer_batches"]),
+            short_side=int(bench["short_side"]), max_size=int(bench["max_size"]),
+            boxes_per_image=int(bench["boxes_per_image"]),
+            num_classes=int(bench["num_classes"]), width=int(bench["width"]),
+            backbone=str(bench["backbone"]), precision=precision,
+            channels_last=_switch(bench["channels_last"], "channels_last", on_gpu),
+            cudnn_benchmark=bool(bench["cudnn_benchmark"]),
+            warmup=int(bench["warmup"]), iters=int(bench["iters"]),
+            infer_warmup=int(bench["infer_warmup"]), infer_iters=int(bench["infer_iters"]),
+            num_batches=int(bench["num_batches"]), lr=float(bench["lr"]),
+            seed=int(cfg.get("seed", 0) or 0), self_check=bool(bench["self_check"]),
+            time_limit=float(bench["time_limit"]),
         )
     except (TypeError, ValueError) as err:
         if isinstance(err, BenchError):
             raise
-        raise BenchError(f"bench: a setting has a bad value ({err}); see the bench section of conf/train.yaml") from None
-    if bool(_get(bench, "quick", False)):
+        raise BenchError(f"bench: a setting has a bad value ({err}); see conf/bench.yaml") from None
+    if bool(bench["quick"]):
         settings = replace(settings, **QUICK)
     options = {
-        "fast_paths": parse_paths(_get(bench, "fast_paths", "all")),
-        "deform_impls": _as_tuple(_get(bench, "deform_impl", ("fast", "torchvision"))) or ("torchvision",),
-        "compile_": _as_tuple(_get(bench, "compile", ())),
-        "torchvision_layouts": _as_tuple(_get(bench, "torchvision", ("frozen_bn",))),
-        "ablate": bool(_get(bench, "ablate", False)),
-        "cuda_graph": _get(bench, "cuda_graph", False),
-        "also_arch": _optional_name(_get(bench, "also_arch", None)),
+        "fast_paths": parse_paths(bench["fast_paths"]),
+        "deform_impls": _as_tuple(bench["deform_impl"]) or ("torchvision",),
+        "compile_": _as_tuple(bench["compile"]),
+        "torchvision_layouts": _as_tuple(bench["torchvision"]),
+        "ablate": bool(bench["ablate"]),
+        "cuda_graph": bench["cuda_graph"],
+        "also_arch": _optional_name(bench["also_arch"]),
     }
     parse_graph_modes(options["cuda_graph"])  # BenchError now, before anything is built
     return settings, options
