@@ -14,6 +14,7 @@ the process that runs the trial), ``cfg.model.width`` (when ``proxy_eval.width``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from detector.errors import UserError
@@ -116,13 +117,46 @@ class BackboneSpec:
 
 
 PROXY_NAMES = ("cached", "end_to_end", "toy")
+PROXY_CONF = Path(__file__).resolve().parents[1] / "conf" / "proxy_eval"
 
 
-def _proxy(cfg: Any) -> Any:
+def proxy_keys(name: str) -> tuple[str, ...]:
+    """The settings a ``proxy_eval`` section of kind ``name`` has: the keys of
+    ``conf/proxy_eval/<name>.yaml``, the one source of their defaults (read with PyYAML)."""
+    import yaml
+
+    return tuple(yaml.safe_load((PROXY_CONF / f"{name}.yaml").read_text(encoding="utf-8")))
+
+
+class ProxySection:
+    """``cfg.proxy_eval`` checked against :func:`proxy_keys`: ``section[key]`` for a key the YAML of
+    its kind defines; an unknown or missing key is a UserError naming the valid ones."""
+
+    def __init__(self, node: Any) -> None:
+        items = dict(node.items())
+        self.name = str(items.get("name", None))
+        if self.name not in PROXY_NAMES:
+            raise UserError(f"proxy_eval.name={self.name}: choose one of {', '.join(PROXY_NAMES)}")
+        allowed = proxy_keys(self.name)
+        unknown = sorted(str(k) for k in items if k not in allowed)
+        if unknown:
+            raise UserError(f"proxy_eval.{unknown[0]}: not a setting of the '{self.name}' proxy; its settings are "
+                            f"{', '.join(allowed)}")
+        missing = [k for k in allowed if k not in items]
+        if missing:
+            raise UserError(f"proxy_eval.{missing[0]} is missing; a '{self.name}' proxy needs every key of "
+                            f"conf/proxy_eval/{self.name}.yaml ({', '.join(allowed)})")
+        self._items = items
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+
+def _proxy(cfg: Any) -> ProxySection:
     node = cfg.get("proxy_eval", None)
     if node is None:
         raise UserError("proxy_eval: missing; choose proxy_eval=cached, end_to_end or toy")
-    return node
+    return ProxySection(node)
 
 
 def _inject_nan(value: Any) -> int | None:
@@ -142,6 +176,10 @@ def _flag(value: Any, key: str) -> bool:
     raise UserError(f"proxy_eval.{key}={value!r}: use true or false")
 
 
+def _optional(value: Any, kind: type) -> Any:
+    return None if value is None else kind(value)
+
+
 def resolve_device(value: Any) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cpu``/``cuda[:k]`` pass through."""
     import torch
@@ -156,31 +194,30 @@ def resolve_device(value: Any) -> str:
     return value
 
 
-def _width(cfg: Any, proxy: Any) -> int:
-    width = proxy.get("width", None)
-    if width is None:
-        width = cfg.model.width
-    return int(width)
+def _width(cfg: Any, proxy: ProxySection) -> int:
+    width = proxy["width"]
+    return int(cfg.model.width if width is None else width)
 
 
 def prepare_arguments(cfg: Any) -> dict[str, Any]:
     """Keyword arguments of :func:`proxy_eval.prepare.prepare_features` from the config."""
     proxy = _proxy(cfg)
-    train_images = proxy.get("train_images", None)
+    if proxy.name != "cached":
+        raise UserError(f"proxy_eval={proxy.name} has no feature cache to prepare; use proxy_eval=cached")
     settings = PrepareSettings(
-        train_images=None if train_images is None else int(train_images),
-        val_images=int(proxy.val_images),
-        split_seed=int(proxy.get("split_seed", 0)),
-        resolution=int(proxy.resolution),
+        train_images=_optional(proxy["train_images"], int),
+        val_images=int(proxy["val_images"]),
+        split_seed=int(proxy["split_seed"]),
+        resolution=int(proxy["resolution"]),
         width=_width(cfg, proxy),
-        adapt_from=str(proxy.adapt_from) if proxy.get("adapt_from", None) else None,
-        adapt_iters=int(proxy.get("adapt_iters", 0)),
-        adapt_batch_size=int(proxy.get("adapt_batch_size", 8)),
-        adapt_lr=float(proxy.get("adapt_lr", 0.01)),
-        min_box_size=float(proxy.get("min_box_size", 1.0)),
-        extract_batch_size=int(proxy.get("extract_batch_size", 16)),
-        workers=int(proxy.get("workers", 0)),
-        train_last_stage=_flag(proxy.get("train_last_stage", False), "train_last_stage"),
+        adapt_from=str(proxy["adapt_from"]) if proxy["adapt_from"] else None,
+        adapt_iters=int(proxy["adapt_iters"]),
+        adapt_batch_size=int(proxy["adapt_batch_size"]),
+        adapt_lr=float(proxy["adapt_lr"]),
+        min_box_size=float(proxy["min_box_size"]),
+        extract_batch_size=int(proxy["extract_batch_size"]),
+        workers=int(proxy["workers"]),
+        train_last_stage=_flag(proxy["train_last_stage"], "train_last_stage"),
     )
     b = cfg.backbone
     levels = b.get("levels", None) or ("c3", "c4", "c5")
@@ -200,47 +237,44 @@ def prepare_arguments(cfg: Any) -> dict[str, Any]:
 def trial_settings(cfg: Any) -> TrialSettings:
     """:class:`TrialSettings` from the config (device stays ``auto`` until a trial runs)."""
     proxy = _proxy(cfg)
-    score_thresh = proxy.get("score_thresh", None)
-    threads = proxy.get("threads", None)
+    if proxy.name == "toy":
+        raise UserError("proxy_eval=toy trains nothing; it has no trial settings")
     return TrialSettings(
-        iters=int(proxy.iters),
-        batch_size=int(proxy.batch_size),
-        lr=float(proxy.lr),
-        momentum=float(proxy.get("momentum", 0.9)),
-        weight_decay=float(proxy.get("weight_decay", 1e-4)),
-        warmup_iters=int(proxy.get("warmup_iters", 0)),
-        clip_grad=float(proxy.get("clip_grad", 0.0)),
+        iters=int(proxy["iters"]),
+        batch_size=int(proxy["batch_size"]),
+        lr=float(proxy["lr"]),
+        momentum=float(proxy["momentum"]),
+        weight_decay=float(proxy["weight_decay"]),
+        warmup_iters=int(proxy["warmup_iters"]),
+        clip_grad=float(proxy["clip_grad"]),
         width=_width(cfg, proxy),
-        amp=str(proxy.get("amp", "auto")),
-        eval_batch_size=int(proxy.get("eval_batch_size", 16)),
-        score_thresh=None if score_thresh is None else float(score_thresh),
+        amp=str(proxy["amp"]),
+        eval_batch_size=int(proxy["eval_batch_size"]),
+        score_thresh=_optional(proxy["score_thresh"], float),
         reward=str(cfg.get("reward", "ap")),
-        timeout_s=float(proxy.get("timeout_s", 600)),
-        report_every=max(1, int(proxy.get("report_every", 10))),
-        fail_prob=float(proxy.get("fail_prob", 0.0)),
-        inject_nan=_inject_nan(proxy.get("inject_nan", None)),
+        timeout_s=float(proxy["timeout_s"]),
+        report_every=max(1, int(proxy["report_every"])),
+        fail_prob=float(proxy["fail_prob"]),
+        inject_nan=_inject_nan(proxy["inject_nan"]),
         device=str(cfg.get("device", "auto") or "auto"),
-        threads=None if threads is None else int(threads),
-        deform_impl=str(proxy.get("deform_impl", "fast")),
-        train_last_stage=_flag(proxy.get("train_last_stage", False), "train_last_stage"),
+        threads=_optional(proxy["threads"], int),
+        deform_impl=str(proxy["deform_impl"]),
+        # the cached proxy's option (the end-to-end proxy trains the whole backbone anyway)
+        train_last_stage=_flag(proxy["train_last_stage"], "train_last_stage") if proxy.name == "cached" else False,
     )
 
 
 def proxy_name(cfg: Any) -> str:
     """``proxy_eval.name``, checked: cached | end_to_end | toy."""
-    name = str(_proxy(cfg).get("name", "cached"))
-    if name not in PROXY_NAMES:
-        raise UserError(f"proxy_eval.name={name}: choose one of {', '.join(PROXY_NAMES)}")
-    return name
+    return _proxy(cfg).name
 
 
 def split_arguments(cfg: Any) -> dict[str, Any]:
     """Keyword arguments of :func:`proxy_eval.end_to_end.prepare_data`: the data and its proxy split."""
     proxy = _proxy(cfg)
-    train_images = proxy.get("train_images", None)
     return {"data_cfg": cfg.data, "cache_dir": cfg.get("cache_dir", None),
-            "train_images": None if train_images is None else int(train_images),
-            "val_images": int(proxy.val_images), "split_seed": int(proxy.get("split_seed", 0))}
+            "train_images": _optional(proxy["train_images"], int),
+            "val_images": int(proxy["val_images"]), "split_seed": int(proxy["split_seed"])}
 
 
 def end_to_end_options(cfg: Any) -> dict[str, Any]:
@@ -254,8 +288,7 @@ def end_to_end_options(cfg: Any) -> dict[str, Any]:
     proxy = _proxy(cfg)
     model = {"backbone": plain(cfg.backbone), "recipe": plain(cfg.recipe), "num_classes": int(cfg.data.num_classes),
              "width": _width(cfg, proxy)}
-    return {"model": model, "workers": int(proxy.get("workers", 0)),
-            "cost_resolution": int(proxy.get("cost_resolution", 128))}
+    return {"model": model, "workers": int(proxy["workers"]), "cost_resolution": int(proxy["cost_resolution"])}
 
 
 def toy_arguments(cfg: Any) -> dict[str, Any]:
@@ -264,7 +297,7 @@ def toy_arguments(cfg: Any) -> dict[str, Any]:
 
     proxy = _proxy(cfg)
     space_cfg = OmegaConf.to_container(cfg.space, resolve=True) if OmegaConf.is_config(cfg.space) else cfg.space
-    return {"space_cfg": space_cfg, "target_seed": int(proxy.get("target_seed", 0)),
-            "noise": float(proxy.get("noise", 0.0)), "seed": int(proxy.get("seed", 0)),
-            "weight_spread": float(proxy.get("weight_spread", 0.0)), "fail_prob": float(proxy.get("fail_prob", 0.0)),
-            "inject_nan": _inject_nan(proxy.get("inject_nan", None)), "sleep_s": float(proxy.get("sleep_s", 0.0))}
+    return {"space_cfg": space_cfg, "target_seed": int(proxy["target_seed"]), "noise": float(proxy["noise"]),
+            "seed": int(proxy["seed"]), "weight_spread": float(proxy["weight_spread"]),
+            "fail_prob": float(proxy["fail_prob"]), "inject_nan": _inject_nan(proxy["inject_nan"]),
+            "sleep_s": float(proxy["sleep_s"])}

@@ -128,9 +128,9 @@ def _prepare(cfg: Any) -> Any:
     """Built once here, before any trial: the feature cache (``proxy_eval=cached``), the data and
     proxy splits (``end_to_end``), or None (``toy``)."""
     from proxy_eval.build import prepare_proxy
-    from proxy_eval.settings import resolve_device
+    from proxy_eval.settings import proxy_name, resolve_device
 
-    if str(cfg.proxy_eval.get("name", "cached")) == "cached" and resolve_device(cfg.get("device", "auto")) != "cpu":
+    if proxy_name(cfg) == "cached" and resolve_device(cfg.get("device", "auto")) != "cpu":
         log.warning(CACHED_ON_GPU)
     start = time.perf_counter()
     prepared = prepare_proxy(cfg)
