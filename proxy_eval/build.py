@@ -69,5 +69,4 @@ def build_evaluator(cfg: Any, cache: FeatureCache | str | os.PathLike | None = N
 
     if cache is None:
         cache = prepare_proxy(cfg)
-    path = cache.path if isinstance(cache, FeatureCache) else cache
-    return CachedEvaluator(path, trial_settings(cfg), Recipe.from_cfg(cfg.recipe))
+    return CachedEvaluator(cache, trial_settings(cfg), Recipe.from_cfg(cfg.recipe))  # in-process: the same handle

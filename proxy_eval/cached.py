@@ -84,9 +84,10 @@ def proxy_val_coco(val: SplitFeatures, num_classes: int):
 _LOADED: dict[tuple[str, int, int], ProxyFeatures] = {}  # one per process: (path, size, mtime) -> features
 
 
-def load_features(cache_path: str | os.PathLike) -> ProxyFeatures:
+def load_features(cache: FeatureCache | str | os.PathLike) -> ProxyFeatures:
     """The features of a cache folder, verified and read once per process (and file version)."""
-    cache = FeatureCache(Path(cache_path).parent, Path(cache_path).name)
+    if not isinstance(cache, FeatureCache):
+        cache = FeatureCache(Path(cache).parent, Path(cache).name)
     stat = cache.tensor_file.stat()
     key = (str(cache.tensor_file), stat.st_size, stat.st_mtime_ns)
     if key not in _LOADED:
@@ -112,8 +113,9 @@ def score_detections(detections: list[list[dict[str, Tensor]]], val: SplitFeatur
 class CachedEvaluator:
     """Trains and scores candidate decoders on a feature cache (see the module docstring)."""
 
-    def __init__(self, cache_path: str | os.PathLike, settings: TrialSettings, recipe: Recipe) -> None:
-        self.cache_path = str(cache_path)
+    def __init__(self, cache: FeatureCache | str | os.PathLike, settings: TrialSettings, recipe: Recipe) -> None:
+        self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(Path(cache).parent, Path(cache).name)
+        self.cache_path = str(self.cache.path)
         self.settings = settings
         self.recipe = recipe if settings.score_thresh is None else replace(recipe, score_thresh=settings.score_thresh)
         self._state: dict[str, Any] | None = None
@@ -123,7 +125,7 @@ class CachedEvaluator:
 
     def _loaded(self) -> dict[str, Any]:
         if self._state is None:
-            data = load_features(self.cache_path)
+            data = load_features(self.cache)
             device = torch.device(resolve_device(self.settings.device))
             self._state = {
                 "data": data,

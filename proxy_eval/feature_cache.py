@@ -153,11 +153,33 @@ class ProxyFeatures:
 
 
 class FeatureCache:
-    """Handle of one feature cache: ``<root>/<key>/``. Cheap, picklable; loads nothing by itself."""
+    """Handle of one feature cache: ``<root>/<key>/``. Cheap, picklable; loads nothing by itself.
+
+    Once this handle has checked the tensor file against its checksum (or written it), later loads
+    in the same process skip the second hash while the file's size, mtime and inode are unchanged
+    (:attr:`verified`). That record does not travel with the handle to another process: a Ray
+    worker, perhaps on another node, verifies its own copy.
+    """
 
     def __init__(self, root: str | os.PathLike, key: str) -> None:
         self.root = Path(root)
         self.key = key
+        self._verified_stat: tuple[int, int, int] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_verified_stat": None}
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            stat = self.tensor_file.stat()
+        except OSError:
+            return None
+        return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+    @property
+    def verified(self) -> bool:
+        """Whether this handle checked (or wrote) the tensor file as it is now."""
+        return self._verified_stat is not None and self._verified_stat == self._stat()
 
     def __repr__(self) -> str:
         return f"FeatureCache({str(self.path)!r})"
@@ -184,10 +206,12 @@ class FeatureCache:
         if actual != expected:
             raise CorruptCacheError(f"{self.tensor_file}: sha256 {actual[:12]}... does not match the "
                                     f"stored {expected[:12]}...")
+        self._verified_stat = self._stat()
 
     def load(self, verify: bool = True, mmap: bool = False) -> ProxyFeatures:
-        """Read the cache (checksum first unless ``verify=False``); CorruptCacheError when unusable."""
-        if verify:
+        """Read the cache (checksum first unless ``verify=False`` or already ``verified``);
+        CorruptCacheError when unusable."""
+        if verify and not self.verified:
             self.verify()
         try:
             payload = torch.load(self.tensor_file, map_location="cpu", weights_only=True, mmap=mmap)
@@ -225,6 +249,7 @@ class FeatureCache:
                 self._move_aside()
             try:
                 os.replace(tmp, self.path)
+                self._verified_stat = self._stat()  # hashed as it was written, by this process
             except OSError:
                 if not self.exists():  # not a lost race with another writer
                     raise

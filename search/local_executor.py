@@ -19,20 +19,23 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable
 
+from detector.arch.grammar import Arch
 from proxy_eval.result import TrialResult
 from search.loop import StageRun, StageSequence, TrialRequest, parse_code
 
 log = logging.getLogger(__name__)
 
 
-def run_trial(evaluator: Any, code: str, seed: int, retries: int) -> tuple[TrialResult, int]:
-    """Evaluate ``code``; a result with status ``error`` is retried up to ``retries`` times.
+def run_trial(evaluator: Any, code: str | Arch, seed: int, retries: int) -> tuple[TrialResult, int]:
+    """Evaluate ``code`` (its text, or the Arch value in-process); a result with status ``error`` is
+    retried up to ``retries`` times.
 
     Returns the last result and the number of attempts. ``diverged``, ``oom`` and ``timeout``
     are properties of the candidate and are not retried. An exception escaping the evaluator
     (its contract says it never raises) becomes an ``error`` result.
     """
-    arch = parse_code(code)
+    arch = code if isinstance(code, Arch) else parse_code(code)
+    code = str(arch)
     attempts = 0
     while True:
         attempts += 1
@@ -64,7 +67,7 @@ class LocalExecutor:
         return evaluator
 
     def _run(self, request: TrialRequest) -> tuple[TrialResult, int]:
-        return run_trial(self._evaluator(), request.code, self.seed, self.retries)
+        return run_trial(self._evaluator(), request.arch or request.code, self.seed, self.retries)
 
     def run(self, stages: StageSequence) -> None:
         if self.workers == 1:

@@ -59,13 +59,15 @@ REUSE_LIMIT_FACTOR = 10
 
 @dataclass(frozen=True)
 class TrialRequest:
-    """One candidate to evaluate. ``key`` (``"<stage_index>:<proposal id>"``) is unique in a run."""
+    """One candidate to evaluate. ``key`` (``"<stage_index>:<proposal id>"``) is unique in a run.
+    ``arch`` is the code as a value for in-process executors; ``code`` its text (Ray, disk)."""
 
     key: str
     code: str
     stage: str
     stage_index: int
     proposal_id: int
+    arch: Arch | None = None
 
 
 class Executor(Protocol):
@@ -294,7 +296,7 @@ class StageRun:
                 self.waiting.setdefault(code, []).append(proposal)
                 continue
             request = TrialRequest(key=f"{self.index}:{proposal.id}", code=code, stage=self.name,
-                                   stage_index=self.index, proposal_id=proposal.id)
+                                   stage_index=self.index, proposal_id=proposal.id, arch=proposal.arch)
             self.in_flight[request.key] = proposal
             self.record.in_flight[code] = request
             self.record.write_state()

@@ -92,3 +92,23 @@ def test_cache_key_is_stable_and_sensitive_to_every_value():
     assert cache_key(material) == cache_key(reordered)
     assert cache_key({**material, "resolution": 192}) != cache_key(material)
     assert cache_key({**material, "splits": {"train": [1, 4], "val": [3]}}) != cache_key(material)
+
+
+def test_a_verified_handle_skips_the_second_hash_but_travels_unverified(tmp_path, monkeypatch):
+    """In-process loads reuse the check; a pickled handle (a Ray worker) verifies its own copy."""
+    import pickle
+
+    from proxy_eval import feature_cache
+
+    cache = FeatureCache(tmp_path, "k")
+    cache.write(_features(), {"note": "test"})
+    assert cache.verified
+    hashed = []
+    real_sha256 = feature_cache.file_sha256
+    monkeypatch.setattr(feature_cache, "file_sha256", lambda path: hashed.append(path) or real_sha256(path))
+    cache.load()
+    assert hashed == []
+    copy = pickle.loads(pickle.dumps(cache))
+    assert not copy.verified
+    copy.load()
+    assert len(hashed) == 1 and copy.verified

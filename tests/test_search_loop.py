@@ -133,9 +133,15 @@ def test_the_lock_refuses_a_second_search_on_a_run_dir_in_use(tmp_path):
     run_search(compose("search", [f"resume={run_dir}"]))  # released: resuming works again
 
 
-def test_tiny_real_search_on_cached_features(tmp_path):
-    """proxy_eval=cached end to end: synthetic data, prepare, real decoder trials, report."""
+def test_tiny_real_search_on_cached_features(tmp_path, monkeypatch):
+    """proxy_eval=cached end to end: synthetic data, prepare, real decoder trials, report; in-process
+    trials use the feature cache handle that prepare returned, so the tensor file is hashed once."""
+    from proxy_eval import feature_cache
     from search.run import run_command
+
+    hashed = []
+    real_sha256 = feature_cache.file_sha256
+    monkeypatch.setattr(feature_cache, "file_sha256", lambda path: hashed.append(path) or real_sha256(path))
 
     run_dir = tmp_path / "run"
     cfg = compose("search", [
@@ -153,3 +159,4 @@ def test_tiny_real_search_on_cached_features(tmp_path):
     ok = [r for r in rows if r["status"] == "ok"]
     assert ok and all(r["params"] > 0 and r["gflops"] > 0 and r["seconds"] > 0 for r in ok)
     assert (run_dir / "report.md").is_file()
+    assert len(hashed) == 1  # written and hashed by prepare; the trials did not hash it again
