@@ -27,7 +27,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
-from detector import fast_deform  # noqa: E402
+from detector.fast import deform as fast_deform  # noqa: E402
+from detector.fast import deform_sampler  # noqa: E402
 
 KERNEL = 3
 
@@ -129,7 +130,7 @@ def columns_impl(backend: str, budget: int = fast_deform.COLUMN_BUDGET_BYTES) ->
 
 def benchmark_table(args: argparse.Namespace, shape: Shape, device: torch.device, started: float) -> None:
     cuda = device.type == "cuda"
-    fast_backend = "triton" if cuda and fast_deform.triton_sampler() is not None else "torch"
+    fast_backend = "triton" if cuda and deform_sampler.triton_sampler() is not None else "torch"
     rows: list[tuple[str, torch.dtype, Callable]] = [
         ("torchvision", torch.float32, lambda layer: dcn_step(torchvision.ops.deform_conv2d, layer, shape.offset_groups)),
     ]
@@ -302,7 +303,7 @@ def breakdown(shape: Shape, device: torch.device, args: argparse.Namespace) -> N
     with torch.no_grad():
         offset_mask = F.conv2d(x, layer["offset_weight"], layer["offset_bias"], padding=1).float()
     offset, mask = offset_mask[:, :split].contiguous(), offset_mask[:, split:].sigmoid().contiguous()
-    geo = fast_deform.describe_deform_conv(x, offset, layer["weight"], None, mask, 1, 1, 1)
+    geo = deform_sampler.describe_deform_conv(x, offset, layer["weight"], None, mask, 1, 1, 1)
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     weight_cols = fast_deform._weight_columns(layer["weight"].detach(), geo)  # (1, Cout, K*C)
     columns = fdt.sample_columns(x_nhwc, offset, mask, geo)
@@ -345,7 +346,7 @@ def sweep(shape: Shape, device: torch.device, args: argparse.Namespace) -> None:
     with torch.no_grad():
         offset_mask = F.conv2d(x, layer["offset_weight"], layer["offset_bias"], padding=1).float()
     offset, mask = offset_mask[:, :split].contiguous(), offset_mask[:, split:].sigmoid().contiguous()
-    geo = fast_deform.describe_deform_conv(x, offset, layer["weight"], None, mask, 1, 1, 1)
+    geo = deform_sampler.describe_deform_conv(x, offset, layer["weight"], None, mask, 1, 1, 1)
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     columns = fdt.sample_columns(x_nhwc, offset, mask, geo)
     grad_offset, grad_mask = torch.empty_like(offset), torch.empty_like(mask)
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     shape = Shape(args.batch, args.channels, args.height, args.width, args.offset_groups)
     ok = correctness_check(device) if args.check else True
-    if device.type == "cuda" and fast_deform.triton_sampler() is not None:
+    if device.type == "cuda" and deform_sampler.triton_sampler() is not None:
         if args.sweep:
             sweep(shape, device, args)
         if args.breakdown:

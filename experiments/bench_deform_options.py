@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 from bench_dcn import VARIANTS  # noqa: E402
-from detector import fast_deform  # noqa: E402
+from detector.fast import deform as fast_deform  # noqa: E402
 from detector.commands.bench import bench  # noqa: E402
 
 

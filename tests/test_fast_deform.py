@@ -13,6 +13,7 @@ import torch
 import torchvision
 
 from detector.fast import deform as fast_deform
+from detector.fast import deform_sampler
 from detector.fast.deform import DeformOptions, deform_conv2d_columns, deform_conv2d_fast, select_deform_conv2d
 
 
@@ -145,7 +146,7 @@ def test_packed_offsets_and_mask_logits_equal_the_split_form():
 def counting_sampler(monkeypatch) -> list[str]:
     """Replace the torch sampler with one that records each sampling call ("sample" / "backward")."""
     calls: list[str] = []
-    base = fast_deform.TORCH_SAMPLER
+    base = deform_sampler.TORCH_SAMPLER
 
     def sample(*args, **kwargs):
         calls.append("sample")
@@ -155,8 +156,8 @@ def counting_sampler(monkeypatch) -> list[str]:
         calls.append("backward")
         return base.backward(*args, **kwargs)
 
-    monkeypatch.setattr(fast_deform, "TORCH_SAMPLER", fast_deform.Sampler("counting", sample, backward,
-                                                                          base.column_dtype_bytes))
+    monkeypatch.setattr(deform_sampler, "TORCH_SAMPLER", deform_sampler.Sampler("counting", sample, backward,
+                                                                                base.column_dtype_bytes))
     return calls
 
 
