@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from detector.engine.step import optimizer_step
 from detector.model.loss import compute_losses
 from detector.model.points import points_for
 from detector.model.postprocess import postprocess
@@ -118,11 +119,7 @@ def train_decoder(fpn: nn.Module, head: nn.Module, train: PlacedSplit, settings:
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise TrialDiverged(f"training loss became {loss_value} at iteration {iteration}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if s.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(params, s.clip_grad)
-        optimizer.step()
+        optimizer_step(loss, optimizer, params, s.clip_grad)
         if report is not None and ((iteration + 1) % s.report_every == 0 or iteration + 1 == s.iters):
             report({"iteration": iteration + 1, "loss": loss_value})
         if time.perf_counter() > deadline:

@@ -45,6 +45,7 @@ from detector.data.transforms import collate
 from detector.errors import UserError
 from detector.engine.evaluate import evaluate as coco_evaluate
 from detector.engine.optim import Schedule, build_optimizer, build_scheduler
+from detector.engine.step import forward_losses, optimizer_step
 from detector.model.recipe import Recipe
 from detector.data.stream import batch_to_device, build_train_stream
 from detector.arch.zoo import resolve_arch
@@ -130,15 +131,10 @@ def train_detector(model: nn.Module, stream: Any, settings: TrialSettings, devic
     loss_value = math.nan
     for iteration in range(s.iters):
         images, targets = batch_to_device(*next(stream), device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = sum(model(images, targets).values())
+        loss = sum(forward_losses(model, images, targets, device, amp_dtype).values())
         if s.inject_nan is not None and iteration == s.inject_nan:
             loss = loss * math.nan
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if s.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(params, s.clip_grad)
-        optimizer.step()
+        optimizer_step(loss, optimizer, params, s.clip_grad)
         scheduler.step()
         done = iteration + 1
         if done % s.report_every == 0 or done == s.iters or (s.inject_nan is not None and iteration == s.inject_nan):

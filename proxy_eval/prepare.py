@@ -47,6 +47,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from detector.cache_dir import resolve_cache_dir
+from detector.engine.step import optimizer_step
 from detector.model.recipe import Recipe
 from detector.arch.zoo import zoo_arch
 from proxy_eval.feature_cache import (
@@ -182,10 +183,7 @@ def adapt(detector: Any, images: ProxyImages, settings: PrepareSettings, num_cla
         if not torch.isfinite(loss):
             raise PrepareError(f"adaptation diverged at iteration {iteration} (loss {loss.item()}); lower "
                                "proxy_eval.adapt_lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        optimizer.step()
+        optimizer_step(loss, optimizer, params, 10.0)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses

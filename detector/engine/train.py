@@ -55,6 +55,7 @@ from detector.engine.evaluate import eval_loader, evaluate
 from detector.fast.switch import set_fast_paths, training_fast_paths
 from detector.engine.loggers import build_logger
 from detector.engine.optim import Schedule, build_optimizer, build_scheduler
+from detector.engine.step import forward_losses, optimizer_step
 from detector.data.stream import batch_to_device, build_train_stream
 from detector.arch.zoo import resolve_arch
 
@@ -247,16 +248,8 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     for iteration in range(start, total):
         step_start = time.perf_counter()
         images, targets = batch_to_device(*next(stream), ctx.device)
-        with torch.autocast(ctx.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            losses = net(images, targets)
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        scaler.step(optimizer)
-        scaler.update()
+        losses = forward_losses(net, images, targets, ctx.device, amp_dtype)
+        optimizer_step(sum(losses.values()), optimizer, params, clip, scaler)
         lr = optimizer.param_groups[0]["lr"]  # the weights' lr used by this step
         scheduler.step()
         done = iteration + 1
