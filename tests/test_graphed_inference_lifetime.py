@@ -73,3 +73,11 @@ def test_a_graph_keeps_the_frozen_bn_cache_it_reads_when_another_mode_replaces_i
     for a, b in zip(replayed, again):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(model.graphs) == 2 and not model.graphs.failures
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_workspace_probe_refuses_to_run_without_a_gpu(capsys):
+    from experiment_scripts import load_experiment
+
+    assert load_experiment("probe_graph_workspace").main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
