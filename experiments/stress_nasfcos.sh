@@ -20,6 +20,7 @@
 #                     "CUBLAS_WORKSPACE_CONFIG=:0:0 CUBLASLT_WORKSPACE_SIZE=0" (no cuBLAS workspace)
 #   STRESS_OUT        output folder (default $OUT/stress, OUT default /tmp/stress_out)
 #   STRESS_PREVIOUS   a runs.tsv of earlier slices (other device calls) to continue: copied first
+#   STOP_ON_FAIL=1    stop at the first failing run (reproduce "until it fails"; bisection)
 # Outputs: $STRESS_OUT/runs.tsv (one line per run), fail_<run>.err (stderr tail of each failing
 # run), summary.txt ("failures F / runs R ..."). Standalone (carry .whl):
 #   bash experiments/stress_nasfcos.sh        or, in a GPU session: STEPS=stress bash experiments/gpu_session.sh
@@ -114,7 +115,10 @@ while (( $(count_runs) < RUNS )); do
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$rc" "$verdict" "$seconds" "$STRESS_MODE" "$BISECT" \
     "$RUN_ENV" "$progress" "$first_error" >> "$TSV"
   echo "stress run $run: $verdict (rc=$rc, ${seconds}s) ${first_error}" >&2
-  [ "$verdict" = FAIL ] && tail -n 60 "$STRESS_OUT/run.err" > "$STRESS_OUT/fail_$run.err"
+  if [ "$verdict" = FAIL ]; then
+    tail -n 60 "$STRESS_OUT/run.err" > "$STRESS_OUT/fail_$run.err"
+    [ -n "${STOP_ON_FAIL:-}" ] && break
+  fi
 done
 rm -f "$STRESS_OUT/run.out" "$STRESS_OUT/run.err"
 python3 - "$TSV" "$RUNS" > "$STRESS_OUT/summary.txt" <<'PY'
