@@ -344,9 +344,11 @@ def _release(device: torch.device) -> None:
 
 
 def measure_variant(variant: Variant, arch: Arch, recipe: Recipe, settings: BenchSettings, batches: list[Batch],
-                    device: torch.device) -> dict[str, Any]:
-    """Build the variant's model, measure it, release it; the row's numbers (or its error)."""
+                    device: torch.device, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build the variant's model, measure it, release it; the row's numbers (or its error).
+    ``progress`` hears each phase (inference per batch size, training) as it starts."""
     row: dict[str, Any] = {"name": variant.name, "model": variant.model}
+    say = progress or (lambda message: None)
     try:
         if variant.model == "torchvision":
             row["layout"] = variant.torchvision_layout
@@ -361,6 +363,7 @@ def measure_variant(variant: Variant, arch: Arch, recipe: Recipe, settings: Benc
         started = time.perf_counter()
         if variant.infer:
             for size in settings.infer_batches:
+                say(f"{variant.name}: inference, batch {size}")
                 row.update(measure_inference(model, batches, settings, size, device))
         if variant.train:
             if getattr(model, "graphs", None) is not None:  # free the inference graphs' memory pool
@@ -368,6 +371,7 @@ def measure_variant(variant: Variant, arch: Arch, recipe: Recipe, settings: Benc
                 model.graphs = type(model.graphs)()
                 _release(device)
             graphs = install_training_graph(model, pad_to=train_graph_pad_to(settings)) if variant.cuda_graph else None
+            say(f"{variant.name}: training{' (CUDA-graph step)' if graphs is not None else ''}")
             row.update(measure_training(model, batches, settings, device))
             if graphs is not None:
                 row["train_graph"] = {"pad_to": list(graphs.pad_to), "captures": graphs.captures,
@@ -406,13 +410,15 @@ def run_bench(arch: Arch, recipe: Recipe, settings: BenchSettings, variants: lis
             continue
         if progress:
             progress(f"measuring {variant.name}")
-        result["rows"].append(measure_variant(variant, arch, recipe, settings, batches, device))
+        result["rows"].append(measure_variant(variant, arch, recipe, settings, batches, device, progress))
     result["ratios"] = ratios(result["rows"])
     if any(row.get("reference_arch") for row in result["rows"]):
         result["arch_ratios"] = arch_ratios(result["rows"])
     if settings.self_check:
         first_ours = next((v for v in variants if v.model == "ours" and v.fast_paths), None)
         if first_ours is not None:
+            if progress:
+                progress(f"self-check of {first_ours.name}")
             result["self_check"] = run_self_check(first_ours, arch, recipe, settings, batches[0], device)
     result["seconds"] = time.perf_counter() - started
     return result

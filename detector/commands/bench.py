@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -187,9 +188,12 @@ def bench(cfg: Any) -> dict[str, Any]:
     recipe = Recipe.from_cfg(cfg.get("recipe", None))
     settings, options = settings_from_cfg(cfg)
     variants = default_variants(arch, **options)
-    verbose = str(cfg.get("format", "text")) == "text"
-    return run_bench(arch, recipe, settings, variants,
-                     progress=(lambda message: print(message, file=sys.stderr, flush=True)) if verbose else None)
+    started = time.monotonic()
+
+    def progress(message: str) -> None:  # stderr in both formats: a crash's log names the row it was in
+        print(f"[bench {time.monotonic() - started:.0f} s] {message}", file=sys.stderr, flush=True)
+
+    return run_bench(arch, recipe, settings, variants, progress=progress)
 
 
 def bench_command(cfg: Any) -> dict[str, Any]:

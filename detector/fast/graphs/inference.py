@@ -13,6 +13,13 @@ the FrozenBatchNorm scale cache -- would otherwise go stale. Graphs share one me
 replayed one after another on the current stream, which is what makes sharing safe. A shape whose
 capture fails (an op that cannot be captured) runs eagerly from then on; ``failures`` says why.
 
+Each graph keeps alive the tensors it reads that were made outside its capture (recorded during the
+capture by :class:`detector.fast.graphs.training.ExternalTensors`): the FrozenBatchNorm scale/shift
+cache and ``fast_fpn``'s interpolation matrices live in caches that replace or evict entries -- a
+call in another mode (``no_grad`` after ``inference_mode``, another autocast dtype, a training step)
+swaps the cache's tensors -- and a graph replayed after that would read freed memory: stale values,
+or an illegal address once ``empty_cache`` (which every capture calls) has unmapped it.
+
 Under autocast the graphs run with autocast's weight-cast cache off (a cached cast made outside
 the graph would be freed when the autocast region ends): each replay casts the weights itself,
 inside the graph.
@@ -27,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from detector.fast.deform_layer import deform_kernel
+from detector.fast.graphs.training import ExternalTensors
 
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (autotuning, lazy initialisation)
 
@@ -36,6 +44,7 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     static_input: Tensor
     static_output: tuple[list[Tensor], dict[str, list[Tensor]]]
+    keep_alive: list[Tensor]  # tensors made outside the capture that the graph reads (caches, parameters)
 
 
 def _weights_key(model: nn.Module) -> tuple:
@@ -102,7 +111,8 @@ class GraphedInference:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        recorder = ExternalTensors()
         # thread_local: CUDA calls of other threads (a loader's pin-memory thread) do not break the capture
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), recorder:
             static_output = network(static_input)
-        return _Graph(graph, static_input, static_output)
+        return _Graph(graph, static_input, static_output, list(recorder.read.values()))
