@@ -11,10 +11,20 @@ entry) runs it and then writes the report. Phases:
    with a progress bar and, with ``logger=wandb``, one log entry per finished trial, both from
    this driver process only.
 
+Every setting that can be checked without running a trial (numbers, stages, fixed parts,
+executor, device, the data's folders) is checked before the run directory is created; a fresh run
+that still fails before its first trial (bad data found while preparing) removes what it wrote
+(:meth:`RunDir.discard_unstarted`), and a run directory that never began a trial may be reused by
+the corrected command.
+
 Resuming. The run's saved config defines the search. Only the runtime keys
 ``executor``, ``search.workers``, ``search.retries``, ``search.top_k``, ``ray``, ``device`` and
 ``logger`` may change on resume, and only when given with a value other than their default;
-other overrides are ignored with a warning. A finished run resumed does nothing and says so.
+``search.fixed_fpn`` (``fixed_head``) may too while no head (fpn) trial exists, so that the head
+stage's hint ``resume=<run> search.fixed_fpn=<code>`` works; a run that never began a trial takes
+every override. Such settings are written into the run's config.yaml. Other overrides are ignored
+with a warning. A finished run resumed does nothing and says so. A run stopped by bad settings
+after some trials still gets its report for the trials done.
 """
 from __future__ import annotations
 
@@ -53,29 +63,44 @@ def _container(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def resume_config(cfg: Any, saved: Any) -> Any:
-    """The saved config with the runtime keys the user set on the resume command line."""
+def _settable_on_resume(rows: list[dict[str, Any]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(runtime keys, keys of the search's definition) a resume may set, given the history rows."""
+    if not rows:
+        return RUNTIME_KEYS, ("",)  # never began a trial: every key
+    stages = {row.get("stage") for row in rows}
+    fixed = tuple(f"search.fixed_{part}" for part, stage in (("fpn", "head"), ("head", "fpn")) if stage not in stages)
+    return RUNTIME_KEYS, fixed
+
+
+def resume_config(cfg: Any, saved: Any, rows: list[dict[str, Any]] | None = None) -> tuple[Any, bool]:
+    """The saved config with the keys the user set on the resume command line that a resume may
+    change (see the module doc; ``rows``: the run's history, None for a run with trials whose rows
+    are not given), and whether a key of the search's definition changed (the caller saves it)."""
     from omegaconf import OmegaConf
 
     from detector.cli import compose
 
+    runtime, definition = _settable_on_resume(rows) if rows is not None else (RUNTIME_KEYS, ())
     default, current, old = (_flatten(_container(c)) for c in (compose("search", []), cfg, saved))
     merged = OmegaConf.create(_container(saved))
-    changed, ignored = [], []
+    changed, redefined, ignored = [], [], []
     for key, value in current.items():
         if key in ("resume", "run") or value == default.get(key, object()) or value == old.get(key, object()):
             continue
-        if any(key == k or key.startswith(k + ".") for k in RUNTIME_KEYS):
-            OmegaConf.update(merged, key, value, merge=False, force_add=True)
+        if any(key == k or key.startswith(k + ".") for k in runtime):
             changed.append(f"{key}={value}")
+        elif any(k == "" or key == k or key.startswith(k + ".") for k in definition):
+            redefined.append(f"{key}={value}")
         else:
             ignored.append(key)
-    if changed:
-        log.info("resume: using %s from the command line", ", ".join(changed))
+            continue
+        OmegaConf.update(merged, key, value, merge=False, force_add=True)
+    if changed or redefined:
+        log.info("resume: using %s from the command line", ", ".join(changed + redefined))
     if ignored:
         log.warning("resume: ignoring %s: the saved config.yaml of the run defines the search",
                     ", ".join(sorted(ignored)))
-    return merged
+    return merged, bool(redefined)
 
 
 def _open_run(cfg: Any) -> tuple[RunDir, Any, bool]:
@@ -85,8 +110,11 @@ def _open_run(cfg: Any) -> tuple[RunDir, Any, bool]:
     if cfg.get("resume"):
         run_dir = open_run_dir(cfg.resume)
         try:
-            run_cfg = resume_config(cfg, run_dir.read_config())
+            run_cfg, redefined = resume_config(cfg, run_dir.read_config(), History(run_dir.history_path).rows)
             _check(run_cfg)
+            if redefined:
+                OmegaConf.update(run_cfg, "search.run_dir", str(run_dir.path), merge=False)
+                run_dir.write_config(_container(run_cfg))
         except Exception:
             run_dir.unlock()
             raise
@@ -100,10 +128,20 @@ def _open_run(cfg: Any) -> tuple[RunDir, Any, bool]:
 
 
 def _check(cfg: Any) -> None:
+    """Everything that can be checked before a run directory is created (see the module doc)."""
+    from detector.data.coco import check_data_paths
+    from proxy_eval.build import PROXY_NAMES, resolve_device
+
     check_search_settings(cfg)
     name = cfg.executor.get("name") if cfg.get("executor") else None
     if name not in EXECUTORS:
         raise UserError(f"executor={name}: choose one of {', '.join(EXECUTORS)}")
+    resolve_device(cfg.get("device", "auto"))
+    proxy = str(cfg.proxy_eval.get("name", "cached")) if cfg.get("proxy_eval") else "cached"
+    if proxy not in PROXY_NAMES:
+        raise UserError(f"proxy_eval.name={proxy}: choose one of {', '.join(PROXY_NAMES)}")
+    if proxy != "toy":
+        check_data_paths(cfg.data, ("train",))
 
 
 # ---------------------------------------------------------------------- executors
@@ -194,8 +232,20 @@ class LoggerObserver:
 
 # ---------------------------------------------------------------------- entry points
 def run_search(cfg: Any) -> Path:
-    """Run (or resume) a search; returns its run directory. Bad settings raise UserError."""
+    """Run (or resume) a search; returns its run directory. Bad settings raise UserError; one
+    raised after some trials carries ``run_dir`` (the report of those trials can be written)."""
     run_dir, run_cfg, resumed = _open_run(cfg)
+    try:
+        return _run_stages(run_dir, run_cfg, resumed)
+    except UserError as err:
+        if run_dir.started():
+            err.run_dir = run_dir.path
+        elif not resumed:
+            run_dir.discard_unstarted()
+        raise
+
+
+def _run_stages(run_dir: RunDir, run_cfg: Any, resumed: bool) -> Path:
     logger = None
     progress = None
     executor = None
@@ -258,5 +308,10 @@ def run_command(cfg: Any) -> None:
     """``python -m search run``: the search, then its report (report.md, plots, retrain command)."""
     from search.report import write_report
 
-    run_path = run_search(cfg)
+    try:
+        run_path = run_search(cfg)
+    except UserError as err:
+        if getattr(err, "run_dir", None) is not None:  # stopped by bad settings after some trials
+            write_report(err.run_dir, top_k=int(cfg.search.top_k))
+        raise
     write_report(run_path, top_k=int(cfg.search.top_k))

@@ -364,6 +364,22 @@ def split_paths(cfg_data: Mapping[str, Any] | Any, root: Path, split: str) -> tu
     return root / image_dir, root / ann_file
 
 
+def check_data_paths(cfg_data: Mapping[str, Any] | Any, splits: tuple[str, ...] = ("train", "val")) -> None:
+    """The folders and annotation files of ``splits`` exist (DataError otherwise), checked without
+    reading them: for commands that create output before they open the data (a search's run
+    directory). The generated synthetic set (``data.root`` null) is not checked: it is made on demand."""
+    root = cfg_data.get("root", None)
+    if (root is None or str(root).strip() == "") and cfg_data.get("name", None) == "synthetic":
+        return
+    root = resolve_data_root(cfg_data)
+    for split in splits:
+        image_dir, ann_file = split_paths(cfg_data, root, split)
+        if not image_dir.is_dir():
+            raise DataError(f"image folder {image_dir} does not exist; check data.root and the split names")
+        if not ann_file.is_file():
+            raise DataError(f"annotation file {ann_file} does not exist; check data.root and the split names")
+
+
 def build_dataset(
     cfg_data: Mapping[str, Any] | Any,
     split: str,
