@@ -190,3 +190,16 @@ def test_eval_refuses_to_overwrite_earlier_eval_files_like_infer(trained, tmp_pa
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "nothing was overwritten" in result.stderr.strip().splitlines()[-1]
     assert (out / "eval_metrics.json").read_text() == '{"AP": 0.5}' and not (out / "eval_detections.json").exists()
+
+
+@pytest.mark.parametrize("arch", ["nasfcos", "nasfcos-fpn", "fpn:standard+head:s0-conv1-conv1-conv1-conv1"])
+def test_resuming_a_finished_run_as_another_arch_is_refused(trained, arch):
+    """It returned the old run's metrics with exit 0, as if the asked-for architecture had trained."""
+    from detector.checkpoint import CheckpointError
+
+    before = (trained["run"] / "metrics.json").read_bytes()
+    argv = [*TINY, f"cache_dir={trained['cache']}", f"out_dir={trained['run']}", "resume=true"]
+    with pytest.raises(CheckpointError, match="finished run .* holds arch 'fpn:standard\\+head:fcos'"):
+        train(compose("train", [*argv, f"arch={arch}"]))
+    assert (trained["run"] / "metrics.json").read_bytes() == before
+    assert train(compose("train", argv))["AP"] == json.loads(before)["AP"]

@@ -574,12 +574,6 @@ def test_a_multirun_with_a_bad_value_is_refused_in_one_line_before_any_job(tmp_p
     record_fault(record_property, 1, None)
 
 
-def test_a_multirun_with_a_bad_value_through_a_real_process(tmp_path):
-    done = run_cli("detector", "train", "-m", "experiment=synthetic_tiny,nope", f"hydra.sweep.dir={tmp_path / 's'}",
-                   cwd=tmp_path, timeout=120)
-    assert "nope" in assert_one_line_bad_input(done, "train -m experiment=synthetic_tiny,nope")
-
-
 def test_a_sweep_goes_on_past_a_diverging_job_and_summary_says_diverged(tmp_path, record_property):
     """`schedule.lr=1e6,0.01`: the diverging first job ended the sweep, the second never ran, and
     `summary` listed the first as unfinished."""

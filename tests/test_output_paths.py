@@ -99,3 +99,4 @@ def test_show_without_suffix_prints_the_file_it_writes_and_redraws_its_own(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["diagram.png"]
     again = run_cli_in_process("search", ["show", "arch=fcos", f"out={tmp_path / 'diagram.png'}"])
     assert again.code == 0, again.stderr
+
