@@ -9,7 +9,7 @@ from PIL import Image
 
 from detector.errors import UserError
 from detector.output_path import output_file, output_folder
-from faults import assert_one_line_bad_input, run_cli, run_cli_in_process
+from faults import assert_one_line_bad_input, record_fault, run_cli, run_cli_in_process
 
 
 def _photo(path: Path) -> bytes:
@@ -68,7 +68,7 @@ def test_output_folder_refuses_files_it_would_replace(tmp_path):
 
 # ---------------------------------------------------------------------- python -m search show out=
 @pytest.mark.parametrize("name", ["photo.png", "photo.jpg", "holiday.JPG"])
-def test_show_never_replaces_a_users_image(tmp_path, name):
+def test_show_never_replaces_a_users_image(tmp_path, name, record_property):
     """It replaced an existing photo with the diagram (exit 0)."""
     photo = tmp_path / name
     if name.endswith("png"):
@@ -79,18 +79,20 @@ def test_show_never_replaces_a_users_image(tmp_path, name):
     outcome = run_cli_in_process("search", ["show", "arch=nasfcos", f"out={photo}"])
     assert_one_line_bad_input(outcome, name)
     assert photo.read_bytes() == before
+    record_fault(record_property, 1, int(photo.read_bytes() != before))
 
 
 @pytest.mark.parametrize("out", ["x.gif", "x.pdf", "file/x.png", "/proc/nasfcos-test/x.png"])
-def test_show_bad_out_is_one_line_and_writes_nothing(tmp_path, out):
+def test_show_bad_out_is_one_line_and_writes_nothing(tmp_path, out, record_property):
     (tmp_path / "file").write_text("not a folder")
     target = out if out.startswith("/") else str(tmp_path / out)
     assert_one_line_bad_input(run_cli_in_process("search", ["show", "arch=nasfcos", f"out={target}"]), out,
                               strict=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    record_fault(record_property, 1, None)
 
 
-def test_show_without_suffix_prints_the_file_it_writes_and_redraws_its_own(tmp_path):
+def test_show_without_suffix_prints_the_file_it_writes_and_redraws_its_own(tmp_path, record_property):
     """out=<name> printed one path and wrote <name>.png; now both are <name>.png, and a second
     show may replace the diagram the first one wrote (its PNG carries the mark)."""
     done = run_cli("search", "show", "arch=nasfcos", f"out={tmp_path / 'diagram'}", timeout=120)
@@ -99,4 +101,5 @@ def test_show_without_suffix_prints_the_file_it_writes_and_redraws_its_own(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["diagram.png"]
     again = run_cli_in_process("search", ["show", "arch=fcos", f"out={tmp_path / 'diagram.png'}"])
     assert again.code == 0, again.stderr
+    record_fault(record_property, 1, None)
 
