@@ -72,10 +72,10 @@ def _settable_on_resume(rows: list[dict[str, Any]]) -> tuple[tuple[str, ...], tu
     return RUNTIME_KEYS, fixed
 
 
-def resume_config(cfg: Any, saved: Any, rows: list[dict[str, Any]] | None = None) -> tuple[Any, bool]:
+def resume_config(cfg: Any, saved: Any, rows: list[dict[str, Any]] | None = None) -> Any:
     """The saved config with the keys the user set on the resume command line that a resume may
     change (see the module doc; ``rows``: the run's history, None for a run with trials whose rows
-    are not given), and whether a key of the search's definition changed (the caller saves it)."""
+    are not given)."""
     from omegaconf import OmegaConf
 
     from detector.cli import compose
@@ -100,7 +100,14 @@ def resume_config(cfg: Any, saved: Any, rows: list[dict[str, Any]] | None = None
     if ignored:
         log.warning("resume: ignoring %s: the saved config.yaml of the run defines the search",
                     ", ".join(sorted(ignored)))
-    return merged, bool(redefined)
+    return merged
+
+
+def _definition_changed(saved: Any, merged: Any) -> bool:
+    """Whether ``merged`` changes a key of the search's definition (not a runtime key) of ``saved``."""
+    old, new = _flatten(_container(saved)), _flatten(_container(merged))
+    return any(old.get(key, object()) != value for key, value in new.items()
+               if not any(key == k or key.startswith(k + ".") for k in RUNTIME_KEYS))
 
 
 def _open_run(cfg: Any) -> tuple[RunDir, Any, bool]:
@@ -110,9 +117,10 @@ def _open_run(cfg: Any) -> tuple[RunDir, Any, bool]:
     if cfg.get("resume"):
         run_dir = open_run_dir(cfg.resume)
         try:
-            run_cfg, redefined = resume_config(cfg, run_dir.read_config(), History(run_dir.history_path).rows)
+            saved = run_dir.read_config()
+            run_cfg = resume_config(cfg, saved, History(run_dir.history_path).rows)
             _check(run_cfg)
-            if redefined:
+            if _definition_changed(saved, run_cfg):
                 OmegaConf.update(run_cfg, "search.run_dir", str(run_dir.path), merge=False)
                 run_dir.write_config(_container(run_cfg))
         except Exception:
