@@ -215,7 +215,7 @@ def _run_multirun(config_name: str, overrides: list[str], func: Callable) -> Non
     warning and the next job starts. At the end, failed jobs make one error line and exit 2."""
     import hydra
 
-    check_sweep(config_name, [o for o in overrides if not o.startswith("hydra.")])
+    check_sweep(config_name, [o for o in overrides if not o.startswith(("hydra.", "hydra/"))])
     errors = _user_errors()
     failed: list[str] = []
 
