@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from detector.errors import UserError
+from detector.errors import UserError, WriteError
 from search.history import History, best_row
 from search.loop import SearchRecord, check_search_settings, run_stages, stage_names
 from search.run_dir import RunDir, create_run_dir, open_run_dir
@@ -241,10 +241,14 @@ class LoggerObserver:
 # ---------------------------------------------------------------------- entry points
 def run_search(cfg: Any) -> Path:
     """Run (or resume) a search; returns its run directory. Bad settings raise UserError; one
-    raised after some trials carries ``run_dir`` (the report of those trials can be written)."""
+    raised after some trials carries ``run_dir`` (the report of those trials can be written); a
+    fresh run stopped by one before its first trial is removed (:meth:`RunDir.discard_unstarted`).
+    A :class:`WriteError` (full disk) leaves everything as it was."""
     run_dir, run_cfg, resumed = _open_run(cfg)
     try:
         return _run_stages(run_dir, run_cfg, resumed)
+    except WriteError:
+        raise  # a full disk: every file stays as it was, the same command continues (resume=)
     except UserError as err:
         if run_dir.started():
             err.run_dir = run_dir.path
@@ -320,6 +324,9 @@ def run_command(cfg: Any) -> None:
         run_path = run_search(cfg)
     except UserError as err:
         if getattr(err, "run_dir", None) is not None:  # stopped by bad settings after some trials
-            write_report(err.run_dir, top_k=int(cfg.search.top_k))
+            try:
+                write_report(err.run_dir, top_k=int(cfg.search.top_k))
+            except (OSError, UserError) as report_err:  # the error that stopped the run is the one to show
+                log.warning("no report for %s: %s", err.run_dir, report_err)
         raise
     write_report(run_path, top_k=int(cfg.search.top_k))
