@@ -179,7 +179,7 @@ def is_search_run(path: str | os.PathLike) -> bool:
 
 
 def _not_a_search_run(key: str, path: Path) -> UserError:
-    what = ("a training run (it has a config.yaml but no search section)" if (path / CONFIG_FILE).is_file()
+    what = (f"its {CONFIG_FILE} has no search and space sections: a training run?" if (path / CONFIG_FILE).is_file()
             else f"no {CONFIG_FILE}")
     return UserError(f"{key}: '{path}' is not a search run directory ({what}); give the directory that "
                      "`python -m search run` created (runs/search/<time>)")
@@ -199,14 +199,16 @@ def create_run_dir(run_dir: str | os.PathLike | None) -> RunDir:
         path = Path(str(run_dir)).expanduser()
         if path.exists() and not path.is_dir():
             raise UserError(f"search.run_dir: '{path}' is a file; give a directory path")
+    if (path / CONFIG_FILE).exists() and not is_search_run(path):
+        raise UserError(f"search.run_dir: '{path}' holds a config.yaml that is not a search's (a training "
+                        "run?); choose another search.run_dir (nothing was overwritten)")
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     run = RunDir(path).lock()
-    if run.config_path.exists() and (run.started() or not is_search_run(path)):
+    if run.config_path.exists() and run.started():
         run.unlock()
-        what = "a search run" if is_search_run(path) else "a config.yaml of something else"
         raise UserError(
-            f"search.run_dir: '{path}' already holds {what}; continue a search with resume={path} "
+            f"search.run_dir: '{path}' already holds a search run; continue it with resume={path} "
             "or choose another search.run_dir"
         )
     run.created = created

@@ -540,15 +540,17 @@ NOT_SEARCH_RUNS = {
 
 
 @pytest.mark.parametrize("case", list(NOT_SEARCH_RUNS))
-@pytest.mark.parametrize("command", ["report", "resume"])
+@pytest.mark.parametrize("command", ["report", "resume", "run_dir"])
 def test_a_folder_that_is_not_a_search_run_is_refused_in_one_line(tmp_path, case, command, record_property):
-    """`report run=<training run>` wrote a bogus report.md into it; `resume=` said `Missing key search`."""
+    """`report run=<training run>` wrote a bogus report.md into it; `resume=` said `Missing key search`;
+    `search.run_dir=` named it as a search run."""
     folder = NOT_SEARCH_RUNS[case](tmp_path / "dir")
     before = snapshot(folder)
-    argv = ["report", f"run={folder}"] if command == "report" else ["run", f"resume={folder}"]
+    argv = {"report": ["report", f"run={folder}"], "resume": ["run", f"resume={folder}"],
+            "run_dir": ["run", *TOY, f"search.run_dir={folder}"]}[command]
     line = assert_one_line_bad_input(run_cli_in_process("search", argv), case)
-    assert "not a search run directory" in line
-    assert snapshot(folder) == before
+    assert "not a search run directory" in line or "not a search's" in line
+    assert snapshot(folder) == before and not (folder / ".lock").exists()
     record_fault(record_property, 1, files_changed(before, folder))
 
 
