@@ -591,3 +591,12 @@ def test_a_sweep_goes_on_past_a_diverging_job_and_summary_says_diverged(tmp_path
     status = {line.split()[0]: line.split()[-1] for line in table.stdout.splitlines()[1:]}
     assert status == {"0": "diverged", "1": "finished"}
     record_fault(record_property, 1, 0)
+
+
+def test_the_sweep_check_expands_choices_and_ranges_and_leaves_globs_to_hydra():
+    from detector.cli import check_sweep, sweep_values
+
+    assert sweep_values(["seed=range(1,3)", "+x=1", "experiment=glob(synthetic*)", "hydra.sweep.dir=/x",
+                         "a=interval(0,1)"]) == [["seed=1", "seed=2"], ["+x=1"]]
+    assert check_sweep("train", ["seed=range(0,3)", "experiment=synthetic_tiny,synthetic_fcos",
+                                 "hydra.sweep.dir=/tmp/x"]) == 6
