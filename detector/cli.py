@@ -203,9 +203,10 @@ def sweep_values(overrides: Sequence[str]) -> list[list[str]]:
 
 def check_sweep(config_name: str, overrides: Sequence[str]) -> int:
     """Compose every value of every swept override (with the first value of the others), with the
-    checks of a single run, before any job starts; returns the number of jobs. UserError names the
-    first bad value: a ``-m`` command line is refused in one line, like a single run."""
-    choices = sweep_values(overrides)
+    checks of a single run, before any job starts; returns the number of combinations of the
+    checked overrides. UserError names the first bad value: a ``-m`` command line is refused in
+    one line, like a single run."""
+    choices = [values for values in sweep_values(overrides) if values]
     firsts = [values[0] for values in choices]
     for index, values in enumerate(choices):
         for value in values[1:] if index else values:
