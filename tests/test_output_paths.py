@@ -103,3 +103,12 @@ def test_show_without_suffix_prints_the_file_it_writes_and_redraws_its_own(tmp_p
     assert again.code == 0, again.stderr
     record_fault(record_property, 1, None)
 
+
+
+@pytest.mark.parametrize("out", ["/proc/nasfcos-synth-test", "file/below"])
+def test_synth_into_an_unwritable_path_is_one_line(tmp_path, out):
+    (tmp_path / "file").write_text("not a folder")
+    target = out if out.startswith("/") else str(tmp_path / out)
+    outcome = run_cli_in_process("detector", ["synth", f"out={target}", "data.num_train=2", "data.num_val=1"])
+    assert_one_line_bad_input(outcome, out, strict=False)
+    assert (tmp_path / "file").read_text() == "not a folder"
