@@ -180,19 +180,69 @@ def _shown_default(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def sweep_values(overrides: Sequence[str]) -> list[list[str]]:
+    """Each override of a ``-m`` command line as the list of single overrides it sweeps over
+    (``a=1,2`` -> ``[a=1, a=2]``; ``a=1`` -> ``[a=1]``; ``hydra.*`` / ``hydra/*``, ``glob(...)``
+    and interval sweeps left out); a bad override raises UserError."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+    from hydra.errors import HydraException
+
+    from detector.errors import UserError
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        # glob(...) sweeps over group options and interval sweeps (for sweepers that sample) are
+        # expanded by Hydra alone: left out here
+        return [[f"{o.get_key_element()}={value}" for value in o.sweep_string_iterator()] if o.is_sweep_override()
+                else [o.input_line] for o in parsed
+                if not o.is_hydra_override() and o.value_type in (None, ValueType.ELEMENT, ValueType.CHOICE_SWEEP,
+                                                                 ValueType.SIMPLE_CHOICE_SWEEP, ValueType.RANGE_SWEEP)]
+    except (HydraException, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{first} (see the README's override tables for valid keys and values)") from None
+
+
+def check_sweep(config_name: str, overrides: Sequence[str]) -> int:
+    """Compose every value of every swept override (with the first value of the others), with the
+    checks of a single run, before any job starts; returns the number of combinations of the
+    checked overrides. UserError names the first bad value: a ``-m`` command line is refused in
+    one line, like a single run."""
+    choices = [values for values in sweep_values(overrides) if values]
+    firsts = [values[0] for values in choices]
+    for index, values in enumerate(choices):
+        for value in values[1:] if index else values:
+            compose(config_name, [*firsts[:index], value, *firsts[index + 1:]])
+    jobs = 1
+    for values in choices:
+        jobs *= len(values)
+    return jobs
+
+
 def _run_multirun(config_name: str, overrides: list[str], func: Callable) -> None:
+    """Every job of the sweep runs; one that fails (bad input, a diverging loss) is logged as a
+    warning and the next job starts. At the end, failed jobs make one error line and exit 2."""
     import hydra
 
+    check_sweep(config_name, overrides)
     errors = _user_errors()
+    failed: list[str] = []
 
     def task(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         try:
             func(cfg)
         except errors as err:
-            fail(str(err))
+            job = HydraConfig.get().job.num
+            failed.append(f"job {job}: {one_line(str(err))}")
+            logging.getLogger("detector.cli").warning("job %s failed: %s (the sweep goes on)", job, one_line(str(err)))
 
     sys.argv = [sys.argv[0], "--multirun", *overrides]
     hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)()
+    if failed:
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        fail(f"{len(failed)} job(s) of the sweep failed, the others ran: {failed[0]}{more}")
 
 
 def dispatch(app: str, config_name: str, commands: dict[str, Command], argv: Sequence[str] | None = None) -> None:

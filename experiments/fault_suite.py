@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE_FILES = ["tests/test_faults_search.py", "tests/test_faults_training.py", "tests/test_faults_files.py",
-               "tests/test_faults_hostile_input.py"]
+               "tests/test_faults_hostile_input.py", "tests/test_output_paths.py"]
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,28 @@ FAULTS = [
     Fault("hostile command lines in real subprocesses", "python -m search show/sample/run/report",
           ("test_a_sample_of_hostile_command_lines",)),
     Fault("malformed datasets through `python -m detector train`",
-          "truncated JSON (subprocess), missing image, missing root",
+          "truncated JSON (subprocess), missing image, missing root, string / numeric-string image, category "
+          "and annotation ids",
           ("test_a_malformed_dataset_stops_training",),
           ("test_bad_data.py",)),
+    Fault("user-named output paths (`search show out=`, `eval`, `infer`, `synth`)",
+          "an existing photo (png/jpg), another suffix, a path below a file, /proc, a name without suffix",
+          ("test_show_never_replaces", "test_show_bad_out", "test_show_without_suffix"),
+          ("test_eval_infer.py::test_eval_refuses_to_overwrite", "test_eval_infer.py::test_a_failed_infer",
+           "test_eval_infer.py::test_infer_skips_unreadable")),
+    Fault("bad search settings found before the run directory exists",
+          "data.root missing / without split, data=coco without root, bad fixed_fpn / fixed_head, device=cuda "
+          "without GPU; a run stopped before its first trial restarted",
+          ("test_bad_search_settings_leave_no_run_dir", "test_a_run_stopped_before_its_first_trial")),
+    Fault("every FPN trial fails: the head stage's hint is followed",
+          "toy proxy_eval.inject_nan; `resume=<run> search.fixed_fpn=nasfcos` from the error line",
+          ("test_the_head_stage_hint_names_a_command_that_works",)),
+    Fault("report / resume on a folder that is not a search run",
+          "a training run, other config.yaml files (mapping, empty, list)",
+          ("test_a_folder_that_is_not_a_search_run",)),
+    Fault("multirun: a bad swept value; a diverging job mid-sweep",
+          "7 bad `-m` command lines (search, train, describe); `schedule.lr=1e6,0.01` (subprocess)",
+          ("test_a_multirun_with_a_bad_value", "test_a_sweep_goes_on_past_a_diverging_job")),
 ]
 
 

@@ -159,7 +159,7 @@ def load_detection_checkpoint(detector: Any, path: str) -> None:
 def adapt(detector: Any, images: ProxyImages, settings: PrepareSettings, num_classes: int,
           device: torch.device, seed: int) -> list[float]:
     """Train ``detector`` on the proxy-train images for ``adapt_iters`` SGD iterations; the losses."""
-    from tqdm import tqdm
+    from detector.progress import progress
 
     generator = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(images, replacement=True, num_samples=settings.adapt_iters * settings.adapt_batch_size,
@@ -171,8 +171,7 @@ def adapt(detector: Any, images: ProxyImages, settings: PrepareSettings, num_cla
     warmup = min(50, settings.adapt_iters // 3)
     detector.train()
     losses = []
-    bar = tqdm(loader, total=settings.adapt_iters, desc="adapt backbone", disable=None, leave=False)
-    for iteration, (batch_images, targets) in enumerate(bar):
+    for iteration, (batch_images, targets) in enumerate(progress(loader, settings.adapt_iters, "adapt backbone")):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(iteration, settings.adapt_iters, warmup, settings.adapt_lr)
         padded = normalised_batch(batch_images, detector, settings.resolution, device)  # (B, 3, R, R)
@@ -185,7 +184,6 @@ def adapt(detector: Any, images: ProxyImages, settings: PrepareSettings, num_cla
                                "proxy_eval.adapt_lr")
         optimizer_step(loss, optimizer, params, 10.0)
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses
 
 
@@ -193,14 +191,14 @@ def adapt(detector: Any, images: ProxyImages, settings: PrepareSettings, num_cla
 def extract(detector: Any, images: ProxyImages, settings: PrepareSettings, device: torch.device,
             desc: str) -> SplitFeatures:
     """Frozen backbone features (fp16, on the CPU) and targets of every image of ``images``."""
-    from tqdm import tqdm
+    from detector.progress import progress
 
     detector.eval()
     loader = DataLoader(images, batch_size=settings.extract_batch_size, shuffle=False, collate_fn=_collate,
                         num_workers=settings.workers)
     chunks: dict[str, list[Tensor]] = {}
     boxes, labels, image_ids, sizes = [], [], [], []
-    for batch_images, targets in tqdm(loader, desc=desc, disable=None, leave=False):
+    for batch_images, targets in progress(loader, len(loader), desc):
         padded = normalised_batch(batch_images, detector, settings.resolution, device)  # (B, 3, R, R)
         for level, feature in detector.backbone(padded).items():
             chunks.setdefault(level, []).append(feature.to("cpu", torch.float16))  # (B, C_l, R/s, R/s)

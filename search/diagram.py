@@ -9,6 +9,7 @@ _LEVEL_COLOR = "#cfe2f3"
 _BLOCK_COLOR = "#fff2cc"
 _OUTPUT_COLOR = "#d9ead3"
 _SHARED_COLOR = "#ead1dc"
+DIAGRAM_MARK = "nasfcos architecture diagram"  # PNG "Software" text: a file this module wrote
 
 
 def _box(ax, x: float, y: float, text: str, color: str, width: float = 1.6, height: float = 0.55) -> None:
@@ -73,8 +74,20 @@ def _draw_head(ax, head) -> None:
     ax.set_ylim(-len(head.ops), 1)
 
 
+def is_diagram(path: str | Path) -> bool:
+    """Whether ``path`` is a PNG that :func:`draw_arch` wrote (so it may be redrawn)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == DIAGRAM_MARK
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
 def draw_arch(arch: Arch, path: str | Path, title: str = "") -> Path:
-    """Write the diagram of ``arch`` to ``path`` (PNG) and return the path."""
+    """Write the diagram of ``arch`` to ``path`` (PNG, marked as ours: :func:`is_diagram`) and
+    return the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,6 +101,6 @@ def draw_arch(arch: Arch, path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png", metadata={"Software": DIAGRAM_MARK})
     plt.close(fig)
     return path

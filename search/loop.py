@@ -96,12 +96,18 @@ def stage_names(cfg: Any) -> list[str]:
 
 
 def check_search_settings(cfg: Any) -> None:
-    """Budget, workers and retries are sane integers; :class:`UserError` otherwise."""
+    """Budget, workers and retries are sane integers, the stages are known and the space of every
+    stage that can be built before any trial (all but a head stage fixing the best FPN found) builds,
+    fixed parts included; :class:`UserError` otherwise."""
     for key, low in (("budget", 1), ("workers", 1), ("retries", 0), ("top_k", 1)):
         value = cfg.search.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise UserError(f"search.{key}: {value!r} must be an integer >= {low}")
-    stage_names(cfg)
+    for stage in stage_names(cfg):
+        if stage != "head" or cfg.search.get("fixed_fpn"):
+            stage_space(cfg, stage, [])
+    if cfg.search.get("fixed_head") and "fpn" not in stage_names(cfg):
+        parse_fixed_part(cfg.search.fixed_head, "head")
 
 
 def parse_fixed_part(value: str, kind: str) -> FPNPart | HeadPart:
@@ -130,8 +136,10 @@ def stage_space(cfg: Any, stage: str, rows_before: list[dict[str, Any]]) -> Sear
         else:
             best = best_row(rows_before)
             if best is None:
+                run_dir = cfg.search.get("run_dir") or "<run dir>"
                 raise UserError("head stage: no earlier trial finished 'ok', so there is no best FPN to fix "
-                                "(see history.jsonl); set search.fixed_fpn=<code> to search heads anyway")
+                                f"(see {run_dir}/history.jsonl and report.md); to search heads anyway, run "
+                                f"python -m search run resume={run_dir} search.fixed_fpn=<code, e.g. nasfcos>")
             fixed_fpn = parse(best["code"], None, None).fpn
     try:
         return space_from_cfg(cfg.space, stage, fixed_fpn=fixed_fpn, fixed_head=fixed_head)

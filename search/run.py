@@ -11,10 +11,20 @@ entry) runs it and then writes the report. Phases:
    with a progress bar and, with ``logger=wandb``, one log entry per finished trial, both from
    this driver process only.
 
+Every setting that can be checked without running a trial (numbers, stages, fixed parts,
+executor, device, the data's folders) is checked before the run directory is created; a fresh run
+that still fails before its first trial (bad data found while preparing) removes what it wrote
+(:meth:`RunDir.discard_unstarted`), and a run directory that never began a trial may be reused by
+the corrected command.
+
 Resuming. The run's saved config defines the search. Only the runtime keys
 ``executor``, ``search.workers``, ``search.retries``, ``search.top_k``, ``ray``, ``device`` and
 ``logger`` may change on resume, and only when given with a value other than their default;
-other overrides are ignored with a warning. A finished run resumed does nothing and says so.
+``search.fixed_fpn`` (``fixed_head``) may too while no head (fpn) trial exists, so that the head
+stage's hint ``resume=<run> search.fixed_fpn=<code>`` works; a run that never began a trial takes
+every override. Such settings are written into the run's config.yaml. Other overrides are ignored
+with a warning. A finished run resumed does nothing and says so. A run stopped by bad settings
+after some trials still gets its report for the trials done.
 """
 from __future__ import annotations
 
@@ -23,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from detector.errors import UserError
+from detector.errors import UserError, WriteError
 from search.history import History, best_row
 from search.loop import SearchRecord, check_search_settings, run_stages, stage_names
 from search.run_dir import RunDir, create_run_dir, open_run_dir
@@ -53,29 +63,51 @@ def _container(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def resume_config(cfg: Any, saved: Any) -> Any:
-    """The saved config with the runtime keys the user set on the resume command line."""
+def _settable_on_resume(rows: list[dict[str, Any]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(runtime keys, keys of the search's definition) a resume may set, given the history rows."""
+    if not rows:
+        return RUNTIME_KEYS, ("",)  # never began a trial: every key
+    stages = {row.get("stage") for row in rows}
+    fixed = tuple(f"search.fixed_{part}" for part, stage in (("fpn", "head"), ("head", "fpn")) if stage not in stages)
+    return RUNTIME_KEYS, fixed
+
+
+def resume_config(cfg: Any, saved: Any, rows: list[dict[str, Any]] | None = None) -> Any:
+    """The saved config with the keys the user set on the resume command line that a resume may
+    change (see the module doc; ``rows``: the run's history, None for a run with trials whose rows
+    are not given)."""
     from omegaconf import OmegaConf
 
     from detector.cli import compose
 
+    runtime, definition = _settable_on_resume(rows) if rows is not None else (RUNTIME_KEYS, ())
     default, current, old = (_flatten(_container(c)) for c in (compose("search", []), cfg, saved))
     merged = OmegaConf.create(_container(saved))
-    changed, ignored = [], []
+    changed, redefined, ignored = [], [], []
     for key, value in current.items():
         if key in ("resume", "run") or value == default.get(key, object()) or value == old.get(key, object()):
             continue
-        if any(key == k or key.startswith(k + ".") for k in RUNTIME_KEYS):
-            OmegaConf.update(merged, key, value, merge=False, force_add=True)
+        if any(key == k or key.startswith(k + ".") for k in runtime):
             changed.append(f"{key}={value}")
+        elif any(k == "" or key == k or key.startswith(k + ".") for k in definition):
+            redefined.append(f"{key}={value}")
         else:
             ignored.append(key)
-    if changed:
-        log.info("resume: using %s from the command line", ", ".join(changed))
+            continue
+        OmegaConf.update(merged, key, value, merge=False, force_add=True)
+    if changed or redefined:
+        log.info("resume: using %s from the command line", ", ".join(changed + redefined))
     if ignored:
         log.warning("resume: ignoring %s: the saved config.yaml of the run defines the search",
                     ", ".join(sorted(ignored)))
     return merged
+
+
+def _definition_changed(saved: Any, merged: Any) -> bool:
+    """Whether ``merged`` changes a key of the search's definition (not a runtime key) of ``saved``."""
+    old, new = _flatten(_container(saved)), _flatten(_container(merged))
+    return any(old.get(key, object()) != value for key, value in new.items()
+               if not any(key == k or key.startswith(k + ".") for k in RUNTIME_KEYS))
 
 
 def _open_run(cfg: Any) -> tuple[RunDir, Any, bool]:
@@ -85,8 +117,12 @@ def _open_run(cfg: Any) -> tuple[RunDir, Any, bool]:
     if cfg.get("resume"):
         run_dir = open_run_dir(cfg.resume)
         try:
-            run_cfg = resume_config(cfg, run_dir.read_config())
+            saved = run_dir.read_config()
+            run_cfg = resume_config(cfg, saved, History(run_dir.history_path).rows)
             _check(run_cfg)
+            if _definition_changed(saved, run_cfg):
+                OmegaConf.update(run_cfg, "search.run_dir", str(run_dir.path), merge=False)
+                run_dir.write_config(_container(run_cfg))
         except Exception:
             run_dir.unlock()
             raise
@@ -100,10 +136,17 @@ def _open_run(cfg: Any) -> tuple[RunDir, Any, bool]:
 
 
 def _check(cfg: Any) -> None:
+    """Everything that can be checked before a run directory is created (see the module doc)."""
+    from detector.data.coco import check_data_paths
+    from proxy_eval.settings import proxy_name, resolve_device
+
     check_search_settings(cfg)
     name = cfg.executor.get("name") if cfg.get("executor") else None
     if name not in EXECUTORS:
         raise UserError(f"executor={name}: choose one of {', '.join(EXECUTORS)}")
+    resolve_device(cfg.get("device", "auto"))
+    if proxy_name(cfg) != "toy":  # also checks every proxy_eval key against the proxy's YAML
+        check_data_paths(cfg.data, ("train",))
 
 
 # ---------------------------------------------------------------------- executors
@@ -195,8 +238,24 @@ class LoggerObserver:
 
 # ---------------------------------------------------------------------- entry points
 def run_search(cfg: Any) -> Path:
-    """Run (or resume) a search; returns its run directory. Bad settings raise UserError."""
+    """Run (or resume) a search; returns its run directory. Bad settings raise UserError; one
+    raised after some trials carries ``run_dir`` (the report of those trials can be written); a
+    fresh run stopped by one before its first trial is removed (:meth:`RunDir.discard_unstarted`).
+    A :class:`WriteError` (full disk) leaves everything as it was."""
     run_dir, run_cfg, resumed = _open_run(cfg)
+    try:
+        return _run_stages(run_dir, run_cfg, resumed)
+    except WriteError:
+        raise  # a full disk: every file stays as it was, the same command continues (resume=)
+    except UserError as err:
+        if run_dir.started():
+            err.run_dir = run_dir.path
+        elif not resumed:
+            run_dir.discard_unstarted()
+        raise
+
+
+def _run_stages(run_dir: RunDir, run_cfg: Any, resumed: bool) -> Path:
     logger = None
     progress = None
     executor = None
@@ -259,5 +318,13 @@ def run_command(cfg: Any) -> None:
     """``python -m search run``: the search, then its report (report.md, plots, retrain command)."""
     from search.report import write_report
 
-    run_path = run_search(cfg)
+    try:
+        run_path = run_search(cfg)
+    except UserError as err:
+        if getattr(err, "run_dir", None) is not None:  # stopped by bad settings after some trials
+            try:
+                write_report(err.run_dir, top_k=int(cfg.search.top_k))
+            except (OSError, UserError) as report_err:  # the error that stopped the run is the one to show
+                log.warning("no report for %s: %s", err.run_dir, report_err)
+        raise
     write_report(run_path, top_k=int(cfg.search.top_k))

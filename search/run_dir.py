@@ -56,6 +56,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self.created = False  # whether create_run_dir made the folder (see discard_unstarted)
         self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ lock
@@ -134,6 +135,25 @@ class RunDir:
     def write_best(self, code: str) -> None:
         atomic_write_text(self.best_path, code + "\n")
 
+    def started(self) -> bool:
+        """Whether a trial ever began here: history rows or a saved searcher exist."""
+        history = self.history_path
+        return (history.is_file() and history.stat().st_size > 0) or any(self.path.glob("searcher-*.pt"))
+
+    def discard_unstarted(self) -> None:
+        """Remove what this search wrote into a run that never began a trial (its config, state and
+        lock), and the folder itself when :func:`create_run_dir` made it and it is now empty: a
+        failed start leaves no junk and no run that refuses the corrected command."""
+        if self.started():
+            return
+        for name in (CONFIG_FILE, STATE_FILE, LOCK_FILE):
+            (self.path / name).unlink(missing_ok=True)
+        if self.created:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass  # something else is there: keep it
+
 
 def _fresh_path(root: Path) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -143,11 +163,35 @@ def _fresh_path(root: Path) -> Path:
     return path
 
 
-def create_run_dir(run_dir: str | os.PathLike | None) -> RunDir:
-    """Create and lock a new run directory (``runs/search/<time>`` when ``run_dir`` is None).
+def is_search_run(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a search run: a ``config.yaml`` with the sections only a search's
+    config has (``search`` and ``space``). A training run's folder has a config.yaml too."""
+    config = Path(path) / CONFIG_FILE
+    if not config.is_file():
+        return False
+    from omegaconf import OmegaConf
 
-    An explicit directory may exist only if it holds no run yet; otherwise :class:`UserError`
-    suggests ``resume=``.
+    try:
+        cfg = OmegaConf.load(config)
+    except Exception:  # noqa: BLE001 - unreadable: decided by open_run_dir's read_config
+        return True
+    return OmegaConf.is_dict(cfg) and "search" in cfg and "space" in cfg
+
+
+def _not_a_search_run(key: str, path: Path) -> UserError:
+    what = (f"its {CONFIG_FILE} has no search and space sections: a training run?" if (path / CONFIG_FILE).is_file()
+            else f"no {CONFIG_FILE}")
+    return UserError(f"{key}: '{path}' is not a search run directory ({what}); give the directory that "
+                     "`python -m search run` created (runs/search/<time>)")
+
+
+def create_run_dir(run_dir: str | os.PathLike | None) -> RunDir:
+    """Create and lock a new run directory (``runs/search/<time>`` when ``run_dir`` is None);
+    ``created`` on it says whether this call created the folder.
+
+    An explicit directory may exist only if it holds no started run (:meth:`RunDir.started`: a
+    run that never began a trial is started afresh with the new settings); otherwise
+    :class:`UserError` suggests ``resume=``.
     """
     if run_dir is None or str(run_dir).strip() == "":
         path = _fresh_path(DEFAULT_ROOT)
@@ -155,14 +199,19 @@ def create_run_dir(run_dir: str | os.PathLike | None) -> RunDir:
         path = Path(str(run_dir)).expanduser()
         if path.exists() and not path.is_dir():
             raise UserError(f"search.run_dir: '{path}' is a file; give a directory path")
+    if (path / CONFIG_FILE).exists() and not is_search_run(path):
+        raise UserError(f"search.run_dir: '{path}' holds a config.yaml that is not a search's (a training "
+                        "run?); choose another search.run_dir (nothing was overwritten)")
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     run = RunDir(path).lock()
-    if run.config_path.exists():
+    if run.config_path.exists() and run.started():
         run.unlock()
         raise UserError(
             f"search.run_dir: '{path}' already holds a search run; continue it with resume={path} "
             "or choose another search.run_dir"
         )
+    run.created = created
     return run
 
 
@@ -172,9 +221,8 @@ def open_run_dir(path: str | os.PathLike) -> RunDir:
     if not path.is_dir():
         raise UserError(f"resume: '{path}' is not a directory; give the run directory of a search "
                         "(e.g. runs/search/<time>)")
-    if not (path / CONFIG_FILE).is_file():
-        raise UserError(f"resume: '{path}' has no {CONFIG_FILE}, so it is not a search run directory; "
-                        "give the directory that `python -m search run` created")
+    if not is_search_run(path):
+        raise _not_a_search_run("resume", path)
     return RunDir(path).lock()
 
 
@@ -185,6 +233,6 @@ def check_run_dir(path: str | os.PathLike | None, key: str = "run") -> Path:
     path = Path(str(path)).expanduser()
     if not path.is_dir():
         raise UserError(f"{key}: '{path}' is not a directory; give a search run directory")
-    if not (path / CONFIG_FILE).is_file():
-        raise UserError(f"{key}: '{path}' has no {CONFIG_FILE}; it is not a search run directory")
+    if not is_search_run(path):
+        raise _not_a_search_run(key, path)
     return path

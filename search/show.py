@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import random
 import re
-from pathlib import Path
 
 from detector.errors import UserError
+from detector.output_path import output_file, write_error
 from detector.arch.zoo import ZOO, resolve_arch
 from search.describe_arch import describe_arch
-from search.diagram import draw_arch
+from search.diagram import draw_arch, is_diagram
 from detector.arch.space import space_from_cfg
 
 
@@ -24,6 +24,7 @@ def show_command(cfg) -> None:
         raise UserError("show: give arch=<code|zoo name|file|run dir>, e.g. arch=nasfcos")
     value = str(cfg.arch)
     arch = resolve_arch(value)
+    out = output_file(cfg.out if cfg.out else _diagram_name(value), "out", (".png",), owned=is_diagram)
     print(describe_arch(arch, name=value if value in ZOO else None))
     stage = {(True, True): "joint", (True, False): "fpn", (False, True): "head"}.get(
         (not str(arch.fpn).endswith("standard"), not str(arch.head).endswith("fcos")))
@@ -37,8 +38,10 @@ def show_command(cfg) -> None:
             print(f"valid: as a code, but outside the configured search space: {err}")
     else:
         print("valid: yes (hand-made architecture, outside the search space)")
-    out = Path(cfg.out) if cfg.out else Path(_diagram_name(value))
-    draw_arch(arch, out, title=value if value in ZOO else "")
+    try:
+        draw_arch(arch, out, title=value if value in ZOO else "")
+    except OSError as err:
+        raise write_error(out, "out", err) from None
     print(f"diagram: {out}")
 
 

@@ -263,3 +263,60 @@ def test_bad_resize_settings(tmp_path, key, value, message):
     _write(tmp_path, {"a.png": _rgb()}, [])
     with pytest.raises(DataError, match=message):
         build_dataset(_coco_cfg(root=str(tmp_path), num_classes=2, **{key: value}), "train", train=True)
+
+
+# ---------------------------------------------------------------------- ids that are not integers (#22)
+@pytest.mark.parametrize("where,value", [
+    ("image", "img_17"), ("image", "17"), ("image", 17.0), ("image", True),
+    ("category", "90"), ("category", "1"), ("category", None),
+    ("annotation", "a1"), ("annotation", "1"),
+])
+def test_ids_that_are_not_integers_are_refused_when_the_dataset_opens(tmp_path, where, value):
+    """A string id crashed training (image ids), failed the final evaluation (numeric strings) or
+    evaluated to AP 0 silently (category ids): refused at construction, naming the id."""
+    ann_file = _write(tmp_path, {"a.png": _rgb()}, [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 8, 8]}])
+    data = json.loads(ann_file.read_text())
+    if where == "image":
+        data["images"][0]["id"] = value
+        data["annotations"][0]["image_id"] = value
+    elif where == "category":
+        data["categories"][0]["id"] = value
+        data["annotations"][0]["category_id"] = value
+    else:
+        data["annotations"][0]["id"] = value
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=f"{where} id .* COCO ids must be integers") as err:
+        _open(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_duplicate_category_ids_are_refused(tmp_path):
+    _write(tmp_path, {"a.png": _rgb()}, [], categories=[{"id": 1, "name": "a"}, {"id": 1, "name": "b"}])
+    with pytest.raises(DataError, match="category id 1 appears twice"):
+        _open(tmp_path)
+
+
+@pytest.mark.parametrize("ids", [[1, 1], [5, 5, 5], [3, 1, 3, 1], [7, 2, 7]])
+def test_repeated_annotation_ids_are_renumbered_so_a_perfect_detector_scores_ap_1(tmp_path, caplog, ids):
+    """pycocotools indexes ground truth by annotation id: with repeated ids a perfect detector
+    scored AP 0.978 while training used every box. Renumbered at open, with one warning, the
+    ground truth fed back as detections scores 1.0 and training sees the same boxes."""
+    from detector.data.coco_eval import evaluate_detections
+
+    boxes = [[2 + 12 * i, 3 + 10 * i, 10, 9] for i in range(len(ids))]
+    ann_file = _write(tmp_path, {"a.png": _rgb(64, 64)},
+                      [{"image_id": 1, "category_id": 1 + i % 2, "bbox": b, "area": 90} for i, b in enumerate(boxes)])
+    data = json.loads(ann_file.read_text())
+    for ann, ann_id in zip(data["annotations"], ids):
+        ann["id"] = ann_id
+    ann_file.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING):
+        dataset = _open(tmp_path)
+    assert "renumbered" in caplog.text
+    new_ids = [a["id"] for a in dataset.coco.dataset["annotations"]]
+    assert len(set(new_ids)) == len(ids) and len(dataset.coco.anns) == len(ids)
+    assert len(dataset._targets[0][0]) == len(ids)
+    perfect = [{"image_id": 1, "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in dataset.coco.dataset["annotations"]]
+    metrics = evaluate_detections(dataset.coco, perfect)
+    assert metrics["AP"] == pytest.approx(1.0)

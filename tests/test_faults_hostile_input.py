@@ -23,8 +23,8 @@ import pytest
 
 from detector.arch.grammar import ArchError, parse
 from detector.arch.zoo import ZOO, resolve_arch
-from faults import (CaseTimeout, CliOutcome, assert_one_line_bad_input, memory_limit, record_fault, run_cli,
-                    run_cli_in_process, time_limit)
+from faults import (CaseTimeout, CliOutcome, assert_one_line_bad_input, files_changed, memory_limit, record_fault,
+                    run_cli, run_cli_in_process, snapshot, time_limit)
 from detector.arch.space import space_from_cfg
 
 FUZZ_CASES = 10_000
@@ -140,7 +140,7 @@ TARGETS = [
            {"arch": ["fcos", "nasfcos"], "format": ["text", "json"], "input_size": ["[256,320]"],
             "backbone": ["resnet18", "resnet50"], "backbone.name": ["resnet34"], "data.num_classes": ["3"],
             "model.width": ["64"], "recipe": ["torchvision"], "recipe.box_activation": ["exp_scale"]},
-           ("detector.commands.describe", "measure_flops")),
+           ("detector.model.cost", "measure_flops")),
 ]
 
 
@@ -387,8 +387,22 @@ def missing_image_annotations() -> str:
         "annotations": [], "categories": [{"id": 1, "name": "thing"}]})
 
 
+def annotations_with(image_id: object = 1, category_id: object = 1, ann_id: object = 1) -> str:
+    """One image, one box, one category, with the ids given (of any JSON type)."""
+    return json.dumps({
+        "images": [{"id": image_id, "file_name": "a.png", "width": 64, "height": 64}],
+        "annotations": [{"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": [4, 4, 20, 20],
+                         "area": 400, "iscrowd": 0}],
+        "categories": [{"id": category_id, "name": "thing"}]})
+
+
 DATA_CASES = {
     "truncated JSON": (lambda root: write_coco(root, '{"images": [{"id": 1, "file_na'), "not valid JSON"),
+    # #22: string ids crashed training, failed the final evaluation or scored AP 0 silently
+    "string image ids": (lambda root: write_coco(root, annotations_with(image_id="img_17")), "image id 'img_17'"),
+    "numeric-string image ids": (lambda root: write_coco(root, annotations_with(image_id="17")), "image id '17'"),
+    "string category ids": (lambda root: write_coco(root, annotations_with(category_id="90")), "category id '90'"),
+    "string annotation ids": (lambda root: write_coco(root, annotations_with(ann_id="a-1")), "annotation id 'a-1'"),
     "missing image file": (lambda root: write_coco(root, missing_image_annotations()), "gone.png"),
     "root that does not exist": (lambda root: root / "nowhere", "nowhere"),
 }
@@ -426,3 +440,163 @@ def test_an_interpolated_config_group_option_is_refused_in_one_line(config, over
     with pytest.raises(UserError, match="config group option must be a name") as err:
         compose(config, [override])
     assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------- #22: settings a search checks up front
+TOY = ["proxy_eval=toy", "executor=local", "search.budget=1", "search.stages=[fpn]"]
+BAD_SEARCH_SETTINGS = {
+    "data.root missing": ["proxy_eval=cached", "data.root=/nonexistent/nasfcos"],
+    "data=coco without root": ["proxy_eval=cached", "data=coco"],
+    "data.root without the split": ["proxy_eval=end_to_end", "data.root={tmp}"],
+    "search.fixed_fpn garbage": ["search.stages=[head]", "search.fixed_fpn=garbage"],
+    "search.fixed_fpn a head code": ["search.stages=[fpn,head]", "search.fixed_fpn=head:fcos"],
+    "search.fixed_head garbage": ["search.fixed_head=fpn:nope"],
+    "device=cuda without a GPU": ["device=cuda"],
+    "device=tpu": ["device=tpu"],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SEARCH_SETTINGS))
+@pytest.mark.parametrize("explicit_dir", [True, False], ids=["run_dir", "default_dir"])
+def test_bad_search_settings_leave_no_run_dir_and_the_corrected_command_runs(tmp_path, monkeypatch, case,
+                                                                               explicit_dir, record_property):
+    """They were found after the run directory and its config.yaml existed: the corrected command
+    was then refused ("already holds a search run"), and every attempt left a runs/search/<time>/."""
+    if case.startswith("device=cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is visible")
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    where = [f"search.run_dir={run_dir}"] if explicit_dir else []
+    bad = [value.format(tmp=tmp_path) for value in BAD_SEARCH_SETTINGS[case]]
+    line = assert_one_line_bad_input(run_cli_in_process("search", ["run", *TOY, *where, *bad]), case, strict=False)
+    assert not run_dir.exists() and not (tmp_path / "runs").exists(), line
+    done = run_cli_in_process("search", ["run", *TOY, *where])
+    assert done.code == 0, done.stderr
+    record_fault(record_property, 1, None)
+
+
+def test_a_run_stopped_before_its_first_trial_is_restarted_with_corrected_settings(tmp_path, record_property):
+    """A run directory holding only its config.yaml (stopped while preparing): the corrected
+    command reuses it, and resume= takes every setting given, since no trial depends on the old ones."""
+    from omegaconf import OmegaConf
+
+    from detector.cli import compose
+    from search.run_dir import create_run_dir
+
+    for way in ("fresh", "resume"):
+        run_dir = tmp_path / way
+        with create_run_dir(run_dir) as run:
+            run.write_config(OmegaConf.to_container(compose("search", [*TOY, "search.budget=5"]), resolve=True))
+        argv = [*TOY, "search.budget=2"] + ([f"search.run_dir={run_dir}"] if way == "fresh" else [f"resume={run_dir}"])
+        done = run_cli_in_process("search", ["run", *argv])
+        assert done.code == 0, done.stderr
+        assert OmegaConf.load(run_dir / "config.yaml").search.budget == 2
+        assert sum(1 for _ in (run_dir / "history.jsonl").open()) == 2
+    record_fault(record_property, 2, None)
+
+
+def test_the_head_stage_hint_names_a_command_that_works(tmp_path, record_property):
+    """Every FPN trial failed: the head stage said "set search.fixed_fpn=<code>", but resume
+    ignored that key, and no report was written for the finished stage."""
+    run_dir = tmp_path / "run"
+    first = run_cli_in_process("search", ["run", "proxy_eval=toy", "executor=local", "search.budget=2",
+                                          "proxy_eval.inject_nan=0", f"search.run_dir={run_dir}"])
+    line = assert_one_line_bad_input(first, "all FPN trials failed", strict=False)
+    hint = line.split("run python -m search run ", 1)[1]
+    assert hint.startswith(f"resume={run_dir} search.fixed_fpn=")
+    assert (run_dir / "report.md").is_file(), "the finished fpn stage gets its report"
+    second = run_cli_in_process("search", ["run", f"resume={run_dir}", "search.fixed_fpn=nasfcos"])
+    assert second.code == 0, second.stderr
+    rows = [json.loads(row) for row in (run_dir / "history.jsonl").read_text().splitlines()]
+    nasfcos_fpn = str(resolve_arch("nasfcos").fpn)
+    head_rows = [r for r in rows if r["stage"] == "head"]
+    assert len(head_rows) == 2 and all(r["code"].startswith(nasfcos_fpn + "+") for r in head_rows)
+    third = run_cli_in_process("search", ["run", f"resume={run_dir}"])  # the fixed FPN was saved with the run
+    assert third.code == 0 and "already complete" in third.stdout
+    record_fault(record_property, 1, 0)
+
+
+# ---------------------------------------------------------------------- #22: what is a search run
+def _training_run(path: Path) -> Path:
+    from omegaconf import OmegaConf
+
+    from detector.cli import compose
+
+    path.mkdir()
+    (path / "config.yaml").write_text(OmegaConf.to_yaml(compose("train", ["experiment=synthetic_tiny"])))
+    (path / "metrics.json").write_text('{"AP": 0.1}')
+    return path
+
+
+NOT_SEARCH_RUNS = {
+    "a training run": _training_run,
+    "a folder with some config.yaml": lambda p: (p.mkdir(), (p / "config.yaml").write_text("a: 1\n"), p)[-1],
+    "an empty config.yaml": lambda p: (p.mkdir(), (p / "config.yaml").write_text(""), p)[-1],
+    "a list as config.yaml": lambda p: (p.mkdir(), (p / "config.yaml").write_text("- search\n- space\n"), p)[-1],
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_SEARCH_RUNS))
+@pytest.mark.parametrize("command", ["report", "resume", "run_dir"])
+def test_a_folder_that_is_not_a_search_run_is_refused_in_one_line(tmp_path, case, command, record_property):
+    """`report run=<training run>` wrote a bogus report.md into it; `resume=` said `Missing key search`;
+    `search.run_dir=` named it as a search run."""
+    folder = NOT_SEARCH_RUNS[case](tmp_path / "dir")
+    before = snapshot(folder)
+    argv = {"report": ["report", f"run={folder}"], "resume": ["run", f"resume={folder}"],
+            "run_dir": ["run", *TOY, f"search.run_dir={folder}"]}[command]
+    line = assert_one_line_bad_input(run_cli_in_process("search", argv), case)
+    assert "not a search run directory" in line or "not a search's" in line
+    assert snapshot(folder) == before and not (folder / ".lock").exists()
+    record_fault(record_property, 1, files_changed(before, folder))
+
+
+# ---------------------------------------------------------------------- #22: multirun
+BAD_SWEEPS = [
+    ("search", ["run", "-m", "controller=ppo,nope", "proxy_eval=toy"]),
+    ("search", ["run", "-m", "search.budget=2,-1,abc", "proxy_eval=toy"]),
+    ("search", ["sample", "--multirun", "n=1,${oops}"]),
+    ("detector", ["train", "-m", "experiment=synthetic_tiny,nope"]),
+    ("detector", ["train", "-m", "seed=1,abc", "experiment=synthetic_tiny"]),
+    ("detector", ["train", "-m", "experiment=synthetic_tiny", "schedule=1x,nope"]),
+    ("detector", ["describe", "-m", "seed=1,"]),
+]
+
+
+@pytest.mark.parametrize("app,argv", BAD_SWEEPS, ids=[" ".join(a) for _, a in BAD_SWEEPS])
+def test_a_multirun_with_a_bad_value_is_refused_in_one_line_before_any_job(tmp_path, monkeypatch, app, argv,
+                                                                           record_property):
+    """It printed Hydra's multi-line error and exited 1; the single-run form is one line, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_bad_input(run_cli_in_process(app, [*argv, f"hydra.sweep.dir={tmp_path / 'sweep'}"]), str(argv))
+    assert not (tmp_path / "sweep").exists() and not list(tmp_path.iterdir())
+    record_fault(record_property, 1, None)
+
+
+def test_a_sweep_goes_on_past_a_diverging_job_and_summary_says_diverged(tmp_path, record_property):
+    """`schedule.lr=1e6,0.01`: the diverging first job ended the sweep, the second never ran, and
+    `summary` listed the first as unfinished."""
+    sweep = tmp_path / "sweep"
+    done = run_cli("detector", "train", "-m", "experiment=synthetic_tiny", "device=cpu", "schedule.lr=1e6,0.01",
+                   "schedule.iterations=3", "schedule.warmup_iters=0", "data.num_train=8", "data.num_val=2",
+                   f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=300)
+    line = assert_one_line_bad_input(done, "sweep with a diverging job", strict=False)
+    assert "1 job(s) of the sweep failed" in line and "job 0" in line
+    assert (sweep / "1" / "metrics.json").is_file(), "the second job ran to the end"
+    table = run_cli("detector", "summary", f"sweep={sweep}", cwd=tmp_path, timeout=120)
+    assert table.returncode == 0, table.stderr
+    status = {line.split()[0]: line.split()[-1] for line in table.stdout.splitlines()[1:]}
+    assert status == {"0": "diverged", "1": "finished"}
+    record_fault(record_property, 1, 0)
+
+
+def test_the_sweep_check_expands_choices_and_ranges_and_leaves_globs_to_hydra():
+    from detector.cli import check_sweep, sweep_values
+
+    assert sweep_values(["seed=range(1,3)", "+x=1", "experiment=glob(synthetic*)", "hydra.sweep.dir=/x",
+                         "a=interval(0,1)"]) == [["seed=1", "seed=2"], ["+x=1"]]
+    assert check_sweep("train", ["seed=range(0,3)", "experiment=synthetic_tiny,synthetic_fcos",
+                                 "hydra.sweep.dir=/tmp/x"]) == 6

@@ -68,7 +68,7 @@ def check_resumed(run_dir: Path, before: list[dict], stages: list[str], budget: 
 # ---------------------------------------------------------------------- SIGKILL of the driver
 KILL_MOMENTS = {
     # inside the 3rd trial: its request is in flight (state.json lists it), nothing recorded yet
-    "mid-trial": dict(target="proxy_eval.build:ToyProxy.evaluate", call=3, when="before"),
+    "mid-trial": dict(target="proxy_eval.toy:ToyProxy.evaluate", call=3, when="before"),
     # the 4th history line is written, the searcher is not yet told nor saved (head stage)
     "after-history-append": dict(target="search.history:History.append", call=4, when="after"),
     # inside a searcher save: the temporary file is written, not yet renamed over the old state

@@ -8,14 +8,23 @@ are mapped back to the file's pixels. Written into ``out``:
 - ``<image stem>.png``: the image with every detection scoring at least ``score_thresh`` drawn
   as a box labelled ``<class name> <score>``;
 - ``detections.json``: ``[{"file", "width", "height", "detections": [{"box": [x1, y1, x2, y2],
-  "score", "label", "class_name"}]}]`` with the same threshold.
+  "score", "label", "class_name"}]}]`` with the same threshold. ``label`` is the dataset's
+  category id (as in the annotation file and ``eval_detections.json``), not the model's 0-based
+  class index.
 
-Images are read with PIL (JPEG, PNG, BMP, WebP, TIFF); an unreadable one is a one-line error.
-Existing files in ``out`` are never overwritten: the command refuses instead.
+Images are read with PIL (JPEG, PNG, BMP, WebP, TIFF). In a folder, subfolders and files of other
+suffixes are skipped with one warning naming how many; an unreadable image is skipped with a
+warning (the command fails in one line only when no image at all can be read). Existing files in
+``out`` are never overwritten: the command refuses before any work (:func:`detector.output_path.output_folder`).
+The outputs are written into a hidden staging folder inside ``out`` and moved into place at the
+end, so a failed run leaves nothing in ``out`` that would block the retry.
 """
 from __future__ import annotations
 
 import colorsys
+import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +37,10 @@ from detector.data.transforms import build_transform
 from detector.engine.distributed import autocast_dtype, select_device
 from detector.errors import UserError
 from detector.engine.evaluate import checked_checkpoint, model_from_checkpoint
-from detector.engine.run_dir import ensure_writable, write_json
+from detector.output_path import output_folder, write_error
+from detector.engine.run_dir import write_json
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DETECTIONS_JSON = "detections.json"
@@ -44,9 +56,16 @@ def list_images(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = sorted(path.iterdir())
+        found = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         if not found:
             raise InferError(f"images={path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        folders = [p for p in entries if p.is_dir()]
+        others = [p for p in entries if p not in found and p not in folders and not p.name.startswith(".")]
+        if folders or others:
+            example = (others or folders)[0].name
+            log.warning("images=%s: skipped %d subfolders (not searched) and %d files without an image suffix "
+                        "(e.g. %s)", path, len(folders), len(others), example)
         return found
     raise InferError(f"images={path} does not exist; pass an image file or a folder of images")
 
@@ -113,29 +132,46 @@ def infer_command(cfg: Any) -> list[dict[str, Any]]:
         raise InferError("out is not set; pass out=<folder for the drawn images and detections.json>")
     payload = checked_checkpoint(cfg)
     files = list_images(str(cfg.images))
-    out = Path(str(cfg.out)).expanduser()
-    targets = [out / f"{f.stem}.png" for f in files] + [out / DETECTIONS_JSON]
-    clashes = [t for t in targets if t.exists()]
-    if clashes:
-        raise InferError(f"out={out} already holds {clashes[0].name} (and {len(clashes) - 1} more of the files to "
-                         "write); pass an empty or new out folder (nothing was overwritten)")
     if len({f.stem for f in files}) != len(files):
         raise InferError(f"images={cfg.images} holds files with the same name but different suffixes; "
                          "their drawings would collide in out")
-    ensure_writable(out, "out")
+    out = output_folder(cfg.out, "out", [f"{f.stem}.png" for f in files] + [DETECTIONS_JSON])
     device = select_device(str(cfg.device))
     model = model_from_checkpoint(payload, device)
     trained_cfg = OmegaConf.create(payload["config"])
     transform = build_transform(trained_cfg.data, train=False)
-    class_names = list(payload.get("class_names") or [str(i) for i in range(int(trained_cfg.data.num_classes))])
+    num_classes = int(trained_cfg.data.num_classes)
+    class_names = list(payload.get("class_names") or [str(i) for i in range(num_classes)])
+    cat_ids = [int(c) for c in payload.get("label_to_cat_id") or range(num_classes)]
     amp = autocast_dtype(str(cfg.train.amp), device)
-    records = []
-    for path in files:
-        image = read_image(path)
-        found = detect(model, image, transform, class_names, float(cfg.score_thresh), amp)
-        draw_detections(image, found).save(out / f"{path.stem}.png")
-        records.append({"file": path.name, "width": image.size[0], "height": image.size[1], "detections": found})
-        print(f"{path.name}: {len(found)} detections")
-    write_json(out / DETECTIONS_JSON, records)
-    print(f"wrote {len(files)} images and {DETECTIONS_JSON} to {out}")
+    staging = out / f".infer-partial-{os.getpid()}"
+    records, skipped, reasons = [], [], []
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            try:
+                image = read_image(path)
+            except InferError as err:
+                log.warning("skipped %s", err)
+                skipped.append(path.name)
+                reasons.append(str(err))
+                continue
+            found = detect(model, image, transform, class_names, float(cfg.score_thresh), amp)
+            for det in found:  # the dataset's category id, as in the annotation file and eval JSON
+                det["label"] = cat_ids[det["label"]] if det["label"] < len(cat_ids) else det["label"]
+            draw_detections(image, found).save(staging / f"{path.stem}.png")
+            records.append({"file": path.name, "width": image.size[0], "height": image.size[1], "detections": found})
+            print(f"{path.name}: {len(found)} detections")
+        if not records:
+            raise InferError(reasons[0] if len(files) == 1 else f"none of the {len(files)} images could be read "
+                             f"(e.g. {reasons[0]})")
+        write_json(staging / DETECTIONS_JSON, records)
+        for written in sorted(staging.iterdir()):
+            os.replace(written, out / written.name)
+    except OSError as err:
+        raise write_error(out, "out", err) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    note = f" (skipped {len(skipped)} unreadable: {', '.join(skipped[:3])})" if skipped else ""
+    print(f"wrote {len(records)} images and {DETECTIONS_JSON} to {out}{note}")
     return records

@@ -4,7 +4,8 @@ A sweep is what ``python -m detector train -m arch=fcos,nasfcos seed=0,1`` leave
 directory per combination under ``hydra.sweep.dir``. Every directory below ``sweep`` that holds a
 run (``config.yaml``) becomes a row: its job name (path relative to the sweep), arch (zoo name or
 ``custom-<hash>``), seed, AP and AP50 in percent, and training time in seconds, from
-``metrics.json``; a job without one is listed as unfinished. Rows are ordered by job number.
+``metrics.json``; a job whose loss became NaN/inf (``diverged.json``) is listed as diverged, any
+other job without metrics as unfinished. Rows are ordered by job number.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from detector.errors import UserError
-from detector.engine.run_dir import CONFIG_FILE, METRICS_FILE, short_arch_name
+from detector.engine.run_dir import CONFIG_FILE, DIVERGED_FILE, METRICS_FILE, short_arch_name
 
 COLUMNS = ("job", "arch", "seed", "AP", "AP50", "time_s", "status")
 
@@ -44,7 +45,8 @@ def _read_job(job_dir: Path, sweep: Path) -> dict[str, Any]:
         arch, seed = str(cfg.get("arch", "?")), cfg.get("seed", "?")
     except Exception:  # a half-written config: still list the job
         arch, seed = "?", "?"
-    return {**row, "arch": arch, "seed": seed, "status": "unfinished"}
+    status = "diverged" if (job_dir / DIVERGED_FILE).is_file() else "unfinished"
+    return {**row, "arch": arch, "seed": seed, "status": status}
 
 
 def summarize(sweep: str | Path) -> list[dict[str, Any]]:

@@ -19,9 +19,12 @@ Bad input (also in README_BAD_INPUT.md). Checked when the dataset is built, befo
 
 - data.root unset (real data) or missing, image folder or annotation file missing -> DataError
 - annotation file not valid JSON (malformed or truncated) or missing images / annotations /
-  categories lists, an image entry without id / file_name / width / height, duplicate image ids,
-  an annotation without id / image_id / category_id / bbox, a bbox that is not 4 finite
+  categories lists, an image entry without id / file_name / width / height, duplicate image or
+  category ids, an annotation without id / image_id / category_id / bbox, an image, category or
+  annotation id that is not an integer (``"img_17"``, ``"17"``), a bbox that is not 4 finite
   numbers -> DataError
+- annotation ids repeated (merged datasets) -> renumbered, one logging.warning; training and
+  evaluation then see the same boxes
 - an annotation whose category_id is not among the categories, or whose image_id is not among
   the images -> DataError (a wrong label is a bug to fix, not to skip)
 - no images listed, or no categories -> DataError; listed image files missing -> DataError
@@ -98,8 +101,42 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_id(value: Any, what: str, ann_file: Path) -> None:
+    """COCO ids are integers: evaluation (pycocotools) and the image ids carried through training
+    compare them as ints, so a string id (``"img_17"`` or even ``"17"``) is refused here, when the
+    dataset is opened, instead of failing after training or evaluating to AP 0 silently."""
+    if not _is_integer(value):
+        raise DataError(f"{ann_file}: {what} {value!r:.40} is a {type(value).__name__}, but COCO ids must be "
+                        "integers; renumber them (e.g. map each distinct id to 1, 2, 3, ...) and rewrite the file")
+
+
+def _renumber_duplicate_annotation_ids(data: dict, ann_file: Path) -> None:
+    """Annotations sharing an id (common in merged datasets) get fresh ids above the largest one,
+    with one warning. pycocotools indexes ground truth by annotation id: with a repeated id it
+    evaluates one box twice and drops the other, while training used both."""
+    seen: set[int] = set()
+    repeated = []
+    for ann in data["annotations"]:
+        if ann["id"] in seen:
+            repeated.append(ann)
+        seen.add(ann["id"])
+    if not repeated:
+        return
+    first = repeated[0]["id"]
+    next_id = max(seen) + 1
+    for ann in repeated:
+        ann["id"], next_id = next_id, next_id + 1
+    log.warning("%s: %d annotations repeat an id used before (first: %s); renumbered them from %d on, for "
+                "training and evaluation alike", ann_file, len(repeated), first, next_id - len(repeated))
+
+
 def _check_entries(data: dict, ann_file: Path) -> None:
-    """Structural checks on images, categories and annotations; fills COCOeval's defaults."""
+    """Structural checks on images, categories and annotations; fills COCOeval's defaults and
+    renumbers repeated annotation ids (:func:`_renumber_duplicate_annotation_ids`)."""
     if not data["images"]:
         raise DataError(f"annotation file {ann_file} lists no images: the dataset is empty")
     if not data["categories"]:
@@ -107,6 +144,7 @@ def _check_entries(data: dict, ann_file: Path) -> None:
     image_ids = set()
     for i, img in enumerate(data["images"]):
         _require_keys(img, ("id", "file_name", "width", "height"), "image", i, ann_file)
+        _check_id(img["id"], "image id", ann_file)
         if img["id"] in image_ids:
             raise DataError(f"{ann_file}: image id {img['id']} appears twice")
         if not (_is_number(img["width"]) and _is_number(img["height"]) and img["width"] > 0 and img["height"] > 0):
@@ -115,9 +153,13 @@ def _check_entries(data: dict, ann_file: Path) -> None:
     cat_ids = set()
     for i, cat in enumerate(data["categories"]):
         _require_keys(cat, ("id",), "category", i, ann_file)
+        _check_id(cat["id"], "category id", ann_file)
+        if cat["id"] in cat_ids:
+            raise DataError(f"{ann_file}: category id {cat['id']} appears twice")
         cat_ids.add(cat["id"])
     for i, ann in enumerate(data["annotations"]):
         _require_keys(ann, ("id", "image_id", "category_id", "bbox"), "annotation", i, ann_file)
+        _check_id(ann["id"], "annotation id", ann_file)
         if ann["category_id"] not in cat_ids:
             raise DataError(
                 f"{ann_file}: annotation id {ann['id']} has category_id {ann['category_id']}, "
@@ -130,6 +172,7 @@ def _check_entries(data: dict, ann_file: Path) -> None:
             raise DataError(f"{ann_file}: annotation id {ann['id']} has bbox {bbox!r:.80}; expected [x, y, w, h] numbers")
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", float(bbox[2] * bbox[3]))
+    _renumber_duplicate_annotation_ids(data, ann_file)
 
 
 def coco_from_dict(data: dict) -> COCO:
@@ -319,6 +362,22 @@ def split_paths(cfg_data: Mapping[str, Any] | Any, root: Path, split: str) -> tu
     image_dir = str(cfg_data.get("image_dir", None) or DEFAULT_IMAGE_DIR).format(split=split_name)
     ann_file = str(cfg_data.get("ann_file", None) or DEFAULT_ANN_FILE).format(split=split_name)
     return root / image_dir, root / ann_file
+
+
+def check_data_paths(cfg_data: Mapping[str, Any] | Any, splits: tuple[str, ...] = ("train", "val")) -> None:
+    """The folders and annotation files of ``splits`` exist (DataError otherwise), checked without
+    reading them: for commands that create output before they open the data (a search's run
+    directory). The generated synthetic set (``data.root`` null) is not checked: it is made on demand."""
+    root = cfg_data.get("root", None)
+    if (root is None or str(root).strip() == "") and cfg_data.get("name", None) == "synthetic":
+        return
+    root = resolve_data_root(cfg_data)
+    for split in splits:
+        image_dir, ann_file = split_paths(cfg_data, root, split)
+        if not image_dir.is_dir():
+            raise DataError(f"image folder {image_dir} does not exist; check data.root and the split names")
+        if not ann_file.is_file():
+            raise DataError(f"annotation file {ann_file} does not exist; check data.root and the split names")
 
 
 def build_dataset(

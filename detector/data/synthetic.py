@@ -64,6 +64,7 @@ import numpy as np
 from detector.cache_dir import resolve_cache_dir
 from detector.data.errors import DataError
 from detector.data.shapes import CLASS_NAMES, ImageLayout, ObjectLayout, render_image
+from detector.output_path import output_folder, write_error
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +333,7 @@ def synth_command(cfg: Mapping[str, Any] | Any) -> Path:
     out = Path(str(out)).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"out={out} exists and is not empty; synth never overwrites, pass a new folder")
+    output_folder(out, "out", [])  # a folder that can be written
     cfg_data = cfg.get("data", None) or {}
     name = cfg_data.get("name", "synthetic")
     if name != "synthetic":
@@ -339,6 +341,9 @@ def synth_command(cfg: Mapping[str, Any] | Any) -> Path:
     spec = spec_from_config(cfg_data)
     if out.exists():
         out.rmdir()  # empty: replaced by the atomic rename below
-    _write_atomically(spec, out, workers=min(2, os.cpu_count() or 1), progress=True)
+    try:
+        _write_atomically(spec, out, workers=min(2, os.cpu_count() or 1), progress=True)
+    except OSError as err:
+        raise write_error(out, "out", err) from None
     print(f"wrote {spec.num_train} train and {spec.num_val} val images ({len(CLASS_NAMES)} classes) to {out}")
     return out

@@ -9,7 +9,8 @@
 - ``python -m detector eval ckpt=<file> [arch=<code>] [experiment=... data...]`` evaluates on the
   val split of the configured data (the same ``experiment=`` / ``data`` overrides as training),
   prints the metrics and writes ``eval_metrics.json`` and ``eval_detections.json`` into ``out=``
-  (default: the checkpoint's folder). ``arch=`` is optional; when given it must match the
+  (default: the checkpoint's folder). Like ``infer``, it never overwrites: when ``out`` already
+  holds those files (an earlier eval) it refuses before evaluating; pass another ``out=``. ``arch=`` is optional; when given it must match the
   checkpoint's code.
 """
 from __future__ import annotations
@@ -31,9 +32,10 @@ from detector.data.coco import CocoDetection, build_dataset
 from detector.data.transforms import collate
 from detector.engine.distributed import Context, autocast_dtype, broadcast_object, gather_objects, setup, teardown
 from detector.errors import UserError
-from detector.fast.deform_layer import set_deform_kernel
+from detector.output_path import output_folder
 from detector.engine.run_dir import ensure_writable, write_json
 from detector.arch.zoo import resolve_arch
+from detector.fast.deform_layer import set_deform_kernel
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,8 @@ def checked_checkpoint(cfg: Any, argv: Sequence[str] | None = None) -> dict[str,
 def eval_command(cfg: Any) -> dict[str, float]:
     """``python -m detector eval ckpt=<file>``: COCO metrics of a checkpoint on the val split."""
     payload = checked_checkpoint(cfg)
+    out_dir = output_folder(cfg.out if cfg.get("out", None) else Path(str(cfg.ckpt)).expanduser().parent, "out",
+                            [EVAL_METRICS_FILE, EVAL_DETECTIONS_FILE])
     ctx = setup(str(cfg.device))
     trained_classes = int(payload["config"]["data"]["num_classes"])
     if int(cfg.data.num_classes) != trained_classes:
@@ -160,7 +164,6 @@ def eval_command(cfg: Any) -> dict[str, float]:
         teardown(ctx)
     if not ctx.is_main:
         return metrics
-    out_dir = Path(str(cfg.out)).expanduser() if cfg.get("out", None) else Path(str(cfg.ckpt)).expanduser().parent
     ensure_writable(out_dir, "out")
     write_json(out_dir / EVAL_DETECTIONS_FILE, detections)
     record = {"arch": str(payload["arch"]), "ckpt": str(cfg.ckpt), "iteration": int(payload["iteration"]),

@@ -8,7 +8,7 @@ The run directory is, in order of precedence:
 
 A run directory holds ``config.yaml`` (the resolved config), ``log.jsonl``, checkpoints
 (``last.pt``, ``previous.pt``), ``final.pt`` (weights only), ``detections_val.json`` and, once
-the run has finished, ``metrics.json``. :func:`prepare_check` refuses (one-line :class:`RunDirError`)
+the run has finished, ``metrics.json`` (or ``diverged.json`` when its loss became NaN/inf). :func:`prepare_check` refuses (one-line :class:`RunDirError`)
 a directory that cannot be written, and one that already holds a run unless ``resume=true``,
 so that nothing is ever overwritten by accident.
 """
@@ -30,6 +30,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "log.jsonl"
 DETECTIONS_FILE = "detections_val.json"
+DIVERGED_FILE = "diverged.json"  # written when the loss became NaN/inf: {"iteration", "error"}
 FINAL_WEIGHTS = "final.pt"
 DEFAULT_ROOT = Path("runs") / "train"
 _RUN_MARKERS = ("last.pt", "previous.pt", METRICS_FILE)

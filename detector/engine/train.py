@@ -110,8 +110,10 @@ def _checked_run_dir(cfg: Any, code: str, resume: bool) -> str:
     return str(path)
 
 
-def _finished_metrics(path: Path) -> dict[str, Any]:
+def _finished_metrics(path: Path, code: str) -> dict[str, Any]:
+    """The metrics of a finished run resumed; CheckpointError when it was trained as another arch."""
     metrics = json.loads((path / run_dirs.METRICS_FILE).read_text(encoding="utf-8"))
+    check_arch(metrics, code, source=f"finished run {path}")
     log.info("%s already holds a finished run; its metrics are returned unchanged", path)
     return metrics
 
@@ -161,7 +163,7 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     batch = per_process_batch(int(cfg.train.batch_size), ctx)
     run_dir = Path(_main_first(ctx, lambda: _checked_run_dir(cfg, code, resume)))
     if resume and run_dirs.is_finished(run_dir):
-        return _finished_metrics(run_dir)
+        return _finished_metrics(run_dir, code)
 
     seed_everything(int(cfg.seed))
     cache_dir = cfg.get("cache_dir", None)
@@ -262,8 +264,11 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
             values["loss"] = sum(values.values())
             values = mean_over_processes(values, ctx)
             if not math.isfinite(values["loss"]):
-                raise TrainingDiverged(f"the loss is {values['loss']} at iteration {done}; lower schedule.lr "
-                                       "or set train.clip_grad (e.g. 10)")
+                diverged = TrainingDiverged(f"the loss is {values['loss']} at iteration {done}; lower schedule.lr "
+                                            "or set train.clip_grad (e.g. 10)")
+                if ctx.is_main:  # `python -m detector summary` lists the run as diverged
+                    run_dirs.write_json(run_dir / run_dirs.DIVERGED_FILE, {"iteration": done, "error": str(diverged)})
+                raise diverged
             speed = window_iters * int(cfg.train.batch_size) / max(time.perf_counter() - window_start, 1e-9)
             window_start, window_iters = time.perf_counter(), 0
             last_losses = values
