@@ -2,13 +2,13 @@
 from detector.cli import Command, dispatch
 
 COMMANDS = {
-    "train": Command("detector.engine.train:train_command", "train a detector from arch=<code|zoo name|file|search run dir>"),
-    "eval": Command("detector.engine.evaluate:eval_command", "COCO metrics of ckpt=<file> on the val split"),
+    "train": Command("detector.commands.train:train_command", "train a detector from arch=<code|zoo name|file|search run dir>"),
+    "eval": Command("detector.commands.eval:eval_command", "COCO metrics of ckpt=<file> on the val split"),
     "infer": Command("detector.commands.infer:infer_command", "draw detections of ckpt=<file> on images=<path> into out=<dir>"),
     "describe": Command("detector.commands.describe:describe_command", "params per part and GFLOPs of arch=<code> [format=json]"),
     "bench": Command("detector.commands.bench:bench_command", "training/inference throughput against torchvision FCOS",
                      config="bench"),
-    "synth": Command("detector.data.synthetic:synth_command", "write the synthetic COCO-format dataset to out=<dir>"),
+    "synth": Command("detector.commands.synth:synth_command", "write the synthetic COCO-format dataset to out=<dir>"),
     "summary": Command("detector.commands.summary:summary_command", "metrics table of a sweep directory sweep=<dir>"),
 }
 

@@ -15,7 +15,7 @@ from detector.engine.checkpoint import CheckpointError
 from detector.cli import compose
 from detector.data.coco_eval import METRIC_NAMES
 from detector.engine.train import train
-from detector.engine.evaluate import checked_checkpoint
+from detector.commands.eval import checked_checkpoint
 from detector.commands.infer import InferError, class_colour, draw_detections, infer_command
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,13 +11,13 @@ from omegaconf import OmegaConf
 
 from detector.cache_dir import default_cache_dir, resolve_cache_dir
 from detector.data.errors import DataError
+from detector.commands.synth import synth_command
 from detector.data.synthetic import (
     CLASS_NAMES,
     SynthSpec,
     ensure_synthetic,
     sample_layout,
     spec_from_config,
-    synth_command,
     write_dataset,
 )
 

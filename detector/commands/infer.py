@@ -36,7 +36,8 @@ from detector.data.coco import to_rgb
 from detector.data.transforms import build_transform
 from detector.engine.distributed import autocast_dtype, select_device
 from detector.errors import UserError
-from detector.engine.evaluate import checked_checkpoint, model_from_checkpoint
+from detector.commands.eval import checked_checkpoint
+from detector.engine.evaluate import model_from_checkpoint
 from detector.output_path import output_folder, write_error
 from detector.engine.run_dir import write_json
 

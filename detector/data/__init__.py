@@ -15,7 +15,6 @@ _EXPORTS = {
     "resolve_data_root": "coco",
     "DataError": "errors",
     "ensure_synthetic": "synthetic",
-    "synth_command": "synthetic",
     "write_dataset": "synthetic",
     "DetectionTransform": "transforms",
     "collate": "transforms",

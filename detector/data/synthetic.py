@@ -38,9 +38,9 @@ annotation files and identical image files (JPEG bytes with the same Pillow buil
 
 Drawing lives in `detector.data.shapes`; this module chooses layouts and writes files.
 Public entry points: `write_dataset` (write into a folder), `ensure_synthetic` (generate once
-into the cache, keyed by a hash of the parameters, atomically), `synth_command` (the
-``python -m detector synth out=<dir>`` sub-command), `sample_layout` (the boxes of one image
-without rendering it).
+into the cache, keyed by a hash of the parameters, atomically), `write_atomically` (what
+``python -m detector synth out=<dir>``, :mod:`detector.commands.synth`, calls), `sample_layout`
+(the boxes of one image without rendering it).
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ import numpy as np
 from detector.cache_dir import resolve_cache_dir
 from detector.data.errors import DataError
 from detector.data.shapes import CLASS_NAMES, ImageLayout, ObjectLayout, render_image
-from detector.output_path import output_folder, write_error
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +282,7 @@ def write_dataset(
     return root
 
 
-def _write_atomically(spec: SynthSpec, final: Path, workers: int, progress: bool) -> None:
+def write_atomically(spec: SynthSpec, final: Path, workers: int, progress: bool) -> None:
     """Write into a temp sibling of `final`, then rename it into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -317,33 +316,7 @@ def ensure_synthetic(
     if (final / "annotations").is_dir():
         return final
     log.info("generating synthetic dataset (%d train / %d val) into %s", spec.num_train, spec.num_val, final)
-    _write_atomically(spec, final, workers, progress)
+    write_atomically(spec, final, workers, progress)
     return final
 
 
-def synth_command(cfg: Mapping[str, Any] | Any) -> Path:
-    """``python -m detector synth out=<dir>``: write the synthetic dataset of ``cfg.data`` to ``cfg.out``.
-
-    Refuses (DataError) when ``out`` is unset, or exists and is not an empty folder: it never
-    overwrites user data.
-    """
-    out = cfg.get("out", None)
-    if out is None or str(out).strip() == "":
-        raise DataError("synth needs an output folder: pass out=<dir>")
-    out = Path(str(out)).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"out={out} exists and is not empty; synth never overwrites, pass a new folder")
-    output_folder(out, "out", [])  # a folder that can be written
-    cfg_data = cfg.get("data", None) or {}
-    name = cfg_data.get("name", "synthetic")
-    if name != "synthetic":
-        raise DataError(f"synth writes the synthetic dataset, but data={name}; drop the data= override")
-    spec = spec_from_config(cfg_data)
-    if out.exists():
-        out.rmdir()  # empty: replaced by the atomic rename below
-    try:
-        _write_atomically(spec, out, workers=min(2, os.cpu_count() or 1), progress=True)
-    except OSError as err:
-        raise write_error(out, "out", err) from None
-    print(f"wrote {spec.num_train} train and {spec.num_val} val images ({len(CLASS_NAMES)} classes) to {out}")
-    return out

@@ -1,4 +1,5 @@
-"""Detector training: ``python -m detector train arch=<code|zoo name|file|search run dir>``.
+"""Detector training, behind ``python -m detector train arch=<code|zoo name|file|search run dir>``
+(:mod:`detector.commands.train` prints the result).
 
 :func:`train` is a straight-line loop over iterations::
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -46,7 +46,7 @@ from tqdm import tqdm
 from detector.engine import run_dir as run_dirs
 from detector.engine.checkpoint import (capture_rng_state, check_arch, load_latest, restore_rng_state, save_atomic,
                                  write_training_checkpoint)
-from detector.data.coco_eval import METRIC_NAMES, format_metrics
+from detector.data.coco_eval import METRIC_NAMES
 from detector.data.coco import build_dataset
 from detector.engine.distributed import (Context, autocast_dtype, barrier, broadcast_object, mean_over_processes,
                                   per_process_batch, setup, teardown)
@@ -314,15 +314,3 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     return result
 
 
-def train_command(cfg: Any) -> dict[str, Any]:
-    """``python -m detector train ...``: train, then print the final COCO metrics (rank 0)."""
-    result = train(cfg)
-    if "stopped_at" in result:
-        print(f"stopped after iteration {result['stopped_at']} (train.stop_after); resume with "
-              f"out_dir={result['run_dir']} resume=true")
-    elif "AP" in result and int(os.environ.get("RANK", "0") or 0) == 0:
-        print(format_metrics({name: result[name] for name in METRIC_NAMES}))
-        print(f"{result['arch_name']}: AP {100 * result['AP']:.1f}, AP50 {100 * result['AP50']:.1f} after "
-              f"{result['iterations']} iterations ({result['train_seconds']:.0f} s of training); run dir "
-              f"{result['run_dir']}")
-    return result
