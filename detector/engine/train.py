@@ -172,38 +172,15 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
                                                        uint8_images=True))
     val_set = _main_first(ctx, lambda: build_dataset(cfg.data, "val", train=False, cache_dir=cache_dir))
 
-    from detector.model.build import build_detector_from_cfg
-
-    model = _main_first(ctx, lambda: build_detector_from_cfg(cfg, arch)).to(ctx.device)
-    if bool(cfg.train.channels_last):
-        model = model.to(memory_format=torch.channels_last)
-    set_fast_paths(model, fast_paths, deform="auto")  # same function and state dict keys as the reference code
-    if ctx.is_main and fast_paths:
-        log.info("fast paths on: %s", ", ".join(fast_paths))
-    train_graphs = None
-    if graph_settings is not None:
-        from detector.fast.graphs.training import install_training_graph
-
-        train_graphs = install_training_graph(model, *graph_settings)
-        log.info("CUDA-graph training step on (batches padded to at least %s, multiple %d)", *graph_settings)
+    model, train_graphs = _build_model(cfg, arch, ctx, fast_paths, graph_settings)
     optimizer = build_optimizer(model, schedule)
     scheduler = build_scheduler(optimizer, schedule)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
 
-    start, train_seconds, evals = 0, 0.0, []
     if resume:
-        payload, path = load_latest(run_dir)
-        check_arch(payload, code, source=f"checkpoint {path}")
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        if payload.get("scaler"):
-            scaler.load_state_dict(payload["scaler"])
-        restore_rng_state(payload["rng"])
-        start, train_seconds = int(payload["iteration"]), float(payload.get("train_seconds", 0.0))
-        evals = list(payload.get("evals", []))
-        log.info("resuming %s from %s at iteration %d", run_dir, path.name, start)
+        start, train_seconds, evals = _restore(run_dir, code, model, optimizer, scheduler, scaler)
     else:
+        start, train_seconds, evals = 0, 0.0, []
         _main_first(ctx, lambda: run_dirs.ensure_writable(run_dir))
         if ctx.is_main:
             run_dirs.save_config(cfg, run_dir)
@@ -260,15 +237,7 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
         bar.update(1)
 
         if done % log_every == 0 or done == total or done == stop_after:
-            values = {name: float(value.detach()) for name, value in losses.items()}
-            values["loss"] = sum(values.values())
-            values = mean_over_processes(values, ctx)
-            if not math.isfinite(values["loss"]):
-                diverged = TrainingDiverged(f"the loss is {values['loss']} at iteration {done}; lower schedule.lr "
-                                            "or set train.clip_grad (e.g. 10)")
-                if ctx.is_main:  # `python -m detector summary` lists the run as diverged
-                    run_dirs.write_json(run_dir / run_dirs.DIVERGED_FILE, {"iteration": done, "error": str(diverged)})
-                raise diverged
+            values = _checked_losses(losses, done, ctx, run_dir)
             speed = window_iters * int(cfg.train.batch_size) / max(time.perf_counter() - window_start, 1e-9)
             window_start, window_iters = time.perf_counter(), 0
             last_losses = values
@@ -303,14 +272,72 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
         "final_losses": last_losses, "evals": evals, "run_dir": str(run_dir),
     }
     if ctx.is_main:
-        save_atomic({"arch": code, "config": OmegaConf.to_container(cfg, resolve=True), "iteration": total,
-                     "model": model.state_dict(), "class_names": list(train_set.class_names),
-                     "label_to_cat_id": list(train_set.label_to_cat_id)}, run_dir / run_dirs.FINAL_WEIGHTS)
-        run_dirs.write_json(run_dir / run_dirs.DETECTIONS_FILE, detections)
-        run_dirs.write_json(run_dir / run_dirs.METRICS_FILE, result)
+        _write_final(cfg, run_dir, model, train_set, detections, result)
         logger.log_summary({name: final[name] for name in METRIC_NAMES} | {"train_seconds": result["train_seconds"]})
         logger.finish()
     barrier(ctx)
     return result
+
+
+def _build_model(cfg: Any, arch: Any, ctx: Context, fast_paths: tuple[str, ...],
+                 graph_settings: tuple | None) -> tuple[nn.Module, Any]:
+    """The detector on the device with its fast paths (and the CUDA-graph step when asked)."""
+    from detector.model.build import build_detector_from_cfg
+
+    model = _main_first(ctx, lambda: build_detector_from_cfg(cfg, arch)).to(ctx.device)
+    if bool(cfg.train.channels_last):
+        model = model.to(memory_format=torch.channels_last)
+    set_fast_paths(model, fast_paths, deform="auto")  # same function and state dict keys as the reference code
+    if ctx.is_main and fast_paths:
+        log.info("fast paths on: %s", ", ".join(fast_paths))
+    train_graphs = None
+    if graph_settings is not None:
+        from detector.fast.graphs.training import install_training_graph
+
+        train_graphs = install_training_graph(model, *graph_settings)
+        log.info("CUDA-graph training step on (batches padded to at least %s, multiple %d)", *graph_settings)
+    return model, train_graphs
+
+
+def _restore(run_dir: Path, code: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             scaler: torch.amp.GradScaler) -> tuple[int, float, list[dict[str, Any]]]:
+    """Load the last checkpoint into the training state; (iteration, training seconds, evaluations)."""
+    payload, path = load_latest(run_dir)
+    check_arch(payload, code, source=f"checkpoint {path}")
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    if payload.get("scaler"):
+        scaler.load_state_dict(payload["scaler"])
+    restore_rng_state(payload["rng"])
+    start = int(payload["iteration"])
+    log.info("resuming %s from %s at iteration %d", run_dir, path.name, start)
+    return start, float(payload.get("train_seconds", 0.0)), list(payload.get("evals", []))
+
+
+def _checked_losses(losses: dict[str, torch.Tensor], done: int, ctx: Context, run_dir: Path) -> dict[str, float]:
+    """The step's losses (and their sum, ``loss``) averaged over processes; TrainingDiverged when not
+    finite (the run dir then records it, so ``python -m detector summary`` lists the run as diverged)."""
+    values = {name: float(value.detach()) for name, value in losses.items()}
+    values["loss"] = sum(values.values())
+    values = mean_over_processes(values, ctx)
+    if not math.isfinite(values["loss"]):
+        diverged = TrainingDiverged(f"the loss is {values['loss']} at iteration {done}; lower schedule.lr "
+                                    "or set train.clip_grad (e.g. 10)")
+        if ctx.is_main:
+            run_dirs.write_json(run_dir / run_dirs.DIVERGED_FILE, {"iteration": done, "error": str(diverged)})
+        raise diverged
+    return values
+
+
+def _write_final(cfg: Any, run_dir: Path, model: nn.Module, train_set: Any, detections: list[dict],
+                 result: dict[str, Any]) -> None:
+    """final.pt (weights, arch, config, class names), the val detections and metrics.json."""
+    save_atomic({"arch": result["arch"], "config": OmegaConf.to_container(cfg, resolve=True),
+                 "iteration": result["iterations"], "model": model.state_dict(),
+                 "class_names": list(train_set.class_names), "label_to_cat_id": list(train_set.label_to_cat_id)},
+                run_dir / run_dirs.FINAL_WEIGHTS)
+    run_dirs.write_json(run_dir / run_dirs.DETECTIONS_FILE, detections)
+    run_dirs.write_json(run_dir / run_dirs.METRICS_FILE, result)
 
 
