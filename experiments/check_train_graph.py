@@ -6,7 +6,7 @@
    same weights: losses, gradient norms, the relative gradient difference graphed vs eager and
    eager vs eager (the noise floor of GPU atomics), bf16 autocast + channels_last as the bench.
 2. Speed: training images/s of nasfcos and of our fcos, eager and graphed, on the bench's batches
-   (``detector.bench.throughput.make_batches``: batch 16, 800 x 1000..1333, landscape; graphed rows pad
+   (``detector.bench.batches.make_batches``: batch 16, 800 x 1000..1333, landscape; graphed rows pad
    every batch to 800 x 1344), all in this process; the nasfcos / fcos ratio per mode (issue #9:
    >= 0.6x) and peak memory (<= 40 GB).
 
@@ -31,8 +31,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from detector.fast.graphs.training import install_training_graph  # noqa: E402
-from detector.bench.throughput import (BenchSettings, Variant, build_ours, load_recipe, make_batches,  # noqa: E402
-                                 time_calls, train_graph_pad_to)
+from detector.bench.settings import BenchSettings, Variant
+from detector.bench.models import build_ours, load_recipe
+from detector.bench.batches import make_batches
+from detector.bench.timing import time_calls, train_graph_pad_to
 from detector.arch.zoo import resolve_arch  # noqa: E402
 
 GB = 1e9

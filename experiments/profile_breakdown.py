@@ -41,8 +41,10 @@ import torch  # noqa: E402
 from detector.fast.loss import SizeRangeCache  # noqa: E402
 from detector.fast.switch import active_fast_paths, parse_paths  # noqa: E402
 from detector.model.targets import assign_targets  # noqa: E402
-from detector.bench.throughput import (BenchSettings, Variant, build_ours, build_torchvision_fcos, load_recipe,  # noqa: E402
-                                 make_batches, time_calls)
+from detector.bench.settings import BenchSettings, Variant
+from detector.bench.models import build_ours, build_torchvision_fcos, load_recipe
+from detector.bench.batches import make_batches
+from detector.bench.timing import time_calls
 from detector.arch.zoo import resolve_arch  # noqa: E402
 
 QUICK = dict(batch=2, infer_batches=(1, 2), short_side=64, max_size=96, backbone="resnet18", num_batches=2,

@@ -15,7 +15,11 @@ from PIL import Image
 from detector.__main__ import COMMANDS
 from detector.commands.bench import bench_command, format_table, settings_from_cfg
 from detector.cli import compose, dispatch
-from detector.bench.throughput import (BenchError, BenchSettings, default_variants, make_batches, ratios, time_calls)
+from detector.bench.settings import BenchError, BenchSettings
+from detector.bench.variants import default_variants
+from detector.bench.batches import make_batches
+from detector.bench.throughput import ratios
+from detector.bench.timing import time_calls
 from detector.arch.zoo import zoo_arch
 from experiment_scripts import load_experiment
 

@@ -66,7 +66,7 @@ def test_sample_contract(synth_root):
 def test_uint8_images_are_the_same_pixels_and_the_model_converts_them_bit_identically(synth_root):
     """The training loader's uint8 transport changes no bit of what the model sees."""
     from detector.model.build import build_detector
-    from detector.bench.throughput import load_recipe
+    from detector.bench.models import load_recipe
     from detector.arch.zoo import zoo_arch
 
     floats = build_dataset(_synth_cfg(synth_root), "train", train=True)

@@ -31,7 +31,7 @@ from detector.fast.switch import FAST_PATHS, FastPathError, PointsCache, active_
 from detector.model.loss import compute_losses
 from detector.model.points import make_points, points_for
 from detector.model.postprocess import postprocess
-from detector.bench.throughput import load_recipe
+from detector.bench.models import load_recipe
 from detector.arch.zoo import zoo_arch
 
 RECIPES = {name: load_recipe(name) for name in ("nasfcos", "torchvision")}

@@ -18,7 +18,7 @@ from detector.model.build import build_detector
 from detector.fast.norm import DtypeKeepingFrozenBatchNorm2d
 from detector.fast.switch import set_fast_paths
 from detector.fast.graphs.training import ExternalTensors
-from detector.bench.throughput import load_recipe
+from detector.bench.models import load_recipe
 from detector.arch.zoo import resolve_arch
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -19,8 +19,11 @@ from detector.fast.graphs.training import (ExternalTensors, GraphedTraining, Net
                                        pad_bottom_right, remove_training_graph)
 from detector.model.points import points_for
 from detector.model.targets import assign_targets
-from detector.bench.throughput import (BenchError, arch_ratios, default_variants, load_recipe, parse_graph_modes,
-                                 train_graph_pad_to, BenchSettings)
+from detector.bench.settings import BenchError, BenchSettings
+from detector.bench.throughput import arch_ratios
+from detector.bench.variants import default_variants, parse_graph_modes
+from detector.bench.models import load_recipe
+from detector.bench.timing import train_graph_pad_to
 from detector.arch.zoo import resolve_arch
 from detector.__main__ import COMMANDS
 

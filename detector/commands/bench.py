@@ -29,7 +29,9 @@ from detector.cli import CONF_DIR
 from detector.engine.distributed import select_device
 from detector.fast.switch import parse_paths
 from detector.model.recipe import Recipe
-from detector.bench.throughput import BenchError, BenchSettings, default_variants, parse_graph_modes, run_bench
+from detector.bench.settings import BenchError, BenchSettings
+from detector.bench.variants import default_variants, parse_graph_modes
+from detector.bench.throughput import run_bench
 from detector.arch.zoo import resolve_arch
 
 FORMATS = ("text", "json")
