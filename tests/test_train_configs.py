@@ -194,3 +194,15 @@ def test_training_fast_paths_auto_is_the_training_set_on_cuda_and_none_on_cpu():
     assert training_fast_paths("auto", torch.device("cuda")) == TRAINING_FAST_PATHS
     assert "cuda_graphs" not in TRAINING_FAST_PATHS
     assert training_fast_paths(["losses", "points"], torch.device("cpu")) == ("losses", "points")
+
+
+def test_a_schedule_comes_whole_from_its_yaml_and_unknown_or_missing_keys_are_refused():
+    from detector.engine.optim import ScheduleError
+
+    for name in ("1x", "synthetic"):
+        cfg = compose("train", [f"schedule={name}"])
+        assert Schedule.from_cfg(cfg.schedule).warmup_iters == cfg.schedule.warmup_iters
+    with pytest.raises(ScheduleError, match="'warmup' is not a schedule setting; a schedule sets iterations, lr"):
+        Schedule.from_cfg(compose("train", ["+schedule.warmup=5"]).schedule)
+    with pytest.raises(ScheduleError, match="'warmup_iters' is missing"):
+        Schedule.from_cfg(compose("train", ["~schedule.warmup_iters"]).schedule)

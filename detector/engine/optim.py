@@ -16,6 +16,7 @@ bias_weight_decay, warmup_iters, warmup_factor, policy (multistep | cosine), ste
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -63,20 +64,29 @@ class Schedule:
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "Schedule":
-        """From a ``schedule`` config node (OmegaConf or mapping); unknown keys are ignored."""
+        """From a ``schedule`` config node (OmegaConf or mapping) holding every field, as the YAMLs of
+        ``conf/schedule/`` do (they are the one source of the values); a missing or unknown key is a
+        ScheduleError naming the valid ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        given = list(cfg.keys())
+        unknown = sorted(str(k) for k in given if k not in names)
+        missing = [k for k in names if k not in given]
+        if unknown or missing:
+            what = f"'{unknown[0]}' is not a schedule setting" if unknown else f"'{missing[0]}' is missing"
+            raise ScheduleError(f"schedule: {what}; a schedule sets {', '.join(names)} (see conf/schedule/1x.yaml)")
         try:
             return cls(
                 iterations=int(cfg["iterations"]),
                 lr=float(cfg["lr"]),
-                momentum=float(cfg.get("momentum", 0.9)),
-                weight_decay=float(cfg.get("weight_decay", 1e-4)),
-                bias_lr_factor=float(cfg.get("bias_lr_factor", 2.0)),
-                bias_weight_decay=float(cfg.get("bias_weight_decay", 0.0)),
-                warmup_iters=int(cfg.get("warmup_iters", 0)),
-                warmup_factor=float(cfg.get("warmup_factor", 1.0 / 3)),
-                policy=str(cfg.get("policy", "multistep")),
-                steps=tuple(int(s) for s in (cfg.get("steps", None) or ())),
-                gamma=float(cfg.get("gamma", 0.1)),
+                momentum=float(cfg["momentum"]),
+                weight_decay=float(cfg["weight_decay"]),
+                bias_lr_factor=float(cfg["bias_lr_factor"]),
+                bias_weight_decay=float(cfg["bias_weight_decay"]),
+                warmup_iters=int(cfg["warmup_iters"]),
+                warmup_factor=float(cfg["warmup_factor"]),
+                policy=str(cfg["policy"]),
+                steps=tuple(int(s) for s in (cfg["steps"] or ())),
+                gamma=float(cfg["gamma"]),
             )
         except (KeyError, TypeError, ValueError) as err:
             if isinstance(err, ScheduleError):
