@@ -89,7 +89,8 @@ def _worker_evaluator(setup: dict[str, Any]) -> Any:
 
         cache = setup["cache"]
         if cache is not None and not Path(cache).exists():
-            raise UserError(f"the feature cache {cache} is not visible on node {_node()['node_ip']}: put "
+            node = _node()["node_ip"] if ray.is_initialized() else socket.gethostname()
+            raise UserError(f"the feature cache {cache} is not visible on node {node}: put "
                             "cache_dir on storage that every node mounts at the same path")
         evaluator = build_evaluator(OmegaConf.create(setup["cfg"]), cache=cache)
         _WORKER_EVALUATORS[setup["key"]] = evaluator

@@ -1,0 +1,179 @@
+"""The search on a real multi-node Ray cluster (executor=ray, ray.address=<head>).
+
+The cluster is real: a head and worker nodes started as separate ``ray start`` processes on this
+machine (:class:`ray_cluster.LocalCluster`: own temp dirs and ports, token authentication, one
+custom resource naming each node). The driver is the real CLI, ``python -m search run``, in a
+subprocess joining with ``ray.address=<head>``. Every trial records the node it ran on, so the
+tests see trials land on both nodes. Afterwards exactly the processes the test started are
+stopped (by process id) and none is left.
+
+Faults: a worker node SIGKILLed mid-trial (the trial runs again elsewhere, recorded once), the
+driver SIGKILLed (``resume=`` against the running cluster completes the budget exactly), a
+cluster that is not there or refuses the driver's token (one line, exit 2), the head gone
+mid-search and back (slow), a node that cannot see ``cache_dir`` (slow; a fast twin checks the
+worker's message).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed")
+
+from faults import (ROOT, PausePoint, assert_one_line_bad_input, parse_history_lines, record_fault,  # noqa: E402
+                    rows_lost, sigkill, start_cli, wait_for_marker, wait_until)
+from ray_cluster import LocalCluster, free_port  # noqa: E402
+from test_search_loop import check_completed_run  # noqa: E402
+
+STAGES = ["fpn", "head"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head and one worker node, 1 CPU each (so two trials at once must use both nodes)."""
+    with LocalCluster() as started:
+        started.start_head("head", cpus=1, **project_env())
+        started.add_node("node1", cpus=1, **project_env())
+        started.wait_for_nodes()
+        yield started
+        started.stop()
+        assert started.leftover() == [], "a process of the test cluster outlived it"
+
+
+def project_env() -> dict[str, str]:
+    """This checkout importable on every node and in the driver (the same project everywhere)."""
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "TQDM_DISABLE": "1"}
+
+
+def search_args(run_dir: Path, address: str, *extra: str) -> list[str]:
+    return ["run", "proxy_eval=toy", "executor=ray", f"ray.address={address}", "search.budget=3",
+            f"search.run_dir={run_dir}", f"cache_dir={run_dir.parent / 'cache'}", *extra]
+
+
+def run_search_cli(cluster: LocalCluster, *args: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search", *args], cwd=ROOT, text=True, capture_output=True,
+                          timeout=timeout, env=cluster.env(**project_env(), **env))
+
+
+def nodes_of(rows: list[dict]) -> list[str]:
+    """The test node (its custom resource) each trained row ran on."""
+    return [next(iter(r["extra"]["node_resources"])) for r in rows if not r["reused"]]
+
+
+# ---------------------------------------------------------------------- the search on the cluster
+def test_a_search_on_a_two_node_cluster_uses_both_nodes_and_spends_the_exact_budget(cluster, tmp_path):
+    """search.workers=3 on two 1-CPU nodes: one warning that only 2 trials fit at once, trials on
+    both nodes, exactly the budget per stage, no code trained twice, the report written."""
+    run_dir = tmp_path / "run"
+    done = run_search_cli(cluster, *search_args(run_dir, cluster.address, "search.workers=3",
+                                                "proxy_eval.sleep_s=0.5"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = check_completed_run(run_dir, STAGES, 3)
+    assert set(nodes_of(rows)) == {"head", "node1"}, nodes_of(rows)
+    assert all(r["extra"]["node_ip"] and r["extra"]["node_id"] for r in rows if not r["reused"])
+    warnings = [line for line in done.stderr.splitlines() if "can place only 2 trial(s)" in line]
+    assert len(warnings) == 1, done.stderr[-3000:]
+    assert "search.workers=3" in warnings[0]
+    assert (run_dir / "report.md").is_file()
+    assert "Traceback" not in done.stderr
+
+
+def test_no_cluster_at_the_address_is_one_line_naming_the_fix(tmp_path):
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "search",
+                           *search_args(tmp_path / "run", f"127.0.0.1:{free_port()}")], cwd=ROOT, text=True,
+                          capture_output=True, timeout=120, env={**os.environ, **project_env()})
+    line = assert_one_line_bad_input(done, "no head", strict=False)
+    assert "no Ray head answers at" in line and "Connection refused" in line and "ray start --head" in line
+    assert time.monotonic() - started < 60  # not Ray's minutes of retries
+
+
+def test_a_driver_without_the_clusters_token_is_one_line_naming_the_fix(cluster, tmp_path):
+    """The head requires token authentication; a driver started without RAY_AUTH_MODE=token (what
+    a new user does) is refused: one line saying how to pass the token, exit 2."""
+    env = {k: v for k, v in cluster.env(**project_env()).items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    done = subprocess.run([sys.executable, "-m", "search", *search_args(tmp_path / "run", cluster.address)],
+                          cwd=ROOT, text=True, capture_output=True, timeout=180, env=env)
+    line = assert_one_line_bad_input(done, "no token", strict=False)
+    assert "refused this driver's authentication token" in line and "RAY_AUTH_MODE=token" in line
+    assert "InvalidAuthToken" not in done.stderr  # Ray's retry lines are not shown
+
+
+# ---------------------------------------------------------------------- faults on the cluster
+def test_a_driver_killed_mid_search_resumes_on_the_running_cluster_to_the_exact_budget(cluster, tmp_path,
+                                                                                       record_property):
+    run_dir = tmp_path / "run"
+    pause = PausePoint("search.history:History.append", tmp_path / "paused", call=2, when="after")
+    proc = start_cli("search", *search_args(run_dir, cluster.address, "search.workers=2"), pause=pause,
+                     env=cluster.env(**project_env()))
+    wait_for_marker(pause, proc, timeout=240)
+    sigkill(proc)
+    before = parse_history_lines(run_dir / "history.jsonl")
+    assert len(before) == 2
+    done = run_search_cli(cluster, "run", f"resume={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = check_completed_run(run_dir, STAGES, 3)
+    assert rows_lost(before, after) == 0
+    record_fault(record_property, 1, rows_lost(before, after))
+
+
+def test_a_worker_node_killed_mid_trial_reruns_its_trial_on_another_node(cluster, tmp_path, record_property):
+    """A third node joins; once a trial runs there, every process of that node is SIGKILLed. Tune
+    restarts the trial (search.retries=1) on a surviving node; it is recorded once, ok."""
+    victim = cluster.add_node("victim", cpus=1, **project_env())
+    cluster.wait_for_nodes()
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "search",
+                             *search_args(run_dir, cluster.address, "search.workers=3", "search.stages=[fpn]",
+                                          "search.budget=4", "proxy_eval.sleep_s=3", "search.retries=1")],
+                            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=cluster.env(**project_env()))
+    try:
+        wait_until(lambda: trial_running_on(cluster, victim.process.pid), proc, "a trial on the victim node", 240)
+        killed = cluster.kill_node("victim")
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert killed
+    rows = check_completed_run(run_dir, ["fpn"], 4)
+    assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    assert "victim" not in nodes_of(rows)  # the killed node's trial was recorded from its re-run
+    assert any(p.name.startswith("error") for p in (run_dir / "ray").rglob("*")), "Tune recorded no failure"
+    record_fault(record_property, 1, 0)
+
+
+def trial_running_on(cluster: LocalCluster, session: int) -> bool:
+    """A Tune trial actor of the node started as ``session`` is evaluating (its process title)."""
+    from ray_cluster import _session
+
+    for pid in cluster.leftover():
+        if _session(pid) != session:
+            continue
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "ImplicitFunc" in title and "IDLE" not in title:
+            return True
+    return False
+
+
+def test_a_node_without_the_feature_cache_fails_the_trial_in_one_line_naming_the_path(tmp_path):
+    """Fast twin of the slow blind-node test: the worker's check before it opens the cache."""
+    from detector.errors import UserError
+    from search.ray_executor import _worker_evaluator
+
+    missing = tmp_path / "features" / "abc"
+    with pytest.raises(UserError) as err:
+        _worker_evaluator({"key": "blind", "cache": str(missing), "cfg": {}})
+    assert str(missing) in str(err.value) and "cache_dir" in str(err.value) and "\n" not in str(err.value)
