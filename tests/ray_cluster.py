@@ -79,14 +79,17 @@ class LocalCluster:
         return env
 
     # -------------------------------------------------------------- start
-    def start_head(self, name: str = "head", cpus: int = 1, **env: str) -> Node:
-        self.port = free_port()
+    def start_head(self, name: str = "head", cpus: int = 1, port: int | None = None, **env: str) -> Node:
+        """Start the head (on ``port``, default a free one: a restarted head can take its old port)."""
+        self.port = port or free_port()
         return self._start(name, cpus, ["--head", f"--port={self.port}", "--include-dashboard=false"], env)
 
-    def add_node(self, name: str, cpus: int = 1, **env: str) -> Node:
-        return self._start(name, cpus, [f"--address={self.address}"], env)
+    def add_node(self, name: str, cpus: int = 1, hide: Path | None = None, **env: str) -> Node:
+        """Start a worker node; ``hide``: the node sees an empty folder there (its own mount
+        namespace with a tmpfs over that path), like a machine that does not mount a shared disk."""
+        return self._start(name, cpus, [f"--address={self.address}"], env, hide)
 
-    def _start(self, name: str, cpus: int, args: list[str], env: dict[str, str]) -> Node:
+    def _start(self, name: str, cpus: int, args: list[str], env: dict[str, str], hide: Path | None = None) -> Node:
         temp_dir = self.root / name
         temp_dir.mkdir(parents=True, exist_ok=True)
         ports = [f"{option}={free_port()}" for option in PORT_OPTIONS]
@@ -94,6 +97,9 @@ class LocalCluster:
         command = [*ray_command(), "start", "--block", *args, f"--num-cpus={cpus}", "--num-gpus=0",
                    f"--resources={json.dumps({name: 1})}", f"--node-name={name}", f"--temp-dir={temp_dir}",
                    "--disable-usage-stats", *ports]
+        if hide is not None:
+            script = f'mount -t tmpfs nasfcos-hidden "$0" && exec "$@"'
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(hide), *command]
         with open(log, "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env(**env),
                                        start_new_session=True, cwd=self.root)
@@ -137,6 +143,7 @@ class LocalCluster:
         for pid in pids:
             _kill(pid, signal.SIGKILL)
         node.process.wait(timeout=30)
+        del self.nodes[name]
         return pids
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -164,6 +171,14 @@ class LocalCluster:
             self.stop()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def can_hide_paths() -> bool:
+    """Whether this machine lets us start a node in its own mount namespace (root, unshare)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
+    return probe.returncode == 0
 
 
 def _session(pid: int) -> int | None:
