@@ -95,15 +95,16 @@ def test_a_search_on_a_two_node_cluster_uses_both_nodes_and_resumes_after_a_driv
     record_fault(record_property, 1, rows_lost(before, rows))
 
 
-def test_no_cluster_at_the_address_is_one_line_naming_the_fix(tmp_path):
+def test_no_cluster_at_the_address_is_one_line_naming_the_fix(tmp_path, record_property):
     started = time.monotonic()
     outcome = run_cli_in_process("search", search_args(tmp_path / "run", f"127.0.0.1:{free_port()}"))
     line = assert_one_line_bad_input(outcome, "no head", strict=False)
     assert "no Ray head answers at" in line and "Connection refused" in line and "ray start --head" in line
     assert time.monotonic() - started < 60  # not Ray's minutes of retries
+    record_fault(record_property, 1, None)
 
 
-def test_a_driver_without_the_clusters_token_is_one_line_naming_the_fix(cluster, tmp_path):
+def test_a_driver_without_the_clusters_token_is_one_line_naming_the_fix(cluster, tmp_path, record_property):
     """The head requires token authentication; a driver started without RAY_AUTH_MODE=token (what
     a new user does) is refused: one line saying how to pass the token, exit 2."""
     env = {k: v for k, v in cluster.env(**project_env()).items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
@@ -112,6 +113,7 @@ def test_a_driver_without_the_clusters_token_is_one_line_naming_the_fix(cluster,
     line = assert_one_line_bad_input(done, "no token", strict=False)
     assert "refused this driver's authentication token" in line and "RAY_AUTH_MODE=token" in line
     assert "InvalidAuthToken" not in done.stderr  # Ray's retry lines are not shown
+    record_fault(record_property, 1, None)
 
 
 # ---------------------------------------------------------------------- faults on the cluster
@@ -161,7 +163,7 @@ def trial_running_on(cluster: LocalCluster, session: int) -> bool:
     return False
 
 
-def test_a_node_without_the_feature_cache_fails_the_trial_in_one_line_naming_the_path(tmp_path):
+def test_a_node_without_the_feature_cache_fails_the_trial_in_one_line_naming_the_path(tmp_path, record_property):
     """Fast twin of the slow blind-node test: the worker's check before it opens the cache."""
     from detector.errors import UserError
     from search.ray_executor import _worker_evaluator
@@ -170,6 +172,7 @@ def test_a_node_without_the_feature_cache_fails_the_trial_in_one_line_naming_the
     with pytest.raises(UserError) as err:
         _worker_evaluator({"key": "blind", "cache": str(missing), "cfg": {}})
     assert str(missing) in str(err.value) and "cache_dir" in str(err.value) and "\n" not in str(err.value)
+    record_fault(record_property, 1, None)
 
 
 @pytest.mark.slow
