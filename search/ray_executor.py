@@ -170,9 +170,9 @@ class StageSearcher(Searcher):
 
 def trial_slots(node_resources: dict[str, float], per_trial: dict[str, float]) -> int:
     """How many trials asking ``per_trial`` (``cpu``, ``gpu``) one node with these resources holds."""
-    fits = [int(node_resources.get("CPU", 0.0) // per_trial["cpu"] + 1e-9)]
+    fits = [int(node_resources.get("CPU", 0.0) / per_trial["cpu"] + 1e-9)]
     if per_trial["gpu"] > 0:
-        fits.append(int(node_resources.get("GPU", 0.0) // per_trial["gpu"] + 1e-9))
+        fits.append(int(node_resources.get("GPU", 0.0) / per_trial["gpu"] + 1e-9))
     return max(0, min(fits))
 
 

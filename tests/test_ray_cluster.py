@@ -116,6 +116,33 @@ def test_a_driver_without_the_clusters_token_is_one_line_naming_the_fix(cluster,
     record_fault(record_property, 1, None)
 
 
+def test_more_workers_than_the_nodes_can_place_warn_once_and_a_trial_no_node_holds_is_refused(caplog):
+    """Placement counts whole trials per node (a trial never spans nodes), from ``ray.nodes()``."""
+    from detector.errors import UserError
+    from search.ray_executor import RayExecutor, trial_slots
+
+    assert trial_slots({"CPU": 1.0}, {"cpu": 0.1, "gpu": 0.0}) == 10
+    assert trial_slots({"CPU": 16.0, "GPU": 1.0}, {"cpu": 1.0, "gpu": 0.25}) == 4
+    assert trial_slots({"CPU": 16.0}, {"cpu": 1.0, "gpu": 0.5}) == 0
+    nodes = [{"Alive": True, "Resources": {"CPU": 3.0}}, {"Alive": True, "Resources": {"CPU": 3.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0}}]
+    executor = object.__new__(RayExecutor)
+    executor.workers, executor.resources = 5, {"cpu": 2.0, "gpu": 0.0}
+    with caplog.at_level("WARNING", logger="search.ray_executor"):
+        executor._check_placement(nodes)
+    assert [r.getMessage() for r in caplog.records] == [
+        "search.workers=5 but the Ray cluster (2 node(s)) can place only 2 trial(s) of ray.cpus_per_trial=2 and "
+        "ray.gpus_per_trial=0 at once: 2 will run at a time; add nodes or lower ray.cpus_per_trial / "
+        "ray.gpus_per_trial"]
+    executor.workers = 2
+    caplog.clear()
+    executor._check_placement(nodes)
+    assert not caplog.records
+    executor.resources = {"cpu": 4.0, "gpu": 0.0}  # 6 CPUs in the cluster, but 3 per node
+    with pytest.raises(UserError, match="no node of the Ray cluster can hold a trial of ray.cpus_per_trial=4"):
+        executor._check_placement(nodes)
+
+
 # ---------------------------------------------------------------------- faults on the cluster
 @pytest.mark.slow
 def test_a_worker_node_killed_mid_trial_reruns_its_trial_on_another_node(cluster, tmp_path, record_property):
