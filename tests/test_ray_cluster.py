@@ -74,7 +74,9 @@ def test_a_search_on_a_two_node_cluster_uses_both_nodes_and_resumes_after_a_driv
     budget per stage, no code trained twice, no row lost, trials on both nodes, one warning that
     only 2 trials fit at once, the report written."""
     run_dir = tmp_path / "run"
-    args = search_args(run_dir, cluster.address, "search.workers=3", "proxy_eval.sleep_s=0.5")
+    # Trials of 3 s: a trial actor starts in 5-20 s on a loaded machine, and a node whose actor is
+    # not ready yet gets no trial (Tune hands trials to the actors that are ready).
+    args = search_args(run_dir, cluster.address, "search.workers=3", "proxy_eval.sleep_s=3")
     pause = PausePoint("search.history:History.append", tmp_path / "paused", call=2, when="after")
     proc = start_cli("search", *args, pause=pause, env=cluster.env(**project_env()))
     wait_for_marker(pause, proc, timeout=240)
@@ -85,7 +87,8 @@ def test_a_search_on_a_two_node_cluster_uses_both_nodes_and_resumes_after_a_driv
     assert done.returncode == 0, done.stderr[-3000:]
     rows = check_completed_run(run_dir, STAGES, 3)
     assert rows_lost(before, rows) == 0
-    assert set(nodes_of(rows)) == {"head", "node1"}, nodes_of(rows)
+    assert set(nodes_of(rows)) == {"head", "node1"}, (nodes_of(rows), done.stderr[-2000:],
+                                                       cluster.nodes["node1"].log.read_text()[-2000:])
     assert all(r["extra"]["node_ip"] and r["extra"]["node_id"] for r in rows if not r["reused"])
     warnings = [line for line in done.stderr.splitlines() if "can place only 2 trial(s)" in line]
     assert len(warnings) == 1, done.stderr[-3000:]
