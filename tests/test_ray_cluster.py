@@ -181,7 +181,7 @@ def test_a_worker_node_killed_mid_trial_reruns_its_trial_on_another_node(cluster
 
 
 def trial_running_on(cluster: LocalCluster, session: int) -> bool:
-    """A Tune trial actor of the node started as ``session`` is evaluating (its process title)."""
+    """A Tune trial actor of the node started as ``session`` is running a trial (its process title)."""
     from ray_cluster import _session
 
     for pid in cluster.leftover():
@@ -191,7 +191,7 @@ def trial_running_on(cluster: LocalCluster, session: int) -> bool:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if "ImplicitFunc" in title and "IDLE" not in title:
+        if "ImplicitFunc.train" in title:  # Ray's title while the actor runs a trial (not while it starts)
             return True
     return False
 
