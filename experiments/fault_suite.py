@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE_FILES = ["tests/test_faults_search.py", "tests/test_faults_training.py", "tests/test_faults_files.py",
-               "tests/test_faults_hostile_input.py", "tests/test_output_paths.py"]
+               "tests/test_faults_hostile_input.py", "tests/test_output_paths.py", "tests/test_ray_cluster.py"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,22 @@ FAULTS = [
           "the worker process SIGKILLs itself inside the 2nd evaluation",
           ("test_a_ray_worker_sigkilled_mid_trial",),
           ("test_search_ray.py::test_a_trial_whose_worker_keeps_crashing",)),
+    Fault("Ray cluster: search driver SIGKILLed, resumed against the running cluster",
+          "real SIGKILL after history row 2 of a search on a 2-node cluster (separate `ray start` processes)",
+          ("test_a_search_on_a_two_node_cluster_uses_both_nodes_and_resumes_after_a_driver_kill",)),
+    Fault("Ray cluster: worker node SIGKILLed mid-trial (slow)",
+          "every process of a 3rd node (raylet, its workers) SIGKILLed while it runs a trial",
+          ("test_a_worker_node_killed_mid_trial",),
+          ("test_search_ray.py::test_a_trial_whose_worker_keeps_crashing",)),
+    Fault("Ray cluster: head gone (mid-search: slow; at start / resume: CI)",
+          "head node SIGKILLed mid-search; resume while it is gone; head restarted on its port",
+          ("test_the_head_gone_mid_search", "test_no_cluster_at_the_address")),
+    Fault("Ray cluster: driver without the cluster's auth token",
+          "driver started without RAY_AUTH_MODE=token against a token-auth head",
+          ("test_a_driver_without_the_clusters_token",)),
+    Fault("Ray cluster: a node that cannot see cache_dir (slow; fast twin in CI)",
+          "a node in its own mount namespace with an empty tmpfs over cache_dir",
+          ("test_a_node_that_cannot_see_cache_dir", "test_a_node_without_the_feature_cache")),
     Fault("NaN / inf training loss in a trial",
           "loss x NaN (trial 1) and x inf (trial 2) in the real loop; toy inject_nan",
           ("test_a_trial_whose_loss_becomes_nan_or_inf", "test_toy_inject_nan"),

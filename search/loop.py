@@ -163,6 +163,10 @@ class SearchRecord:
                 self.by_code.setdefault(row["code"], row)
         self.in_flight: dict[str, TrialRequest] = {}  # code -> request
         self.best = best_row(history.rows)
+        if self.best is not None:  # a driver killed between a history append and best.txt: bring it up to date
+            path = run_dir.best_path
+            if not path.exists() or path.read_text().strip() != self.best["code"]:
+                run_dir.write_best(self.best["code"])
         self.observers: list[Callable[[dict[str, Any], "SearchRecord"], None]] = []  # per new row
         self.stage_observers: list[Callable[["StageRun"], None]] = []  # per stage start
         self.current: "StageRun | None" = None

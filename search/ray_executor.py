@@ -22,16 +22,28 @@ Only this module imports Ray (the GPU machine has none; ``executor=local`` never
   ``auto`` or ``host:port`` joins a running cluster, whose nodes must have this project
   importable (``pip install -e .`` on each node) and the feature cache at the same path
   (a shared ``cache_dir``). If Ray is already initialised in this process it is used as is.
+  Before joining, the head's address is probed (a TCP connect): nothing there, or a cluster that
+  refuses this driver's authentication token, is one :class:`UserError` line naming the fix
+  instead of Ray's retries and traceback (:func:`join_cluster`).
+- Every trial records where it ran in its result's ``extra`` (``node_id``, ``node_ip`` and the
+  node's custom resources, ``node_resources``), so ``history.jsonl`` shows how trials spread over
+  the nodes. A node that cannot see the feature cache fails its trial with one line naming the path.
+- A search asking for more concurrent trials (``search.workers``) than the cluster's nodes can
+  place at once says so in one warning line; the extra trials wait for a free slot.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import socket
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no per-trial csv/json/tensorboard files
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours verbose=0
@@ -53,6 +65,21 @@ _WORKER_EVALUATORS: dict[str, Any] = {}  # per worker process: setup key -> eval
 
 
 # ---------------------------------------------------------------------- worker side
+_STANDARD_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+_NODE: dict[str, Any] = {}  # per worker process: where it runs (see _node)
+
+
+def _node() -> dict[str, Any]:
+    """The node this worker runs on: id, IP and its custom resources (asked once per process)."""
+    if not _NODE:
+        node_id = ray.get_runtime_context().get_node_id()
+        info = next((n for n in ray.nodes() if n.get("NodeID") == node_id), {})
+        custom = {k: v for k, v in info.get("Resources", {}).items()
+                  if k not in _STANDARD_RESOURCES and not k.startswith("node:")}
+        _NODE.update(node_id=node_id, node_ip=info.get("NodeManagerAddress", ""), node_resources=custom)
+    return _NODE
+
+
 def _worker_evaluator(setup: dict[str, Any]) -> Any:
     evaluator = _WORKER_EVALUATORS.get(setup["key"])
     if evaluator is None:
@@ -60,7 +87,12 @@ def _worker_evaluator(setup: dict[str, Any]) -> Any:
 
         from proxy_eval.build import build_evaluator
 
-        evaluator = build_evaluator(OmegaConf.create(setup["cfg"]), cache=setup["cache"])
+        cache = setup["cache"]
+        if cache is not None and not Path(cache).exists():
+            node = _node()["node_ip"] if ray.is_initialized() else socket.gethostname()
+            raise UserError(f"the feature cache {cache} is not visible on node {node}: put "
+                            "cache_dir on storage that every node mounts at the same path")
+        evaluator = build_evaluator(OmegaConf.create(setup["cfg"]), cache=cache)
         _WORKER_EVALUATORS[setup["key"]] = evaluator
     return evaluator
 
@@ -69,10 +101,13 @@ def trial_trainable(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """One Tune trial: evaluate ``config["code"]`` and report the result once."""
     try:
         evaluator = _worker_evaluator(setup)
+    except UserError as err:
+        result, attempts = TrialResult.failure("error", f"worker setup failed: {err}"), 1
     except Exception as err:  # noqa: BLE001 - e.g. a cache that cannot be opened on this node
         result, attempts = TrialResult.failure("error", f"worker setup failed: {type(err).__name__}: {err}"), 1
     else:
         result, attempts = run_trial(evaluator, config["code"], setup["seed"], setup["retries"])
+    result.extra = {**result.extra, **_node()}
     tune.report({"reward": result.reward, "attempts": attempts, "trial_result": json.dumps(result.to_dict())})
 
 
@@ -133,6 +168,85 @@ class StageSearcher(Searcher):
         pass
 
 
+def trial_slots(node_resources: dict[str, float], per_trial: dict[str, float]) -> int:
+    """How many trials asking ``per_trial`` (``cpu``, ``gpu``) one node with these resources holds."""
+    fits = [int(node_resources.get("CPU", 0.0) / per_trial["cpu"] + 1e-9)]
+    if per_trial["gpu"] > 0:
+        fits.append(int(node_resources.get("GPU", 0.0) / per_trial["gpu"] + 1e-9))
+    return max(0, min(fits))
+
+
+AUTH_FIX = ("run it with RAY_AUTH_MODE=token and the head's token: copy the head's ~/.ray/auth_token here or set "
+            "RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it)")
+NO_HEAD_FIX = "start the head there with `ray start --head` (README: Executors and Ray clusters), or use ray.address=null"
+
+
+def head_endpoint(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of the head that ``address`` names (``auto``: Ray's own lookup), or None."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        resolved = canonicalize_bootstrap_address(address)
+    except Exception:  # noqa: BLE001 - an address Ray cannot resolve is reported by ray.init itself
+        return None
+    if not resolved or ":" not in resolved:
+        return None
+    host, _, port = resolved.rpartition(":")
+    return (host.strip("[]"), int(port)) if port.isdigit() else None
+
+
+def join_cluster(address: str, **init_kwargs: Any) -> None:
+    """``ray.init(address=...)`` for a running cluster, each way it can fail as one UserError line.
+
+    The head is probed first (Ray itself retries an unreachable address for minutes). Ray's core
+    prints its connection retries straight to the stderr file descriptor, so that is captured
+    while joining: shown again after a success, read for the cause after a failure.
+    """
+    endpoint = head_endpoint(address)
+    if endpoint is not None:
+        try:
+            socket.create_connection(endpoint, timeout=5).close()
+        except OSError as err:
+            raise UserError(f"ray.address={address}: no Ray head answers at {endpoint[0]}:{endpoint[1]} "
+                            f"({err.strerror or type(err).__name__}); {NO_HEAD_FIX}") from None
+    with _stderr_captured() as captured:
+        try:
+            ray.init(address=address, **init_kwargs)
+            failure = None
+        except Exception as err:  # noqa: BLE001 - every way of not joining is one line for the user
+            failure = err
+    text = captured["text"]
+    if failure is None:
+        if text:
+            os.write(2, text.encode())
+        return
+    if "InvalidAuthToken" in text or "Unauthenticated" in text or type(failure).__name__ == "AuthenticationError":
+        raise UserError(f"ray.address={address}: the Ray cluster refused this driver's authentication token; "
+                        f"{AUTH_FIX}") from None
+    message = str(failure).splitlines()[0] if str(failure) else ""
+    raise UserError(f"ray.address={address}: could not join the Ray cluster ({type(failure).__name__}: {message}); "
+                    f"{NO_HEAD_FIX}") from None
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[dict[str, str]]:
+    """Redirect file descriptor 2 (Python's and the Ray core's stderr) to a temporary file; the
+    yielded dict holds what was written (``text``) once the block is left."""
+    captured = {"text": ""}
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as file:
+        os.dup2(file.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            file.seek(0)
+            captured["text"] = file.read().decode(errors="replace")
+
+
 class RayExecutor:
     """Runs the stages as one Ray Tune experiment under ``<run_dir>/ray``."""
 
@@ -167,11 +281,7 @@ class RayExecutor:
                     raise UserError(f"executor=ray: could not start a local Ray ({type(err).__name__}: "
                                     f"{str(err).splitlines()[0] if str(err) else ''}); use executor=local") from None
             else:
-                try:
-                    ray.init(address=str(address), **kwargs)
-                except ConnectionError as err:
-                    raise UserError(f"ray.address={address}: no Ray cluster there ({err}); start one with "
-                                    "`ray start --head` or use ray.address=null for a local Ray") from None
+                join_cluster(str(address), **kwargs)
             self.owns_ray = True
             log.info("Ray started in %.1f s", time.perf_counter() - start)
         available = ray.cluster_resources()
@@ -179,6 +289,22 @@ class RayExecutor:
             if self.resources[key] > available.get(name, 0.0):
                 raise UserError(f"ray.{key}s_per_trial={self.resources[key]:g} but the Ray cluster has "
                                 f"{available.get(name, 0.0):g} {name}(s); lower it (fractions are allowed)")
+        self._check_placement(ray.nodes())
+
+    def _check_placement(self, nodes: list[dict[str, Any]]) -> None:
+        """Refuse trials no node can hold; warn once when fewer than ``search.workers`` fit at once."""
+        alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+        slots = sum(trial_slots(resources, self.resources) for resources in alive)
+        wanted = f"ray.cpus_per_trial={self.resources['cpu']:g} and ray.gpus_per_trial={self.resources['gpu']:g}"
+        if slots == 0:
+            largest = max(alive, key=lambda r: r.get("CPU", 0.0), default={})
+            raise UserError(f"no node of the Ray cluster can hold a trial of {wanted} (the largest has "
+                            f"{largest.get('CPU', 0.0):g} CPU(s), {largest.get('GPU', 0.0):g} GPU(s)); "
+                            "a trial runs on one node: lower them")
+        if self.workers > slots:
+            log.warning("search.workers=%d but the Ray cluster (%d node(s)) can place only %d trial(s) of %s at "
+                        "once: %d will run at a time; add nodes or lower ray.cpus_per_trial / ray.gpus_per_trial",
+                        self.workers, len(alive), slots, wanted, slots)
 
     def run(self, stages: StageSequence) -> None:
         first = stages.next_stage()

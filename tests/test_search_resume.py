@@ -111,6 +111,19 @@ def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, capsys):
     assert (run_dir / "history.jsonl").read_bytes() == history
 
 
+def test_a_best_txt_left_behind_by_a_kill_after_the_history_append_is_brought_up_to_date(tmp_path):
+    """A driver killed between appending the new best row and writing best.txt (found on a Ray
+    cluster, tests/test_ray_cluster.py) left best.txt naming an older code; opening the run fixes it."""
+    run_dir = tmp_path / "run"
+    run_search(toy_cfg(run_dir, "search.budget=2"))
+    rows = rows_of(run_dir)
+    best = max((r for r in rows if r["status"] == "ok"), key=lambda r: r["reward"])["code"]
+    stale = next(r["code"] for r in rows if r["code"] != best)
+    (run_dir / "best.txt").write_text(stale + "\n")
+    run_search(compose("search", [f"resume={run_dir}"]))
+    assert (run_dir / "best.txt").read_text().strip() == best
+
+
 def test_bad_resume_dirs_are_user_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
