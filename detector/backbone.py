@@ -250,9 +250,12 @@ def resolve_freezing(weights: str | None, frozen_stages: int | str, norm: str) -
         frozen_stages = 1 if pretrained else -1
     elif isinstance(frozen_stages, str) and frozen_stages.lstrip("-").isdigit():
         frozen_stages = int(frozen_stages)
+    if not isinstance(frozen_stages, int) or isinstance(frozen_stages, bool):
+        raise BackboneError(f"backbone.frozen_stages={frozen_stages!r}: expected auto or an int in -1..4 "
+                            "(-1 none, 0 stem, k stem and the first k stages)")
     if str(norm) == AUTO:
         norm = "frozen_bn" if pretrained else "bn"
-    return frozen_stages, str(norm)  # type: ignore[return-value]
+    return frozen_stages, str(norm)
 
 
 def _validate(name: str, frozen_stages: int, norm: str, levels: tuple[str, ...]) -> None:

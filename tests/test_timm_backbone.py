@@ -60,6 +60,8 @@ def test_auto_freezing_follows_the_weights():
     assert resolve_freezing("/some/file.pth", "auto", "auto") == (1, "frozen_bn")
     assert resolve_freezing("none", "auto", "auto") == (-1, "bn")
     assert resolve_freezing("none", 2, "syncbn") == (2, "syncbn")
+    with pytest.raises(BackboneError, match="frozen_stages"):
+        resolve_freezing("none", "some", "auto")
 
     pretrained = build_backbone("efficientnet_lite0", weights="imagenet", frozen_stages="auto", norm="auto")
     body = pretrained.body
