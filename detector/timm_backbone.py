@@ -21,8 +21,11 @@ as mmdetection counts ResNet stages.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
+import socket
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
@@ -164,6 +167,32 @@ def _create(model: str, pretrained: bool) -> nn.Module:
         raise
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (where timm keeps its weights) answers a TCP connect in time."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_hub_if_unreachable():
+    """Offline, make huggingface_hub use its cache only (no minute of retries, no retry log lines)."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE or not _hub_reachable()
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def _download_failed(model: str, error: Exception) -> WeightsError:
     first_sentence = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else ""
     return WeightsError(
@@ -181,7 +210,8 @@ def build_timm_backbone(name: str, weights: str, frozen_stages: int, norm: str,
     use_timm_download = weights == "imagenet" and name not in EFFICIENTNET_LITE
     if use_timm_download:
         try:
-            body = _create(model, pretrained=True)
+            with _offline_hub_if_unreachable():
+                body = _create(model, pretrained=True)
         except BackboneError:
             raise
         except Exception as error:  # huggingface_hub / urllib raise many types offline

