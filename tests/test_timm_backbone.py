@@ -5,15 +5,15 @@ espresso): wrongly mapped tensors, a wrong padding or a wrong input normalisatio
 """
 import numpy as np
 import pytest
+import skimage.data as skimage_data  # the test extra: real photographs shipped in the package
+import timm
 import torch
+from huggingface_hub import constants as hub_constants
 from torch import nn
 
 from detector.backbone import BackboneError, WeightsError, build_backbone, resolve_freezing
 from detector.errors import UserError
 from detector.timm_backbone import efficientnet_lite_state_dict
-
-timm = pytest.importorskip("timm")
-skimage_data = pytest.importorskip("skimage.data")
 
 EGYPTIAN_CAT, ESPRESSO = 285, 967
 
@@ -119,7 +119,6 @@ def test_timm_imagenet_offline_names_the_file_alternative(monkeypatch, tmp_path)
     a UserError of one line (exit 2 at the CLI) naming backbone.weights=<file>."""
     import detector.timm_backbone as timm_backbone
 
-    hub_constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setattr(timm_backbone, "_hub_reachable", lambda timeout_s=3.0: False)  # what no network gives
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
