@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from detector.errors import UserError
+from detector.model.backbone import resolve_freezing
 from detector.model.deform import DEFORM_IMPLS
 from detector.model.recipe import Recipe
 
@@ -221,8 +222,10 @@ def prepare_arguments(cfg: Any) -> dict[str, Any]:
     )
     b = cfg.backbone
     levels = b.get("levels", None) or ("c3", "c4", "c5")
-    backbone = BackboneSpec(name=str(b.name), weights=str(b.weights) if b.get("weights", None) else "none",
-                            frozen_stages=int(b.frozen_stages), norm=str(b.norm), levels=tuple(levels))
+    weights = str(b.weights) if b.get("weights", None) else "none"
+    frozen_stages, norm = resolve_freezing(weights, b.frozen_stages, b.norm)
+    backbone = BackboneSpec(name=str(b.name), weights=weights, frozen_stages=int(frozen_stages), norm=norm,
+                            levels=tuple(levels))
     return {
         "settings": settings,
         "data_cfg": cfg.data,

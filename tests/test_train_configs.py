@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from detector.model.backbone import EFFICIENTNET_LITE_NAMES, resolve_freezing
 from detector.cli import CONF_DIR, compose
 from detector.data.errors import DataError
 from detector.engine.distributed import DeviceError
@@ -73,10 +74,24 @@ def test_mobilenet_experiment_uses_mobilenet_v2():
 
 
 def test_synthetic_experiments_need_no_download():
+    """Synthetic experiments start from random weights or from weights a pip package installed."""
     for name in EXPERIMENTS:
         cfg = compose("train", [f"experiment={name}"])
         if cfg.data.name == "synthetic":
-            assert cfg.backbone.weights == "none", name
+            packaged = cfg.backbone.weights == "imagenet" and cfg.backbone.name in EFFICIENTNET_LITE_NAMES
+            assert cfg.backbone.weights == "none" or packaged, name
+
+
+def test_default_is_pretrained_lite0_and_the_scratch_setup_is_one_override_away():
+    default = compose("train", [])
+    assert (default.backbone.name, default.backbone.weights) == ("efficientnet_lite0", "imagenet")
+    assert resolve_freezing(default.backbone.weights, default.backbone.frozen_stages,
+                            default.backbone.norm) == (1, "frozen_bn")
+    for overrides in (["experiment=synthetic_fcos_scratch"], ["backbone=resnet18", "backbone.weights=none"]):
+        cfg = compose("train", overrides)
+        assert (cfg.backbone.name, cfg.backbone.weights) == ("resnet18", "none"), overrides
+        assert resolve_freezing(cfg.backbone.weights, cfg.backbone.frozen_stages,
+                                cfg.backbone.norm) == (-1, "bn"), overrides  # batch statistics from scratch
 
 
 # ----------------------------------------------------------------------------- bad input, in process

@@ -93,10 +93,14 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: Context | None = None,
 def model_from_checkpoint(payload: dict[str, Any], device: torch.device | str = "cpu") -> nn.Module:
     """The checkpoint's detector (built from its own arch and config) with its weights, in eval mode,
     its DCNs on the ``auto`` kernel (:mod:`detector.fast.deform_layer`)."""
+    from detector.model.backbone import resolve_freezing
     from detector.model.build import build_detector_from_cfg
 
     cfg = OmegaConf.create(payload["config"])
-    cfg.backbone.weights = "none"  # the checkpoint holds every weight; never download
+    # the checkpoint holds every weight; never download (but keep the freezing its weights implied)
+    cfg.backbone.frozen_stages, cfg.backbone.norm = resolve_freezing(
+        cfg.backbone.weights, cfg.backbone.frozen_stages, cfg.backbone.norm)
+    cfg.backbone.weights = "none"
     arch = resolve_arch(str(payload["arch"]))
     model = build_detector_from_cfg(cfg, arch)
     missing, unexpected = model.load_state_dict(payload["model"], strict=False)

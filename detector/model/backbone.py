@@ -1,4 +1,4 @@
-"""Backbones: torchvision ResNets and MobileNetV2 that return named feature levels.
+"""Backbones: torchvision ResNets and MobileNetV2, EfficientNet-Lite and timm models, returning named levels.
 
 ``build_backbone(name, weights, frozen_stages, norm, levels)`` is the only constructor users meet.
 A backbone declares its outputs before anything runs (``output_shapes()``, detectron2 style), so
@@ -7,6 +7,12 @@ weights expect (``pixel_mean``, ``pixel_std``, ``input_format``); the detector a
 
 Levels are ``c2``..``c5`` at strides 4, 8, 16, 32. Stages, for freezing, follow mmdetection's
 ``frozen_stages``: -1 freezes nothing, 0 the stem, k the stem and the first k stages.
+
+``efficientnet_lite0/1/2`` and ``timm:<model>`` are built by :mod:`detector.model.timm_backbone`.
+``norm`` and ``frozen_stages`` may be ``"auto"`` in configs: :func:`resolve_freezing` turns them
+into frozen BN + frozen stem and first stage for pretrained weights (the NAS-FCOS recipe) and
+batch statistics with nothing frozen for random init (a network from scratch must learn its
+BatchNorm statistics).
 """
 from __future__ import annotations
 
@@ -23,8 +29,12 @@ from detector.errors import UserError
 LEVEL_STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 LEVEL_STAGE = {"c2": 1, "c3": 2, "c4": 3, "c5": 4}  # the stage whose output is the level
 
-BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50", "resnet50_caffe", "resnet101", "mobilenet_v2")
+EFFICIENTNET_LITE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50", "resnet50_caffe", "resnet101", "mobilenet_v2",
+                  *EFFICIENTNET_LITE_NAMES)
+TIMM_NAME_FORM = "timm:<model>"  # any timm model with features_only (detector/model/timm_backbone.py)
 NORMS = ("frozen_bn", "bn", "syncbn")
+AUTO = "auto"
 
 RGB01_MEAN, RGB01_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision ImageNet
 BGR255_MEAN, BGR255_STD = (103.530, 116.280, 123.675), (1.0, 1.0, 1.0)  # MSRA caffe weights
@@ -190,7 +200,7 @@ def _download_imagenet_state_dict(name: str) -> dict[str, Tensor]:
             "backbone.weights=/path/to/file.pth (or use backbone.weights=none for random init)") from error
 
 
-def _read_state_dict_file(path: str) -> dict[str, Tensor]:
+def read_state_dict_file(path: str) -> dict[str, Tensor]:
     if not os.path.isfile(path):
         raise WeightsError(f"backbone.weights: no file at '{path}'; pass 'imagenet', 'none' or the path "
                            "of a .pth state dict")
@@ -212,7 +222,7 @@ def _load_weights(model: nn.Module, name: str, weights: str) -> None:
     if weights == "imagenet":
         state_dict = _download_imagenet_state_dict(name)
     else:
-        state_dict = _read_state_dict_file(weights)
+        state_dict = read_state_dict_file(weights)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not k.startswith(_CLASSIFIER_PREFIXES)]
     if missing or unexpected:
@@ -229,29 +239,59 @@ def _move_stride_to_1x1(resnet: torchvision.models.ResNet) -> None:
         first.conv1.stride, first.conv2.stride = (2, 2), (1, 1)
 
 
+def resolve_freezing(weights: str | None, frozen_stages: int | str, norm: str) -> tuple[int, str]:
+    """``(frozen_stages, norm)`` with ``"auto"`` replaced by the default for these weights.
+
+    Pretrained (``imagenet`` or a file): frozen BN, stem and first stage frozen (NAS-FCOS, FCOS and
+    mmdetection train detectors so). Random init (``none``): batch statistics, nothing frozen.
+    """
+    pretrained = weights is not None and str(weights) != "none"
+    if str(frozen_stages) == AUTO:
+        frozen_stages = 1 if pretrained else -1
+    elif isinstance(frozen_stages, str) and frozen_stages.lstrip("-").isdigit():
+        frozen_stages = int(frozen_stages)
+    if not isinstance(frozen_stages, int) or isinstance(frozen_stages, bool):
+        raise BackboneError(f"backbone.frozen_stages={frozen_stages!r}: expected auto or an int in -1..4 "
+                            "(-1 none, 0 stem, k stem and the first k stages)")
+    if str(norm) == AUTO:
+        norm = "frozen_bn" if pretrained else "bn"
+    return frozen_stages, str(norm)
+
+
 def _validate(name: str, frozen_stages: int, norm: str, levels: tuple[str, ...]) -> None:
-    if name not in BACKBONE_NAMES:
-        raise BackboneError(f"backbone: unknown name '{name}'; choose one of {', '.join(BACKBONE_NAMES)}")
+    if name not in BACKBONE_NAMES and not name.startswith("timm:"):
+        raise BackboneError(f"backbone: unknown name '{name}'; choose one of {', '.join(BACKBONE_NAMES)} "
+                            f"or {TIMM_NAME_FORM} (backbone=timm backbone.model=<model>)")
     if norm not in NORMS:
         raise BackboneError(f"backbone.norm: unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
     if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= 4:
         raise BackboneError(f"backbone.frozen_stages={frozen_stages!r}: expected an int in -1..4 "
-                            "(-1 none, 0 stem, k stem and the first k stages)")
+                            "(-1 none, 0 stem, k stem and the first k stages) or auto")
     unknown = [level for level in levels if level not in LEVEL_STRIDES]
     if not levels or unknown or len(set(levels)) != len(levels):
         raise BackboneError(f"backbone.levels={list(levels)}: expected distinct names among "
                             f"{', '.join(LEVEL_STRIDES)}")
 
 
-def build_backbone(name: str, weights: str = "none", frozen_stages: int = 1, norm: str = "frozen_bn",
+def build_backbone(name: str, weights: str = "none", frozen_stages: int | str = 1, norm: str = "frozen_bn",
                    levels: tuple[str, ...] = ("c3", "c4", "c5")) -> Backbone:
     """Build a named backbone returning ``levels`` (sorted by stride).
 
     weights: ``"none"`` (random init), ``"imagenet"`` (torchvision weights API, downloads once; raises
-    :class:`WeightsError` offline) or a path to a ``.pth`` state dict with torchvision names.
+    :class:`WeightsError` offline; for ``efficientnet_lite*`` the installed weights package, offline)
+    or a path to a ``.pth`` state dict with torchvision (timm for timm models) names.
+    ``frozen_stages`` and ``norm`` may be ``"auto"`` (see :func:`resolve_freezing`).
     """
     levels = tuple(sorted(levels, key=lambda level: LEVEL_STRIDES.get(level, 0)))
+    frozen_stages, norm = resolve_freezing(weights, frozen_stages, norm)
     _validate(name, frozen_stages, norm, levels)
+    weights = "none" if weights is None else str(weights)
+    if name in EFFICIENTNET_LITE_NAMES or name.startswith("timm:"):
+        from detector.model.timm_backbone import build_timm_backbone
+
+        timm_backbone = build_timm_backbone(name, weights, frozen_stages, norm, levels)
+        timm_backbone.freeze()
+        return timm_backbone
     builder, _ = _TORCHVISION_BUILDERS[name]
     model = builder(weights=None, norm_layer=_norm_layer(norm))
     if name == "resnet50_caffe":

@@ -23,7 +23,7 @@ from torch import nn
 from detector.model import fcos_head
 from detector.model import standard_fpn
 from detector.arch.grammar import Arch, FCOSHead, SearchedFPN, SearchedHead, StandardFPN
-from detector.model.backbone import Backbone, ShapeSpec, build_backbone
+from detector.model.backbone import Backbone, ShapeSpec, build_backbone, resolve_freezing
 from detector.errors import UserError
 from detector.model.fcos import FCOS
 from detector.model.recipe import Recipe
@@ -150,12 +150,14 @@ def build_detector(
 def build_detector_from_cfg(cfg: Any, arch: Arch) -> FCOS:
     """A full FCOS detector for ``arch`` from the config contract.
 
-    Reads ``cfg.backbone.{name, weights, frozen_stages, norm}`` (and ``levels`` if present),
+    Reads ``cfg.backbone.{name, weights, frozen_stages, norm}`` (and ``levels`` if present; ``auto``
+    freezing resolved by :func:`~detector.backbone.resolve_freezing`),
     ``cfg.recipe`` (:meth:`Recipe.from_cfg`), ``cfg.data.num_classes`` and ``cfg.model.width``.
     """
     backbone_cfg = cfg.backbone
     levels = backbone_cfg.get("levels") if hasattr(backbone_cfg, "get") else None
     weights = backbone_cfg.weights if backbone_cfg.weights is not None else "none"
+    frozen_stages, norm = resolve_freezing(weights, backbone_cfg.frozen_stages, backbone_cfg.norm)
     return build_detector(
         arch,
         num_classes=int(cfg.data.num_classes),
@@ -163,7 +165,7 @@ def build_detector_from_cfg(cfg: Any, arch: Arch) -> FCOS:
         backbone_name=str(backbone_cfg.name),
         backbone_weights=str(weights),
         width=int(cfg.model.width),
-        frozen_stages=int(backbone_cfg.frozen_stages),
+        frozen_stages=int(frozen_stages),
         levels=tuple(levels) if levels is not None else None,
-        norm=str(backbone_cfg.norm),
+        norm=norm,
     )
