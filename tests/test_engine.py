@@ -123,10 +123,16 @@ def test_wandb_logger_runs_offline_and_records_the_arch_code(tmp_path):
 
 
 def test_training_with_the_cpu_safe_fast_paths_logs_the_reference_losses(tmp_path):
-    """train.fast_paths swaps in equivalent code: the same run logs the same losses and AP."""
+    """train.fast_paths swaps in equivalent code: the same run logs the same losses and AP.
+
+    On the pretrained default backbone (frozen BN): a backbone from random weights with batch
+    statistics at this lr turns the fast losses' float rounding (5e-8 relative at the first step)
+    into 2% by the fourth step, which says nothing about the fast paths.
+    """
     def run(name: str, paths: str) -> tuple[list[float], float]:
         out = tmp_path / name
-        train(compose("train", ["experiment=synthetic_tiny", "device=cpu", f"cache_dir={tmp_path / 'cache'}",
+        train(compose("train", ["experiment=synthetic_tiny", "backbone=efficientnet_lite0", "backbone.weights=imagenet",
+                                "device=cpu", f"cache_dir={tmp_path / 'cache'}",
                                 f"out_dir={out}", f"train.fast_paths={paths}", "train.max_eval_images=8"]))
         records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         metrics = json.loads((out / "metrics.json").read_text())
