@@ -1,0 +1,32 @@
+"""How many torch CPU threads one trial uses: ``proxy_eval.threads`` if set, else
+``cores // concurrent trials`` (at least 1), for both executors.
+
+Why: on a 2-core machine a training step with two OpenMP threads ran 5-10x slower whenever another
+busy process shared the cores, while one thread per process kept ~22 img/s (issue #23). Trials that
+run at once must split the cores, not each take all of them.
+
+- ``executor=local``: the trials share the driver's thread pool, so the executor sets
+  ``torch.set_num_threads(trial_threads(...))`` once for the run (``concurrent = search.workers``).
+- ``executor=ray``: each trial runs in its own worker process; the trainable sets it in the worker
+  with ``concurrent`` = the trials that run at once on that node, ``min(search.workers,
+  cores // ray.cpus_per_trial)`` (see :func:`node_concurrency`).
+"""
+from __future__ import annotations
+
+import os
+
+
+def trial_threads(configured: int | None, concurrent: int, cores: int | None = None) -> int:
+    """``configured`` when given (> 0), else ``max(1, cores // concurrent)``; ``cores`` defaults to
+    ``os.cpu_count()``."""
+    if configured:
+        return max(1, int(configured))
+    cores = int(cores or os.cpu_count() or 1)
+    return max(1, cores // max(1, int(concurrent)))
+
+
+def node_concurrency(workers: int, cpus_per_trial: float, cores: int | None = None) -> int:
+    """How many of ``workers`` concurrent Ray trials fit on one node of ``cores`` CPUs."""
+    cores = int(cores or os.cpu_count() or 1)
+    fit = int(cores // cpus_per_trial) if cpus_per_trial > 0 else cores
+    return max(1, min(int(workers), fit))
