@@ -299,3 +299,25 @@ def stopped_reward(curve: list[tuple[float, float]], stage_rows: Iterable[dict[s
         if ahead:
             return float(min(r["reward"] for r in ahead))
     return float(min(r["reward"] for r in completed))
+
+
+def stopped_lines(rows: list[dict[str, Any]], limit: int = 10) -> list[str]:
+    """The report's "Early stopping" section (nothing when no trial was stopped)."""
+    stopped = [r for r in rows if r["status"] == "stopped" and not r.get("reused")]
+    if not stopped:
+        return []
+    trained = sum(not r.get("reused") for r in rows)
+    iterations = sorted((r.get("extra") or {}).get("stopped_at") or 0 for r in stopped)
+    lines = ["## Early stopping", "",
+             f"{len(stopped)} of {trained} trained trials were stopped early by `search.scheduler` "
+             f"(at iterations {iterations[0]}-{iterations[-1]}); each is told the lowest final reward of the "
+             "completed trials of its stage that were at least as good when it stopped "
+             "(search/early_stopping.py).", "",
+             "| trial | stage | stopped at | last training loss | reward told |", "|---|---|---|---|---|"]
+    for r in stopped[:limit]:
+        loss = r.get("loss")
+        lines.append(f"| {r['trial']} | {r['stage']} | {(r.get('extra') or {}).get('stopped_at')} | "
+                     f"{'-' if loss is None else f'{loss:.4f}'} | {r['reward']:.4f} |")
+    if len(stopped) > limit:
+        lines.append(f"| ... | {len(stopped) - limit} more | | | |")
+    return lines + [""]
