@@ -38,6 +38,7 @@ with artificial failures.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -267,11 +268,14 @@ class StopReporter:
             self.rule.on_complete(self.key, *self.last)
 
 
-def recording(report: Callable[[dict], None] | None, curve: list[list[float]]) -> Callable[[dict], None]:
-    """A report callback that appends ``[iteration, loss]`` to ``curve`` before calling ``report``."""
+def recording(report: Callable[[dict], None] | None, curve: list[list[float]], seconds: list[float],
+              start: float) -> Callable[[dict], None]:
+    """A report callback that appends ``[iteration, loss]`` to ``curve`` and the seconds since
+    ``start`` (a ``time.perf_counter()``) to ``seconds`` before calling ``report``."""
 
     def record(values: dict) -> None:
         curve.append([values["iteration"], float(values["loss"])])
+        seconds.append(round(time.perf_counter() - start, 4))
         if report is not None:
             report(values)
 

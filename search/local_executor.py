@@ -40,7 +40,8 @@ def run_trial(evaluator: Any, code: str | Arch, seed: int, retries: int,
     retried up to ``retries`` times. ``report`` receives the trial's intermediate reports.
 
     Returns the last result, with the last attempt's learning curve ``[[iteration, loss], ...]`` in
-    ``extra["curve"]``, and the number of attempts. ``diverged``, ``oom``, ``timeout`` and
+    ``extra["curve"]`` (``extra["report_seconds"]``: when each report came, in seconds from the start of
+    the attempt; ``extra["started_at"]``: its start, Unix time), and the number of attempts. ``diverged``, ``oom``, ``timeout`` and
     ``stopped`` are properties of the candidate and are not retried. An exception escaping the
     evaluator (its contract says it never raises) becomes an ``error`` result.
     """
@@ -49,14 +50,15 @@ def run_trial(evaluator: Any, code: str | Arch, seed: int, retries: int,
     attempts = 0
     while True:
         attempts += 1
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         curve: list[list[float]] = []
+        report_seconds: list[float] = []
         try:
-            result = evaluator.evaluate(arch, seed=seed, report=recording(report, curve))
+            result = evaluator.evaluate(arch, seed=seed, report=recording(report, curve, report_seconds, start))
         except Exception as err:  # noqa: BLE001 - a trial's failure is a value, never a crash of the search
             result = TrialResult.failure("error", f"{type(err).__name__}: {err}",
                                          seconds=time.perf_counter() - start)
-        result.extra = {**result.extra, "curve": curve}
+        result.extra = {**result.extra, "curve": curve, "report_seconds": report_seconds, "started_at": started_at}
         if result.status != "error" or attempts > retries:
             return result, attempts
         log.info("trial %s failed (%s); retry %d of %d", code[:60], result.error[:120], attempts, retries)
