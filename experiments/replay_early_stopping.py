@@ -27,8 +27,8 @@ import heapq
 import json
 import random
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,8 +37,7 @@ from search.early_stopping import StoppingSettings, make_rule, row_curve  # noqa
 from search.history import read_history  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Trial:
+class Trial(NamedTuple):
     key: str
     curve: tuple[tuple[float, float], ...]  # (iteration, training loss), ascending
     reward: float  # the final reward (ground truth of the replay)
