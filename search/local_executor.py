@@ -19,7 +19,6 @@ trial's learning curve (every report) in ``extra["curve"]``.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
