@@ -16,17 +16,24 @@ from __future__ import annotations
 import os
 
 
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's share), else ``os.cpu_count()``."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def trial_threads(configured: int | None, concurrent: int, cores: int | None = None) -> int:
     """``configured`` when given (> 0), else ``max(1, cores // concurrent)``; ``cores`` defaults to
-    ``os.cpu_count()``."""
+    :func:`available_cores`."""
     if configured:
         return max(1, int(configured))
-    cores = int(cores or os.cpu_count() or 1)
+    cores = int(cores or available_cores())
     return max(1, cores // max(1, int(concurrent)))
 
 
 def node_concurrency(workers: int, cpus_per_trial: float, cores: int | None = None) -> int:
     """How many of ``workers`` concurrent Ray trials fit on one node of ``cores`` CPUs."""
-    cores = int(cores or os.cpu_count() or 1)
+    cores = int(cores or available_cores())
     fit = int(cores // cpus_per_trial) if cpus_per_trial > 0 else cores
     return max(1, min(int(workers), fit))

@@ -36,7 +36,7 @@ class ThreadsSeen:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_the_local_executor_runs_trials_with_cores_per_concurrent_trial(tmp_path, monkeypatch, workers):
     before = torch.get_num_threads()
-    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("search.trial_threads.available_cores", lambda: 4)
     real = LocalExecutor.__init__
 
     def with_threads_seen(self, make_evaluator, **kwargs):
@@ -54,7 +54,7 @@ def test_a_ray_trial_sets_cores_per_concurrent_trial_on_its_node(monkeypatch):
     from search.ray_executor import _set_trial_threads
 
     before = torch.get_num_threads()
-    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("search.trial_threads.available_cores", lambda: 4)
     try:
         setup = {"cfg": {"proxy_eval": {"name": "cached"}}, "threads": None, "workers": 2, "cpus_per_trial": 1.0}
         _set_trial_threads(setup)
