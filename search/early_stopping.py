@@ -56,7 +56,7 @@ class StoppingSettings:
 
     scheduler: str = "none"
     max_t: int = 1
-    grace_period: int = 10
+    grace_period: int = 40
     reduction_factor: float = 3.0
     min_samples: int = 3
     metric: str = "loss"
@@ -99,7 +99,7 @@ def stopping_settings(cfg: Any) -> StoppingSettings:
                         "curve to stop on (with proxy_eval=toy set proxy_eval.curve_steps > 0)")
     try:
         return StoppingSettings(scheduler=scheduler, max_t=int(max_t or 1),
-                                grace_period=int(node.get("grace_period", 10)),
+                                grace_period=int(node.get("grace_period", 40)),
                                 reduction_factor=float(node.get("reduction_factor", 3)),
                                 min_samples=int(node.get("min_samples", 3)),
                                 metric=str(node.get("metric", "loss")))
