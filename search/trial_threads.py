@@ -1,5 +1,6 @@
 """How many torch CPU threads one trial uses: ``proxy_eval.threads`` if set, else
-``cores // concurrent trials`` (at least 1), for both executors.
+``cores // concurrent trials`` (at least 1, and at most ``OMP_NUM_THREADS`` when the environment sets
+it), for both executors.
 
 Why: on a 2-core machine a training step with two OpenMP threads ran 5-10x slower whenever another
 busy process shared the cores, while one thread per process kept ~22 img/s (issue #23). Trials that
@@ -24,12 +25,14 @@ def available_cores() -> int:
 
 
 def trial_threads(configured: int | None, concurrent: int, cores: int | None = None) -> int:
-    """``configured`` when given (> 0), else ``max(1, cores // concurrent)``; ``cores`` defaults to
-    :func:`available_cores`."""
+    """``configured`` when given (> 0), else ``max(1, cores // concurrent)``, capped by
+    ``OMP_NUM_THREADS`` when the environment sets it; ``cores`` defaults to :func:`available_cores`."""
     if configured:
         return max(1, int(configured))
     cores = int(cores or available_cores())
-    return max(1, cores // max(1, int(concurrent)))
+    threads = max(1, cores // max(1, int(concurrent)))
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(omp)) if omp.isdigit() and int(omp) > 0 else threads
 
 
 def node_concurrency(workers: int, cpus_per_trial: float, cores: int | None = None) -> int:
