@@ -5,6 +5,9 @@ once per setting -- trials per device k in ``--trials-per-device`` (``search.wor
 each trial asks for 1/k of the device and cores/k CPUs) x ``--scheduler`` -- and splits each run's
 time, from the history it wrote:
 
+An untimed one-candidate search runs first (``--no-warmup`` skips it), so that the first timed
+setting does not pay the page cache and lazy imports for all.
+
 - ``prepare``: the one-off proxy preparation (data generation, adaptation and feature cache for
   ``cached``; data and splits for ``end_to_end``), timed once before the runs and shared by all;
 - ``start-up``: from the run's start to its first trial's start (Ray start, actors, evaluator set-up
@@ -18,9 +21,9 @@ time, from the history it wrote:
 Per-iteration data loading is inside ``train`` (the loop does not time it apart). With ``--device
 cuda`` it also samples GPU utilisation (``torch.cuda.utilization``, needs pynvml) every second.
 
-    # CPU now (tiny: cached proxy of 30 iterations, 4 candidates per setting; loaded machine: ratios only)
-    OMP_NUM_THREADS=1 python experiments/bench_search_throughput.py --budget 4 --trials-per-device 1 2 4 \\
-        --scheduler none asha -- proxy_eval.iters=30 proxy_eval.report_every=5
+    # CPU now (tiny: cached proxy of 12 iterations, 6 candidates per setting; loaded machine: ratios only)
+    OMP_NUM_THREADS=1 python experiments/bench_search_throughput.py --budget 6 --trials-per-device 1 2 4 \\
+        --scheduler none asha -- proxy_eval.iters=12 proxy_eval.report_every=3 search.stopping.grace_period=3
     # one GPU, the setting (end-to-end proxy, Ray, 8 candidates per setting)
     python experiments/bench_search_throughput.py --device cuda --executor ray --budget 8 \\
         --trials-per-device 1 2 4 8 --scheduler none asha -- proxy_eval=end_to_end
@@ -131,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--executor", default="local", choices=["local", "ray"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="skip the untimed one-candidate search run before the timed ones")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args(argv)
@@ -148,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     prepare_proxy(compose("search", run_overrides(args, 1, "none", workdir / "prepare")))
     prepare_s = time.perf_counter() - start
     print(f"prepare (one-off, shared by every run): {prepare_s:.1f} s; runs under {workdir}")
+    if args.warmup:  # untimed: page cache, imports and lazy set-up that only the first run would pay
+        run_search(compose("search", run_overrides(args, 1, "none", workdir / "warmup")
+                           + ["search.budget=1", f"seed={args.seed + 1000}"]))
     print("| trials/device | scheduler | candidates (stopped) | wall s | candidates/h | vs 1, none | start-up | "
           "setup | train | eval | idle/overhead | GPU util | best reward |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
