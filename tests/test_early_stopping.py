@@ -217,3 +217,13 @@ def test_replay_feeds_only_trained_rows_with_curves():
     assert rule.on_report("new", 1, 2.0) is True  # judged against the replayed trial
     assert math.isclose(dict(rule.rungs)[1]["history-0"], -1.0)
     assert json.dumps(rows)  # rows untouched
+
+
+def test_toy_curves_end_at_the_final_loss_and_early_steps_carry_the_per_code_error():
+    toy = ToyProxy(_space(), curve_steps=5, curve_noise=0.5)
+    reports = []
+    result = toy.evaluate(_joint_code(), seed=0, report=reports.append)
+    assert result.ok and [r["iteration"] for r in reports] == [1, 2, 3, 4, 5]
+    assert reports[-1]["loss"] == pytest.approx(result.loss) == pytest.approx(1 - result.reward)
+    gaps = [r["loss"] - result.loss for r in reports]  # (1 + 0.5 z) x (1 - t/5): shrinks linearly to 0
+    assert gaps[0] == pytest.approx(4 * gaps[3]) and gaps[-1] == pytest.approx(0.0)
