@@ -91,6 +91,8 @@ def _intermediate_reporter(setup: dict[str, Any]) -> Any:
     curve: list[list[float]] = []
 
     def report(values: dict) -> None:
+        if curve and values["iteration"] <= curve[-1][0]:
+            curve.clear()  # an in-process retry starts its curve again
         curve.append([values["iteration"], float(values["loss"])])
         if values["iteration"] < setup["max_t"]:
             tune.report({"iteration": values["iteration"], "loss": float(values["loss"]), "reward": FLOOR_REWARD,
