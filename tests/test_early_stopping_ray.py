@@ -60,3 +60,16 @@ def test_ray_toy_search_with_asha_stops_trials_and_completes_the_budget(tmp_path
     for r in rows:
         if r["status"] == "ok":
             assert [p[0] for p in r["extra"]["curve"]] == list(range(1, 13))  # the whole curve is recorded
+
+
+def test_the_trial_side_reports_its_curve_to_tune_but_not_the_last_point(monkeypatch):
+    import search.ray_executor as ray_executor
+
+    sent = []
+    monkeypatch.setattr(ray_executor.tune, "report", sent.append)
+    assert ray_executor._intermediate_reporter({"scheduler": "none", "max_t": 3}) is None
+    report = ray_executor._intermediate_reporter({"scheduler": "asha", "max_t": 3})
+    for iteration, loss in ((1, 3.0), (2, 2.0), (1, 5.0), (2, 4.0), (3, 1.0)):  # an in-process retry restarts
+        report({"iteration": iteration, "loss": loss})
+    assert [(r["iteration"], r["loss"]) for r in sent] == [(1, 3.0), (2, 2.0), (1, 5.0), (2, 4.0)]  # not 3 = max_t
+    assert json.loads(sent[-1]["curve"]) == [[1, 5.0], [2, 4.0]]
