@@ -7,8 +7,12 @@
 - ``oom``: the device ran out of memory.
 - ``timeout``: the trial ran past its time limit.
 - ``error``: anything else (the message is in ``error``).
+- ``stopped``: stopped early by the search's stopping rule (``search.scheduler``, raised as
+  :class:`TrialStopped` from the ``report`` callback); ``loss`` is the last *training* loss reported
+  and ``extra["stopped_at"]`` its iteration. Its ``reward`` is set by the search
+  (:func:`search.early_stopping.stopped_reward`), the floor until then.
 
-Non-``ok`` results carry ``reward = FLOOR_REWARD`` so that a searcher can still learn from them.
+Other non-``ok`` results carry ``reward = FLOOR_REWARD`` so that a searcher can still learn from them.
 
 Inside a trial, failures are raised as :class:`TrialDiverged` / :class:`TrialTimeout` /
 :class:`InjectedFailure` (or any exception) and turned into results by :func:`failed_trial` at the
@@ -23,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-STATUSES = ("ok", "diverged", "oom", "timeout", "error")
+STATUSES = ("ok", "diverged", "oom", "timeout", "error", "stopped")
 
 
 FLOOR_REWARD = 0.0
@@ -47,10 +51,10 @@ class TrialResult:
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"status '{self.status}' is not one of {STATUSES}")
-        if self.status != "ok":
+        if self.status not in ("ok", "stopped"):
             self.reward = FLOOR_REWARD
         elif not math.isfinite(self.reward):
-            raise ValueError("an 'ok' result needs a finite reward")
+            raise ValueError(f"an '{self.status}' result needs a finite reward")
 
     @property
     def ok(self) -> bool:
@@ -83,13 +87,27 @@ class TrialTimeout(Exception):
     """Past ``timeout_s`` of wall clock (-> status ``timeout``)."""
 
 
+class TrialStopped(Exception):
+    """Raised by a ``report`` callback: the stopping rule stops the trial here (-> status ``stopped``)."""
+
+    def __init__(self, iteration: int, loss: float) -> None:
+        super().__init__(f"stopped early at iteration {iteration} (training loss {loss:.4g})")
+        self.iteration, self.loss = int(iteration), float(loss)
+
+    def result(self, seconds: float, metrics: dict[str, Any]) -> "TrialResult":
+        return TrialResult(status="stopped", reward=FLOOR_REWARD, loss=self.loss, seconds=seconds,
+                           error=str(self), extra={"stopped_at": self.iteration}, **metrics)
+
+
 class InjectedFailure(RuntimeError):
     """Raised inside a trial by ``fail_prob`` fault injection (becomes status ``error``)."""
 
 
 def failed_trial(err: Exception, seconds: float, metrics: dict[str, Any]) -> TrialResult:
-    """The result of a trial that raised ``err``: diverged, timeout, oom (the CUDA cache is emptied),
+    """The result of a trial that raised ``err``: stopped, diverged, timeout, oom (the CUDA cache is emptied),
     or error with the exception's type and message. ``metrics`` (params, gflops) are kept."""
+    if isinstance(err, TrialStopped):
+        return err.result(seconds, metrics)
     if isinstance(err, TrialDiverged):
         return TrialResult.failure("diverged", str(err), seconds, **metrics)
     if isinstance(err, TrialTimeout):

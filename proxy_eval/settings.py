@@ -303,4 +303,5 @@ def toy_arguments(cfg: Any) -> dict[str, Any]:
     return {"space_cfg": space_cfg, "target_seed": int(proxy["target_seed"]), "noise": float(proxy["noise"]),
             "seed": int(proxy["seed"]), "weight_spread": float(proxy["weight_spread"]),
             "fail_prob": float(proxy["fail_prob"]), "inject_nan": _inject_nan(proxy["inject_nan"]),
-            "sleep_s": float(proxy["sleep_s"])}
+            "sleep_s": float(proxy["sleep_s"]), "curve_steps": int(proxy["curve_steps"]),
+            "curve_noise": float(proxy["curve_noise"])}

@@ -14,6 +14,13 @@ seeded by ``(seed, code)``: repeated evaluations of one code agree, different ``
 different noise. ``reward = ap = ap50 = clip(score + noise, 0, 1)``, ``loss = 1 - ap``; ``params``
 and ``gflops`` are 0 (no network exists) and ``seconds`` is the measured evaluation time.
 
+Learning curves (``curve_steps = N > 0``, for the search's early stopping): a trial reports
+``{"iteration": t, "loss": L_t}`` for t = 1..N with ``L_t = (1 - reward) + (1 + curve_noise * z) * (1 - t/N)``,
+z a standard normal seeded by ``(seed, code)``: every curve ends at ``1 - reward``, and early
+iterations rank codes with a per-code error that shrinks linearly to 0 (``curve_noise`` sets how
+unreliable an early rung is); ``sleep_s`` is then spread over the N steps, so a trial stopped at
+step t takes t/N of the time. ``curve_steps = 0`` reports once, at iteration 1.
+
 The evaluator is plain Python (picklable, torch-free) and works with any stage's space; an
 architecture outside the space gives an ``error`` result, never an exception. The
 ``proxy_eval=toy`` config is read by :mod:`proxy_eval.settings`; :class:`ToyProxy` wraps this class
@@ -29,7 +36,7 @@ from typing import Any, Callable
 from detector.arch.grammar import Arch, ArchError, FCOSHead, SearchedFPN, SearchedHead, parse
 from detector.arch.zoo import resolve_arch
 from detector.errors import UserError
-from proxy_eval.result import TrialResult, injected_failure
+from proxy_eval.result import TrialResult, TrialStopped, injected_failure
 from detector.arch.space import SearchSpace
 
 
@@ -94,11 +101,14 @@ class ToyProxy:
 
     def __init__(self, space_cfg: Any, target_seed: int = 0, noise: float = 0.0, seed: int = 0,
                  weight_spread: float = 0.0, fail_prob: float = 0.0, inject_nan: int | None = None,
-                 sleep_s: float = 0.0) -> None:
+                 sleep_s: float = 0.0, curve_steps: int = 0, curve_noise: float = 0.0) -> None:
         self.space_cfg = dict(space_cfg)
         self.target_seed, self.noise, self.seed = int(target_seed), float(noise), int(seed)
         self.weight_spread, self.fail_prob, self.inject_nan = float(weight_spread), float(fail_prob), inject_nan
         self.sleep_s = float(sleep_s)
+        if int(curve_steps) < 0 or float(curve_noise) < 0:
+            raise UserError(f"proxy_eval.curve_steps={curve_steps} and curve_noise={curve_noise} must be >= 0")
+        self.curve_steps, self.curve_noise = int(curve_steps), float(curve_noise)
         self._toys: dict[tuple[str, int], Any] = {}
 
     @classmethod
@@ -127,7 +137,7 @@ class ToyProxy:
 
     def evaluate(self, arch: Arch | str, seed: int = 0, report: Callable[[dict], None] | None = None) -> TrialResult:
         start = time.perf_counter()
-        if self.sleep_s > 0:
+        if self.sleep_s > 0 and not self.curve_steps:
             time.sleep(self.sleep_s)
         try:
             if isinstance(arch, str):
@@ -139,13 +149,29 @@ class ToyProxy:
                 return TrialResult.failure("diverged", f"training loss became nan at iteration {self.inject_nan}",
                                            time.perf_counter() - start)
             result = self._toy(arch, seed).evaluate(arch)
-            if report is not None and result.ok:
+            if self.curve_steps:
+                self._curve(arch, seed, result.loss, report)
+            elif report is not None and result.ok:
                 report({"iteration": 1, "loss": result.loss})
+            result.seconds = time.perf_counter() - start
             return result
+        except TrialStopped as stop:
+            return stop.result(time.perf_counter() - start, {})
         except Exception as err:  # the contract: never raise
             return TrialResult.failure("error", f"{type(err).__name__}: {err}", time.perf_counter() - start)
 
     __call__ = evaluate
+
+    def _curve(self, arch: Arch, seed: int, final_loss: float, report: Callable[[dict], None] | None) -> None:
+        """Report the learning curve of the module docstring, sleeping ``sleep_s / curve_steps`` per step."""
+        key = hashlib.sha256(f"toy-curve:{self.seed + seed}:{arch}".encode()).digest()
+        z = random.Random(int.from_bytes(key[:8], "big")).gauss(0.0, 1.0)
+        for step in range(1, self.curve_steps + 1):
+            if self.sleep_s > 0:
+                time.sleep(self.sleep_s / self.curve_steps)
+            remaining = 1.0 - step / self.curve_steps
+            if report is not None:
+                report({"iteration": step, "loss": final_loss + (1.0 + self.curve_noise * z) * remaining})
 
 
 class _AttrDict(dict):

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -48,6 +48,7 @@ from detector.arch.grammar import Arch, ArchError, FCOSHead, FPNPart, HeadPart, 
 from detector.errors import UserError
 from detector.arch.zoo import resolve_arch
 from proxy_eval.result import TrialResult
+from search.early_stopping import row_curve, stopped_reward
 from search.history import History, best_row
 from search.run_dir import RunDir
 from detector.arch.space import STAGES, SearchSpace, space_from_cfg
@@ -318,6 +319,9 @@ class StageRun:
         """Record a finished trial: history first, then tell the searcher (and waiters), then save."""
         proposal = self.in_flight.pop(request.key)
         self.record.in_flight.pop(request.code, None)
+        if result.status == "stopped":  # early stopping: the reward it is told (search.early_stopping)
+            result = replace(result, reward=stopped_reward(row_curve(result.to_dict()),
+                                                           self.record.history.stage_rows(self.index)))
         row = self.record.add_row(self._row(proposal, result.to_dict(), reused_from=None, attempts=attempts))
         self.trained += 1
         waiters = self.waiting.pop(request.code, [])

@@ -17,7 +17,14 @@ Only this module imports Ray (the GPU machine has none; ``executor=local`` never
   ``search.retries`` times (``FailureConfig(max_failures=...)``); a trial that still fails is
   recorded with status ``error`` and the floor reward, and the search goes on.
 - Concurrency is ``search.workers`` (``max_concurrent_trials``); each trial asks for
-  ``ray.cpus_per_trial`` CPUs and ``ray.gpus_per_trial`` GPUs (fractions allowed).
+  ``ray.cpus_per_trial`` CPUs and ``ray.gpus_per_trial`` GPUs (fractions allowed), and runs with
+  :func:`search.trial_threads.trial_threads` torch threads (``proxy_eval.threads``, else the node's
+  cores // the trials that run at once on it).
+- Early stopping (``search.scheduler=asha|median``): Tune's ``ASHAScheduler`` /
+  ``MedianStoppingRule`` (:func:`search.early_stopping.ray_scheduler`) on the trials' intermediate
+  reports ``{"iteration", "loss", "curve"}``; the scheduler is first fed the curves already in
+  history (resume). A trial it stops reaches ``on_trial_complete`` with its last intermediate report
+  and is recorded with status ``stopped``.
 - ``ray.address: null`` starts a private local Ray (dashboard off, worker logs not forwarded);
   ``auto`` or ``host:port`` joins a running cluster, whose nodes must have this project
   importable (``pip install -e .`` on each node) and the feature cache at the same path
@@ -54,9 +61,11 @@ from ray import tune  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
 from detector.errors import UserError  # noqa: E402
-from proxy_eval.result import TrialResult  # noqa: E402
+from proxy_eval.result import FLOOR_REWARD, TrialResult  # noqa: E402
+from search.early_stopping import StoppingSettings, ray_scheduler, replay_history  # noqa: E402
 from search.local_executor import run_trial  # noqa: E402
 from search.loop import StageRun, StageSequence, TrialRequest  # noqa: E402
+from search.trial_threads import node_concurrency, trial_threads  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +106,61 @@ def _worker_evaluator(setup: dict[str, Any]) -> Any:
     return evaluator
 
 
+def _set_trial_threads(setup: dict[str, Any]) -> None:
+    if setup["cfg"].get("proxy_eval", {}).get("name") == "toy":
+        return  # trains nothing (and imports no torch)
+    import torch
+
+    torch.set_num_threads(trial_threads(setup["threads"], node_concurrency(setup["workers"], setup["cpus_per_trial"])))
+
+
+def _intermediate_reporter(setup: dict[str, Any]) -> Any:
+    """With a scheduler: a ``report`` callback that sends ``{"iteration", "loss", "curve"}`` to Tune
+    (not at ``max_t``: the final report carries that point). Tune's scheduler may stop the trial
+    inside ``tune.report`` (Ray ends the trial's thread there)."""
+    if setup["scheduler"] == "none":
+        return None
+    curve: list[list[float]] = []
+
+    def report(values: dict) -> None:
+        if curve and values["iteration"] <= curve[-1][0]:
+            curve.clear()  # an in-process retry starts its curve again
+        curve.append([values["iteration"], float(values["loss"])])
+        if values["iteration"] < setup["max_t"]:
+            tune.report({"iteration": values["iteration"], "loss": float(values["loss"]), "reward": FLOOR_REWARD,
+                         "curve": json.dumps(curve)})
+
+    return report
+
+
 def trial_trainable(config: dict[str, Any], setup: dict[str, Any]) -> None:
-    """One Tune trial: evaluate ``config["code"]`` and report the result once."""
+    """One Tune trial: evaluate ``config["code"]`` and report the result (and, with a scheduler,
+    its learning curve as it goes)."""
     try:
+        _set_trial_threads(setup)
         evaluator = _worker_evaluator(setup)
     except UserError as err:
         result, attempts = TrialResult.failure("error", f"worker setup failed: {err}"), 1
     except Exception as err:  # noqa: BLE001 - e.g. a cache that cannot be opened on this node
         result, attempts = TrialResult.failure("error", f"worker setup failed: {type(err).__name__}: {err}"), 1
     else:
-        result, attempts = run_trial(evaluator, config["code"], setup["seed"], setup["retries"])
+        result, attempts = run_trial(evaluator, config["code"], setup["seed"], setup["retries"],
+                                     report=_intermediate_reporter(setup))
     result.extra = {**result.extra, **_node()}
-    tune.report({"reward": result.reward, "attempts": attempts, "trial_result": json.dumps(result.to_dict())})
+    curve = result.extra.get("curve") or []
+    # the scheduler's last point of the trial: where an ok trial ended; nothing for a failed one
+    iteration, loss = curve[-1] if curve and result.ok else (0, float("nan"))
+    tune.report({"reward": result.reward, "attempts": attempts, "trial_result": json.dumps(result.to_dict()),
+                 "iteration": iteration, "loss": loss})
+
+
+def stopped_by_scheduler(result: dict[str, Any]) -> TrialResult:
+    """The result of a trial Tune's scheduler stopped, from its last intermediate report."""
+    curve = json.loads(result.get("curve") or "[]")
+    iteration, loss = int(result["iteration"]), float(result["loss"])
+    return TrialResult(status="stopped", reward=FLOOR_REWARD, loss=loss, seconds=float(result.get("time_total_s", 0.0)),
+                       error=f"stopped early at iteration {iteration} (training loss {loss:.4g})",
+                       extra={"stopped_at": iteration, "curve": curve})
 
 
 def _trial_name(trial: Any) -> str:
@@ -149,6 +201,8 @@ class StageSearcher(Searcher):
         if not error and result and "trial_result" in result:
             trial_result = TrialResult.from_dict(json.loads(result["trial_result"]))
             attempts = int(result.get("attempts", 1))
+        elif not error and result and "curve" in result:  # stopped by the scheduler at an intermediate report
+            trial_result, attempts = stopped_by_scheduler(result), 1
         else:
             trial_result = TrialResult.failure(
                 "error", f"the Ray worker running this trial failed {self.retries + 1} time(s) "
@@ -252,7 +306,7 @@ class RayExecutor:
 
     def __init__(self, cfg_container: dict[str, Any], cache_path: str | None, run_dir: Path, *, seed: int,
                  retries: int, workers: int, address: str | None, cpus_per_trial: float,
-                 gpus_per_trial: float) -> None:
+                 gpus_per_trial: float, stopping: StoppingSettings | None = None, threads: int | None = None) -> None:
         if cpus_per_trial <= 0 or gpus_per_trial < 0:
             raise UserError(f"ray.cpus_per_trial={cpus_per_trial} must be > 0 and ray.gpus_per_trial="
                             f"{gpus_per_trial} >= 0")
@@ -260,8 +314,11 @@ class RayExecutor:
         self.resources = {"cpu": float(cpus_per_trial), "gpu": float(gpus_per_trial)}
         self.storage = str(Path(run_dir).resolve() / "ray")
         key = hashlib.sha256(json.dumps([cfg_container, cache_path], sort_keys=True, default=str).encode()).hexdigest()
+        self.stopping = stopping or StoppingSettings()
         self.setup = {"cfg": cfg_container, "cache": cache_path, "seed": int(seed), "retries": self.retries,
-                      "key": key[:16]}
+                      "key": key[:16], "threads": threads, "workers": self.workers,
+                      "cpus_per_trial": float(cpus_per_trial), "scheduler": self.stopping.scheduler,
+                      "max_t": self.stopping.max_t}
         self.owns_ray = False
         self._connect(address)
 
@@ -311,10 +368,17 @@ class RayExecutor:
         if first is None:
             return
         trainable = tune.with_resources(tune.with_parameters(trial_trainable, setup=self.setup), self.resources)
+        scheduler = ray_scheduler(self.stopping)
+        if scheduler is not None:
+            fed = replay_history(scheduler, stages.record.history.rows)
+            if fed:
+                log.info("early stopping (%s): replayed the curves of %d trials from history",
+                         self.stopping.scheduler, fed)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=StageSearcher(stages, first, self.retries),
+                scheduler=scheduler,
                 num_samples=-1,
                 max_concurrent_trials=self.workers,
                 reuse_actors=True,

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from search.early_stopping import stopped_lines
 from search.history import HISTORY_FILE, best_row, read_history, trained_rows
 from search.run_dir import CONFIG_FILE, check_run_dir
 
@@ -81,14 +82,19 @@ def _stage_lines(rows: list[dict[str, Any]]) -> list[str]:
         best = best_row(stage_rows)
         lines.append(
             f"| {index} | {stage_rows[0]['stage']} | {len(trained)} | {len(stage_rows) - len(trained)} | "
-            f"{sum(r['status'] != 'ok' for r in trained)} | {_fmt(best['reward'] if best else None)} | "
+            f"{sum(_failed(r) for r in trained)} | {_fmt(best['reward'] if best else None)} | "
             f"{'`' + best['code'] + '`' if best else '-'} |"
         )
     return lines
 
 
+def _failed(row: dict[str, Any]) -> bool:
+    """A trial that failed (a stopped one did not: it was cut short on purpose)."""
+    return row["status"] not in ("ok", "stopped")
+
+
 def _failure_lines(rows: list[dict[str, Any]], limit: int = 10) -> list[str]:
-    failed = [r for r in trained_rows(rows) if r["status"] != "ok"]
+    failed = [r for r in trained_rows(rows) if _failed(r)]
     if not failed:
         return ["No trial failed."]
     counts = Counter(r["status"] for r in failed)
@@ -121,10 +127,14 @@ def _plot_rewards(rows: list[dict[str, Any]], path: Path) -> None:
                        edgecolors="grey", linewidths=0.6)
         if index > 0 and own:
             ax.axvline(min(r["trial"] for r in own) - 0.5, color="grey", lw=0.6, ls=":")
-    failed = [r for r in rows if r["status"] != "ok" and not r["reused"]]
+    failed = [r for r in rows if _failed(r) and not r["reused"]]
     if failed:
         ax.scatter([r["trial"] for r in failed], [r["reward"] for r in failed], marker="x", color="red",
                    s=24, label="failed")
+    stopped = [r for r in rows if r["status"] == "stopped" and not r["reused"]]
+    if stopped:
+        ax.scatter([r["trial"] for r in stopped], [r["reward"] for r in stopped], marker="v", color="black",
+                   s=16, label="stopped early (reward told)")
     ax.set_xlabel("trial (finishing order)")
     ax.set_ylabel("reward")
     ax.set_title("Reward per trial (rings: reused results)")
@@ -178,7 +188,7 @@ def write_report(run_dir: str | Path, top_k: int = 5) -> Path:
     else:
         seconds = sum(r.get("seconds") or 0.0 for r in trained)
         lines += [f"{len(rows)} trials in history: {len(trained)} trained "
-                  f"({sum(r['status'] != 'ok' for r in trained)} failed), {len(rows) - len(trained)} reused "
+                  f"({sum(_failed(r) for r in trained)} failed), {len(rows) - len(trained)} reused "
                   f"(codes already evaluated, not trained again); {seconds:.0f} s of trial time.", "",
                   "## Stages", "", *_stage_lines(rows), "",
                   f"## Top {top_k}", "",
@@ -188,7 +198,7 @@ def write_report(run_dir: str | Path, top_k: int = 5) -> Path:
             lines.append(f"| {rank} | `{r['code']}` | {r['stage']} | {_fmt(r['reward'])} | {_fmt(r.get('ap'))} | "
                          f"{_fmt(r.get('ap50'))} | {_params(r.get('params'))} | {_fmt(r.get('gflops'), 2)} | "
                          f"{_fmt(r.get('seconds'), 1)} |")
-        lines += ["", "## Failures", "", *_failure_lines(rows), "",
+        lines += ["", "## Failures", "", *_failure_lines(rows), "", *stopped_lines(rows),
                   "## Plots", "", f"![reward per trial]({REWARD_PLOT})", "", f"![best so far]({BEST_PLOT})", ""]
         _plot_rewards(rows, run_dir / REWARD_PLOT)
         _plot_best_so_far(rows, run_dir / BEST_PLOT)

@@ -35,6 +35,7 @@ from typing import Any
 
 from detector.errors import UserError, WriteError
 from search.history import History, best_row
+from search.early_stopping import stopping_settings
 from search.loop import SearchRecord, check_search_settings, run_stages, stage_names
 from search.run_dir import RunDir, create_run_dir, open_run_dir
 
@@ -141,6 +142,7 @@ def _check(cfg: Any) -> None:
     from proxy_eval.settings import proxy_name, resolve_device
 
     check_search_settings(cfg)
+    stopping_settings(cfg)
     name = cfg.executor.get("name") if cfg.get("executor") else None
     if name not in EXECUTORS:
         raise UserError(f"executor={name}: choose one of {', '.join(EXECUTORS)}")
@@ -152,11 +154,13 @@ def _check(cfg: Any) -> None:
 # ---------------------------------------------------------------------- executors
 def _make_executor(cfg: Any, run_dir: RunDir, cache: Any) -> Any:
     retries, workers, seed = int(cfg.search.retries), int(cfg.search.workers), int(cfg.seed)
+    stopping, threads = stopping_settings(cfg), cfg.proxy_eval.get("threads", None)
     if cfg.executor.name == "local":
         from proxy_eval.build import build_evaluator
         from search.local_executor import LocalExecutor
 
-        return LocalExecutor(lambda: build_evaluator(cfg, cache=cache), seed=seed, retries=retries, workers=workers)
+        return LocalExecutor(lambda: build_evaluator(cfg, cache=cache), seed=seed, retries=retries, workers=workers,
+                             stopping=stopping, threads=threads)
     try:
         from search.ray_executor import RayExecutor
     except ImportError as err:
@@ -164,7 +168,7 @@ def _make_executor(cfg: Any, run_dir: RunDir, cache: Any) -> Any:
     cache_path = str(cache.path) if hasattr(cache, "path") else None  # end_to_end / toy: prepared per worker
     return RayExecutor(_container(cfg), cache_path, run_dir.path, seed=seed, retries=retries, workers=workers,
                        address=cfg.ray.get("address"), cpus_per_trial=float(cfg.ray.cpus_per_trial),
-                       gpus_per_trial=float(cfg.ray.gpus_per_trial))
+                       gpus_per_trial=float(cfg.ray.gpus_per_trial), stopping=stopping, threads=threads)
 
 
 def _prepare(cfg: Any) -> Any:
@@ -306,10 +310,12 @@ def _say_complete(run_dir: RunDir, record: SearchRecord) -> None:
 
 def _say_summary(run_dir: RunDir, record: SearchRecord, seconds: float) -> None:
     rows = record.history.rows
-    failed = sum(r["status"] != "ok" and not r["reused"] for r in rows)
+    failed = sum(r["status"] not in ("ok", "stopped") and not r["reused"] for r in rows)
+    stopped = sum(r["status"] == "stopped" and not r["reused"] for r in rows)
     best = best_row(rows)
     print(f"search finished in {seconds:.0f} s: {record.trained_count()} trials trained "
-          f"({failed} failed), {sum(bool(r['reused']) for r in rows)} reused; run dir {run_dir.path}")
+          f"({failed} failed{f', {stopped} stopped early' if stopped else ''}), "
+          f"{sum(bool(r['reused']) for r in rows)} reused; run dir {run_dir.path}")
     if best is not None:
         print(f"best reward {best['reward']:.4f}: {best['code']}")
 

@@ -1,0 +1,186 @@
+"""Search throughput: candidates per device-hour by trials per device, with and without early stopping.
+
+Runs the real search (``search.run.run_search``, one stage, ``controller=random``, the same seed)
+once per setting -- trials per device k in ``--trials-per-device`` (``search.workers=k``; with Ray
+each trial asks for 1/k of the device and cores/k CPUs) x ``--scheduler`` -- and splits each run's
+time, from the history it wrote:
+
+An untimed one-candidate search runs first (``--no-warmup`` skips it), so that the first timed
+setting does not pay the page cache and lazy imports for all.
+
+- ``prepare``: the one-off proxy preparation (data generation, adaptation and feature cache for
+  ``cached``; data and splits for ``end_to_end``), timed once before the runs and shared by all;
+- ``start-up``: from the run's start to its first trial's start (Ray start, actors, evaluator set-up
+  of the first trial in flight) plus the tail after the last trial (report, shutdown);
+- per trial (summed over trials, as device-slot seconds): ``setup`` (model build, first batch: the
+  time before the first report minus the iterations before it at the trial's own rate), ``train``
+  (the training iterations), ``eval`` (after the last report: validation and scoring);
+- ``idle/overhead``: k x (the span of the trials) minus the trials' seconds: slots with no trial
+  running (the driver between trials, a stage waiting for its last trial, Ray scheduling).
+
+Per-iteration data loading is inside ``train`` (the loop does not time it apart). With ``--device
+cuda`` it also samples GPU utilisation (``torch.cuda.utilization``, needs pynvml) every second.
+
+    # CPU now (tiny: cached proxy of 12 iterations, 6 candidates per setting; loaded machine: ratios only)
+    OMP_NUM_THREADS=1 python experiments/bench_search_throughput.py --budget 6 --trials-per-device 1 2 4 \\
+        --scheduler none asha -- proxy_eval.iters=12 proxy_eval.report_every=3 search.stopping.grace_period=3
+    # one GPU, the issue's setting (end-to-end proxy, Ray, 8 candidates per setting)
+    python experiments/bench_search_throughput.py --device cuda --executor ray --budget 8 \\
+        --trials-per-device 1 2 4 8 --scheduler none asha -- proxy_eval=end_to_end
+
+Extra ``key=value`` overrides after ``--`` go to every run. ``--json`` writes all numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def split_trial(row: dict) -> dict[str, float]:
+    """``setup`` / ``train`` / ``eval`` seconds of one history row (see the module docstring)."""
+    seconds = float(row.get("seconds") or 0.0)
+    extra = row.get("extra") or {}
+    curve, times = extra.get("curve") or [], extra.get("report_seconds") or []
+    if len(curve) < 2 or len(times) != len(curve):
+        return {"setup": 0.0, "train": seconds, "eval": 0.0}
+    (first_it, _), (last_it, _) = curve[0][:2], curve[-1][:2]
+    rate = (times[-1] - times[0]) / max(1e-9, last_it - first_it)  # seconds per iteration
+    setup = max(0.0, times[0] - rate * first_it)
+    train = times[-1] - setup
+    return {"setup": setup, "train": train, "eval": max(0.0, seconds - times[-1])}
+
+
+def summarize_run(rows: list[dict], wall: float, slots: int) -> dict[str, float]:
+    """Candidates per hour and the time split of one run (see the module docstring)."""
+    trained = [r for r in rows if not r["reused"]]
+    starts = [r["extra"]["started_at"] for r in trained if (r.get("extra") or {}).get("started_at")]
+    ends = [s + float(r["seconds"] or 0.0) for s, r in zip(starts, trained)]
+    span = (max(ends) - min(starts)) if starts else wall
+    parts = {"setup": 0.0, "train": 0.0, "eval": 0.0}
+    for r in trained:
+        for key, value in split_trial(r).items():
+            parts[key] += value
+    busy = sum(float(r["seconds"] or 0.0) for r in trained)
+    device_s = slots * wall  # device-slot seconds of the run
+    out = {"candidates": len(trained), "stopped": sum(r["status"] == "stopped" for r in trained),
+           "failed": sum(r["status"] not in ("ok", "stopped") for r in trained),
+           "wall_s": wall, "candidates_per_hour": 3600.0 * len(trained) / wall,
+           "startup_s": wall - span, "trial_s": busy,
+           "best_reward": max((r["reward"] for r in trained if r["status"] == "ok"), default=math.nan)}
+    out.update({f"{key}_share": value / device_s for key, value in parts.items()})
+    out["startup_share"] = slots * (wall - span) / device_s
+    out["idle_share"] = max(0.0, slots * span - busy) / device_s
+    return out
+
+
+class GpuSampler:
+    """Mean GPU utilisation (%) over a run, sampled every second (None without CUDA or pynvml)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True) if enabled else None
+
+    def _run(self) -> None:
+        import torch
+
+        while not self._stop.wait(1.0):
+            try:
+                self.samples.append(float(torch.cuda.utilization()))
+            except Exception:  # noqa: BLE001 - no pynvml: no utilisation figure
+                return
+
+    def __enter__(self) -> "GpuSampler":
+        if self._thread:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def run_overrides(args: argparse.Namespace, k: int, scheduler: str, run_dir: Path) -> list[str]:
+    cores = os.cpu_count() or 1
+    overrides = [f"executor={args.executor}", f"device={args.device}", "search.stages=[fpn]",
+                 f"search.budget={args.budget}", f"search.workers={k}", "controller=random", f"seed={args.seed}",
+                 f"search.scheduler={scheduler}", f"search.run_dir={run_dir}", "search.retries=0"]
+    if args.executor == "ray":
+        overrides += [f"ray.cpus_per_trial={max(1, cores // k)}",
+                      f"ray.gpus_per_trial={1.0 / k if args.device.startswith('cuda') else 0}"]
+    return overrides + list(args.overrides)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials-per-device", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--scheduler", nargs="+", default=["none", "asha"], choices=["none", "asha", "median"])
+    parser.add_argument("--budget", type=int, default=4, help="candidates per setting")
+    parser.add_argument("--executor", default="local", choices=["local", "ray"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="skip the untimed one-candidate search run before the timed ones")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (after --)")
+    args = parser.parse_args(argv)
+
+    import logging
+
+    from detector.cli import compose
+    from proxy_eval.build import prepare_proxy
+    from search.history import read_history
+    from search.run import run_search
+
+    logging.basicConfig(level=logging.WARNING)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-search-"))
+    start = time.perf_counter()
+    prepare_proxy(compose("search", run_overrides(args, 1, "none", workdir / "prepare")))
+    prepare_s = time.perf_counter() - start
+    print(f"prepare (one-off, shared by every run): {prepare_s:.1f} s; runs under {workdir}")
+    if args.warmup:  # untimed: page cache, imports and lazy set-up that only the first run would pay
+        run_search(compose("search", run_overrides(args, 1, "none", workdir / "warmup")
+                           + ["search.budget=1", f"seed={args.seed + 1000}"]))
+    print("| trials/device | scheduler | candidates (stopped) | wall s | candidates/h | vs 1, none | start-up | "
+          "setup | train | eval | idle/overhead | GPU util | best reward |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    results, baseline = [], None
+    for scheduler in args.scheduler:
+        for k in args.trials_per_device:
+            run_dir = workdir / f"k{k}-{scheduler}"
+            cfg = compose("search", run_overrides(args, k, scheduler, run_dir))
+            with GpuSampler(args.device.startswith("cuda")) as gpu:
+                begin = time.perf_counter()
+                run_search(cfg)
+                wall = time.perf_counter() - begin
+            out = {"trials_per_device": k, "scheduler": scheduler, "gpu_util": gpu.mean,
+                   **summarize_run(read_history(run_dir / "history.jsonl").rows, wall, k)}
+            baseline = baseline or out["candidates_per_hour"]
+            out["ratio"] = out["candidates_per_hour"] / baseline
+            results.append(out)
+            util = "-" if out["gpu_util"] is None else f"{out['gpu_util']:.0f}%"
+            print(f"| {k} | {scheduler} | {out['candidates']} ({out['stopped']}) | {wall:.1f} | "
+                  f"{out['candidates_per_hour']:.0f} | {out['ratio']:.2f}x | {out['startup_share']:.0%} | "
+                  f"{out['setup_share']:.0%} | {out['train_share']:.0%} | {out['eval_share']:.0%} | "
+                  f"{out['idle_share']:.0%} | {util} | {out['best_reward']:.4f} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"prepare_s": prepare_s, "argv": sys.argv[1:], "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
