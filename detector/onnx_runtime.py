@@ -78,6 +78,19 @@ class OnnxDetector:
 
             self._session = ReferenceEvaluator(proto)
 
+    @staticmethod
+    def read_arch(path: Path) -> str:
+        """The architecture code stored in an exported file (its weights are not read)."""
+        import onnx
+
+        if not Path(path).is_file():
+            raise UserError(f"onnx={path} does not exist; pass a file written by python -m detector export")
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as err:  # noqa: BLE001 - protobuf raises several types for a bad file
+            raise UserError(f"cannot read {path} as ONNX ({type(err).__name__}); pass an exported .onnx file") from None
+        return read_metadata(proto, Path(path))["arch"]
+
     def preprocess(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
         """List of (3, H_i, W_i) RGB -> (normalised, padded (N, 3, H, W), [(H_i, W_i)]), as FCOS.preprocess."""
         normalised = []
