@@ -97,14 +97,14 @@ def _random_code(seed):
     return str(space.sample(random.Random(seed)))
 
 
-@pytest.mark.parametrize("arch", ["fcos", "nasfcos", "random:3", "random:11"])
+@pytest.mark.parametrize("arch", ["fcos", "nasfcos", "random:3", pytest.param("random:11", marks=pytest.mark.slow)])
 def test_export_passes_parity_check(tmp_path, val_root, arch):
     """Export (decomposed DCN) and check: every detection matched, AP equal to 3 decimals, report written."""
     code = _random_code(int(arch.split(":")[1])) if arch.startswith("random") else arch
     out = tmp_path / "model.onnx"
-    export_command(_cfg(code, val_root, out, "check=true"))
+    export_command(_cfg(code, val_root, out, "check=true", "export.max_images=4"))
     record = __import__("json").loads((tmp_path / "model.onnx.check.json").read_text())
-    assert record["passed"] and record["images"] == 8
+    assert record["passed"] and record["images"] == 4
     assert record["detections"] > 0 and record["matched"] == record["detections"] and record["unmatched"] == 0
     assert record["max_box_diff"] <= 0.01 and record["max_head_diff"] < 1e-3
     assert abs(record["ap_pytorch"] - record["ap_onnx"]) < 5e-4
@@ -118,14 +118,32 @@ def test_check_fails_when_the_export_differs(tmp_path, val_root):
         check_export_command(_cfg("fcos", val_root, "unused", f"onnx={out}", "seed=2", "export.max_images=2"))
 
 
-def test_native_export_is_refused_by_onnxruntime_and_runs_in_reference(tmp_path, val_root):
-    """dcn=native writes DeformConv; ONNX Runtime refuses it in one line, onnx.reference passes the check."""
+SMALL_DCN_CODE = "fpn:c3-c4-dcn-skip-sum/c4-c5-skip-skip-sum/c3-c5-skip-skip-sum+head:s0-dcn-skip"
+
+
+def test_native_export_holds_deform_conv_nodes_and_onnxruntime_refuses_it(tmp_path, val_root):
+    """dcn=native writes an opset-19 DeformConv node per DCN call (a valid model); ONNX Runtime, which has no
+    DeformConv kernel, is refused in one line (the module-level test above checks the node's values)."""
+    import onnx
+
     out = tmp_path / "native.onnx"
-    export_command(_cfg("fpn:c3-c4-dcn-skip-sum/c4-c5-skip-skip-sum/c3-c5-skip-skip-sum+head:s0-dcn-skip", val_root, out, "dcn=native"))
+    export_command(_cfg(SMALL_DCN_CODE, val_root, out, "dcn=native"))
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    # one call per DCN application: 1 in the FPN, and the head's 2 towers (1 DCN each) run on 5 levels
+    assert sum(node.op_type == "DeformConv" for node in proto.graph.node) == 1 + 2 * 5
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 19
     with pytest.raises(Exception, match="does not implement"):
         OnnxDetector(out, "onnxruntime")
-    record = check_export_command(_cfg("fpn:c3-c4-dcn-skip-sum/c4-c5-skip-skip-sum/c3-c5-skip-skip-sum+head:s0-dcn-skip", val_root,
-                                       "unused", f"onnx={out}", "export.runtime=reference", "export.max_images=2"))
+
+
+@pytest.mark.slow
+def test_native_export_passes_parity_check_in_onnx_reference(tmp_path, val_root):
+    """The whole detector with DeformConv nodes, run by onnx.reference (minutes: a pure-Python evaluator)."""
+    out = tmp_path / "native.onnx"
+    export_command(_cfg(SMALL_DCN_CODE, val_root, out, "dcn=native"))
+    record = check_export_command(_cfg(SMALL_DCN_CODE, val_root, "unused", f"onnx={out}",
+                                       "export.runtime=reference", "export.max_images=2"))
     assert record["passed"] and record["dcn"] == "native"
 
 
