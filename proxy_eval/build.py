@@ -203,7 +203,14 @@ def end_to_end_evaluator(cfg: Any, data: Any = None) -> Evaluator:
 
 
 def build_evaluator(cfg: Any, cache: FeatureCache | str | os.PathLike | None = None) -> Evaluator:
-    """The evaluator that ``cfg.proxy_eval.name`` selects (see the module docstring)."""
+    """The evaluator that ``cfg.proxy_eval.name`` selects (see the module docstring), wrapped by
+    ``search.objective`` when latency is measured (:mod:`proxy_eval.latency_objective`)."""
+    from proxy_eval.latency_objective import with_objective
+
+    return with_objective(cfg, _proxy_evaluator(cfg, cache))
+
+
+def _proxy_evaluator(cfg: Any, cache: FeatureCache | str | os.PathLike | None = None) -> Evaluator:
     name = _proxy_name(cfg)
     if name == "toy":
         return ToyProxy.from_cfg(cfg)
