@@ -34,11 +34,12 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from detector.errors import UserError
+from detector.latency import LatencySettings
 from proxy_eval.result import TrialResult
 
 OBJECTIVES = ("ap", "ap_at_latency", "pareto")
@@ -47,19 +48,14 @@ CACHE_FILE = "latency.json"
 
 @dataclass(frozen=True)
 class ObjectiveSettings:
-    """``search.objective`` and ``search.latency.*``."""
+    """``search.objective`` and ``search.latency.*`` (the measurement itself: ``latency``)."""
 
     objective: str = "ap"
     measure: bool = False
     target_ms: float = 100.0
     w: float = -0.07
     w_under: float | None = None
-    size: tuple[int, int] = (320, 320)
-    batch: int = 1
-    runtime: str = "torch"
-    warmup: int = 2
-    iters: int = 10
-    threads: int | None = None
+    latency: LatencySettings = field(default_factory=lambda: LatencySettings(size=(320, 320), warmup=2, iters=10))
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -80,35 +76,24 @@ class ObjectiveSettings:
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "ObjectiveSettings":
-        search = cfg.search
-        objective = str(search.get("objective", "ap"))
-        node = search.get("latency", None) or {}
+        objective = str(cfg.search.get("objective", "ap"))
+        node = cfg.search.latency
         measure = node.get("measure", "auto")
         if measure not in ("auto", True, False):
             raise UserError(f"search.latency.measure={measure!r}: auto, true or false")
-        w_under, threads = node.get("w_under", None), node.get("threads", None)
+        w_under = node.get("w_under", None)
         return cls(objective=objective, measure=objective != "ap" if measure == "auto" else bool(measure),
-                   target_ms=float(node.get("target_ms", 100.0)), w=float(node.get("w", -0.07)),
-                   w_under=None if w_under is None else float(w_under),
-                   size=tuple(int(v) for v in node.get("size", (320, 320))), batch=int(node.get("batch", 1)),
-                   runtime=str(node.get("runtime", "torch")), warmup=int(node.get("warmup", 2)),
-                   iters=int(node.get("iters", 10)), threads=None if threads is None else int(threads))
-
-
-@dataclass(frozen=True)
-class DeployModel:
-    """What the deployed detector is built from (plain values: the evaluator travels to Ray workers)."""
-
-    backbone: dict[str, Any]
-    recipe: dict[str, Any]
-    num_classes: int
-    width: int
+                   target_ms=float(node.target_ms), w=float(node.w), w_under=None if w_under is None else float(w_under),
+                   latency=LatencySettings.from_cfg(node))
 
 
 class LatencyAwareEvaluator:
-    """Wraps a proxy evaluator: its result, plus the deployed detector's latency and the objective's reward."""
+    """Wraps a proxy evaluator: its result, plus the deployed detector's latency and the objective's reward.
 
-    def __init__(self, inner: Any, settings: ObjectiveSettings, model: DeployModel, device: str,
+    ``model``: a :class:`proxy_eval.end_to_end.ModelSpec` of the deployed detector (plain values, so
+    the evaluator travels to Ray workers)."""
+
+    def __init__(self, inner: Any, settings: ObjectiveSettings, model: Any, device: str,
                  cache_dir: str | os.PathLike | None) -> None:
         self.inner = inner
         self.settings = settings
@@ -146,8 +131,8 @@ class LatencyAwareEvaluator:
 
         from detector.latency import device_description
 
-        device = torch.device(resolve_device(self.device) if self.settings.runtime == "torch" else "cpu")
-        settings = self._latency_settings()
+        device = torch.device(resolve_device(self.device) if self.settings.latency.runtime == "torch" else "cpu")
+        settings = self.settings.latency
         key_text = json.dumps({"code": code, "model": asdict(self.model), "latency": asdict(settings),
                                "device": device_description(device, settings)}, sort_keys=True, default=list)
         key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
@@ -158,29 +143,19 @@ class LatencyAwareEvaluator:
         self._write_entry(key, record)
         return {**record, "cached": False}
 
-    def _latency_settings(self) -> Any:
-        from detector.latency import LatencySettings
-
-        s = self.settings
-        return LatencySettings(size=s.size, batch=s.batch, runtime=s.runtime, warmup=s.warmup, iters=s.iters,
-                               threads=s.threads)
-
     def _measure(self, code: str, settings: Any, device: Any) -> dict[str, Any]:
         import torch
 
-        from detector.build import build_detector
+        from detector.build import build_detector_from_cfg
         from detector.describe import count_parameters
         from detector.latency import measure_latency
-        from detector.recipe import Recipe
         from detector.zoo import resolve_arch
 
-        b = self.model.backbone
+        cfg = self.model.config()
+        cfg.backbone.weights = "none"  # latency does not depend on the weights: never download
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = build_detector(resolve_arch(code, None, None), self.model.num_classes,
-                                   Recipe.from_cfg(self.model.recipe), str(b["name"]), "none", self.model.width,
-                                   int(b.get("frozen_stages", 1)), b.get("levels"), str(b.get("norm", "frozen_bn")))
-        model.eval()
+            model = build_detector_from_cfg(cfg, resolve_arch(code, None, None)).eval()
         measured = measure_latency(model, settings, device, arch=code)
         return {"median_ms": measured["median_ms"], "p90_ms": measured["p90_ms"], "device": measured["device"],
                 "params": count_parameters(model)}
@@ -223,7 +198,9 @@ def with_objective(cfg: Any, evaluator: Any) -> Any:
     def plain(node: Any) -> dict[str, Any]:
         return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
 
-    model = DeployModel(backbone=plain(cfg.backbone), recipe=plain(cfg.recipe), num_classes=int(cfg.data.num_classes),
-                        width=int(cfg.model.width))
+    from proxy_eval.end_to_end import ModelSpec
+
+    model = ModelSpec(backbone=plain(cfg.backbone), recipe=plain(cfg.recipe), num_classes=int(cfg.data.num_classes),
+                      width=int(cfg.model.width))
     return LatencyAwareEvaluator(evaluator, settings, model, str(cfg.get("device", "auto") or "auto"),
                                  cfg.get("cache_dir", None))
