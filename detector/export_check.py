@@ -129,6 +129,9 @@ def run_check(cfg: Any, onnx_path: str | Path, model: nn.Module) -> dict[str, An
 
     onnx_path = Path(onnx_path)
     settings = cfg.export
+    if int(cfg.data.num_classes) != int(model.num_classes):
+        raise ExportError(f"the model predicts {model.num_classes} classes but data.num_classes={cfg.data.num_classes}; "
+                          "pass the data config it was trained with (e.g. the same experiment=)")
     runtime = OnnxDetector(onnx_path, str(settings.get("runtime", "onnxruntime")))
     dataset = build_dataset(cfg.data, "val", train=False, cache_dir=cfg.get("cache_dir", None))
     count = len(dataset) if settings.get("max_images", None) is None else min(len(dataset), int(settings.max_images))

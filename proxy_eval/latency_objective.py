@@ -77,7 +77,9 @@ class ObjectiveSettings:
     @classmethod
     def from_cfg(cls, cfg: Any) -> "ObjectiveSettings":
         objective = str(cfg.search.get("objective", "ap"))
-        node = cfg.search.latency
+        node = cfg.search.get("latency", None)
+        if node is None:  # a run configured before latency-aware search existed
+            return cls(objective=objective)
         measure = node.get("measure", "auto")
         if measure not in ("auto", True, False):
             raise UserError(f"search.latency.measure={measure!r}: auto, true or false")
