@@ -164,6 +164,9 @@ def _proxy_name(cfg: Any) -> str:
 def prepare_proxy(cfg: Any) -> Any:
     """What the driver builds once before any trial: the feature cache (``cached``), the data and
     proxy splits (``end_to_end``), or None (``toy``). Bad settings raise a UserError here."""
+    from proxy_eval.latency_objective import checked_objective
+
+    checked_objective(cfg)  # search.objective / search.latency: refused before any trial
     name = _proxy_name(cfg)
     if name == "cached":
         from proxy_eval.prepare import prepare

@@ -187,15 +187,21 @@ class LatencyAwareEvaluator:
             pass  # a cache that cannot be written only costs a measurement next time
 
 
+def checked_objective(cfg: Any) -> ObjectiveSettings:
+    """The objective settings of ``cfg``; UserError for bad ones (called by the driver before any trial)."""
+    settings = ObjectiveSettings.from_cfg(cfg)
+    if cfg.get("reward", "ap") != "ap" and settings.objective == "ap_at_latency":
+        raise UserError(f"search.objective=ap_at_latency multiplies the AP; it needs reward=ap (got {cfg.reward})")
+    return settings
+
+
 def with_objective(cfg: Any, evaluator: Any) -> Any:
     """``evaluator`` itself for ``objective=ap`` without latency, else wrapped in :class:`LatencyAwareEvaluator`."""
     from omegaconf import OmegaConf
 
-    settings = ObjectiveSettings.from_cfg(cfg)
+    settings = checked_objective(cfg)
     if not settings.measure:
         return evaluator
-    if cfg.get("reward", "ap") != "ap" and settings.objective == "ap_at_latency":
-        raise UserError(f"search.objective=ap_at_latency multiplies the AP; it needs reward=ap (got {cfg.reward})")
 
     def plain(node: Any) -> dict[str, Any]:
         return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
