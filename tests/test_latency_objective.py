@@ -38,6 +38,15 @@ def test_bad_objective_settings_are_refused(override, match):
         ObjectiveSettings.from_cfg(compose("search", [override]))
 
 
+def test_the_driver_refuses_a_bad_objective_before_any_trial():
+    from proxy_eval.build import prepare_proxy
+
+    with pytest.raises(UserError, match="search.objective=speed"):
+        prepare_proxy(compose("search", ["proxy_eval=toy", "search.objective=speed"]))
+    with pytest.raises(UserError, match="needs reward=ap"):
+        prepare_proxy(compose("search", ["proxy_eval=toy", "search.objective=ap_at_latency", "reward=neg_loss"]))
+
+
 def test_objective_ap_leaves_the_evaluator_alone():
     assert not isinstance(build_evaluator(compose("search", ["proxy_eval=toy"])), LatencyAwareEvaluator)
 

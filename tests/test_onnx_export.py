@@ -85,7 +85,7 @@ def test_exported_dcn_reproduces_the_module(tmp_path, form):
         evaluator = ReferenceEvaluator(proto)
     else:
         evaluator = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for shape in [(2, 8, 7, 9), (1, 8, 5, 4)]:
+    for shape in [(1, 8, 5, 4), (2, 8, 3, 2)]:  # small: the reference DeformConv is pure Python (~0.1 s a pixel)
         x = torch.randn(*shape)
         with torch.no_grad():
             want = model(x).numpy()
