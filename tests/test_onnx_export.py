@@ -1,7 +1,8 @@
 """ONNX export: the DCN in both exported forms, and the parity check of whole detectors.
 
-Detectors are small (resnet18 with random weights, decoder width 32, 8 val images of 96 px); the
-export is traced at 64x64 and run at the val images' sizes, so the dynamic axes are exercised too.
+Detectors are small (resnet18 with random weights, decoder width 32, the 2 val images of the suite's
+tiny synthetic dataset); the export is traced at 64x64 and run at the val images' sizes (padded to
+96 px), so the dynamic axes are exercised too.
 """
 import random
 
@@ -21,15 +22,10 @@ from search.space import space_from_cfg
 SMALL = ["model.width=32", "export.sample_size=[64,64]", "export.batch=4", "backbone.weights=none"]
 
 
-@pytest.fixture(scope="module")
-def val_root(tmp_path_factory):
-    """8 val images of 96 px with up to 3 objects (the synthetic_tiny sizes), written once."""
-    from detector.data.synthetic import write_dataset
-
-    root = tmp_path_factory.mktemp("onnx_synthetic")
-    write_dataset(root, num_train=2, num_val=8, seed=0, workers=1, image_min_side=96, image_max_side=96,
-                  large_every=0, max_objects=3, min_object_size=16)
-    return root
+@pytest.fixture
+def val_root(tiny_synthetic_root):
+    """The suite's tiny synthetic dataset (conftest): its 2 val images of 64-96 px are the check's images."""
+    return tiny_synthetic_root
 
 
 def _cfg(arch, root, out, *extra):
@@ -102,9 +98,9 @@ def test_export_passes_parity_check(tmp_path, val_root, arch):
     """Export (decomposed DCN) and check: every detection matched, AP equal to 3 decimals, report written."""
     code = _random_code(int(arch.split(":")[1])) if arch.startswith("random") else arch
     out = tmp_path / "model.onnx"
-    export_command(_cfg(code, val_root, out, "check=true", "export.max_images=4"))
+    export_command(_cfg(code, val_root, out, "check=true"))
     record = __import__("json").loads((tmp_path / "model.onnx.check.json").read_text())
-    assert record["passed"] and record["images"] == 4
+    assert record["passed"] and record["images"] == 2
     assert record["detections"] > 0 and record["matched"] == record["detections"] and record["unmatched"] == 0
     assert record["max_box_diff"] <= 0.01 and record["max_head_diff"] < 1e-3
     assert abs(record["ap_pytorch"] - record["ap_onnx"]) < 5e-4
