@@ -10,6 +10,9 @@ COMMANDS = {
                      config="bench"),
     "synth": Command("detector.commands.synth:synth_command", "write the synthetic COCO-format dataset to out=<dir>"),
     "summary": Command("detector.commands.summary:summary_command", "metrics table of a sweep directory sweep=<dir>"),
+    "export": Command("detector.deploy.onnx_export:export_command", "write ckpt=<file> (or arch=<code>) as out=<file>.onnx [check=true]"),
+    "check-export": Command("detector.deploy.export_check:check_export_command", "parity of onnx=<file> against its ckpt / arch"),
+    "latency": Command("detector.deploy.latency:latency_command", "inference latency (median, p90) of arch=<code> on this device"),
 }
 
 if __name__ == "__main__":

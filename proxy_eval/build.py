@@ -39,6 +39,9 @@ class Evaluator(Protocol):
 def prepare_proxy(cfg: Any) -> Any:
     """What the driver builds once before any trial: the feature cache (``cached``), the data and
     proxy splits (``end_to_end``), or None (``toy``). Bad settings raise a UserError here."""
+    from proxy_eval.latency_objective import checked_objective
+
+    checked_objective(cfg)  # search.objective / search.latency: refused before any trial
     name = proxy_name(cfg)
     if name == "cached":
         from proxy_eval.prepare import prepare
@@ -52,7 +55,14 @@ def prepare_proxy(cfg: Any) -> Any:
 
 
 def build_evaluator(cfg: Any, cache: FeatureCache | str | os.PathLike | None = None) -> Evaluator:
-    """The evaluator that ``cfg.proxy_eval.name`` selects (see the module docstring)."""
+    """The evaluator that ``cfg.proxy_eval.name`` selects (see the module docstring), wrapped by
+    ``search.objective`` when latency is measured (:mod:`proxy_eval.latency_objective`)."""
+    from proxy_eval.latency_objective import with_objective
+
+    return with_objective(cfg, _proxy_evaluator(cfg, cache))
+
+
+def _proxy_evaluator(cfg: Any, cache: FeatureCache | str | os.PathLike | None = None) -> Evaluator:
     name = proxy_name(cfg)
     if name == "toy":
         from proxy_eval.toy import ToyProxy

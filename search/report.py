@@ -7,7 +7,9 @@ Written into the run directory (``run`` itself finishes by calling :func:`write_
 - ``reward_per_trial.png``: the reward of every history line by trial index, coloured by stage
   (failed trials as red crosses at the floor reward, reused results as small grey rings);
 - ``best_so_far.png``: per stage, the best reward after each trained trial;
-- ``best_arch.png``: the diagram of the best architecture (:func:`search.diagram.draw_arch`).
+- ``best_arch.png``: the diagram of the best architecture (:func:`search.diagram.draw_arch`);
+- when trials measured latency (``search.objective``): the AP-latency front table and
+  ``pareto_front.png`` (:mod:`search.pareto`).
 
 Works on a run still in progress (it reads ``history.jsonl`` without changing it) and prints the
 retrain command ``python -m detector train arch=<run_dir>``, which reads ``best.txt``.
@@ -21,6 +23,7 @@ from typing import Any
 
 from search.early_stopping import stopped_lines
 from search.history import HISTORY_FILE, best_row, read_history, trained_rows
+from search.pareto import front_section
 from search.run_dir import CONFIG_FILE, check_run_dir
 
 REPORT_FILE = "report.md"
@@ -65,8 +68,22 @@ def _config_lines(run_dir: Path) -> list[str]:
         f"- stages {stages}, budget {get('search.budget')} trained trials per stage, "
         f"{get('search.workers')} worker(s), executor `{get('executor.name')}`",
         f"- controller `{get('controller.name')}`, proxy `{get('proxy_eval.name')}`, reward `{get('reward')}`, "
+        f"objective `{get('search.objective')}`, "
         f"backbone `{get('backbone.name')}`, data `{get('data.name')}`, seed {get('seed')}",
     ]
+
+
+def _latency_target(run_dir: Path) -> float | None:
+    """``search.latency.target_ms`` of an ``ap_at_latency`` run (the front's reference line), else None."""
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.load(run_dir / CONFIG_FILE)
+    except Exception:  # noqa: BLE001 - a report should still come out
+        return None
+    if OmegaConf.select(cfg, "search.objective", default="ap") != "ap_at_latency":
+        return None
+    return float(OmegaConf.select(cfg, "search.latency.target_ms", default=100.0))
 
 
 def _top_rows(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
@@ -202,6 +219,7 @@ def write_report(run_dir: str | Path, top_k: int = 5) -> Path:
                   "## Plots", "", f"![reward per trial]({REWARD_PLOT})", "", f"![best so far]({BEST_PLOT})", ""]
         _plot_rewards(rows, run_dir / REWARD_PLOT)
         _plot_best_so_far(rows, run_dir / BEST_PLOT)
+        lines += front_section(rows, run_dir, _latency_target(run_dir))
     lines += ["## Best architecture", ""]
     if best is None:
         lines += ["No trial finished with status ok, so there is no best code (and no best.txt).", ""]

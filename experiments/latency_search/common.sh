@@ -1,0 +1,1 @@
+COMMON="proxy_eval=toy proxy_eval.weight_spread=0.5 executor=local search.workers=1 search.budget=40 search.stages=[joint] controller=evolution controller.population=10 controller.sample_size=5 seed=0 model.width=128 search.latency.size=[256,256] search.latency.iters=5 search.latency.warmup=1 search.latency.threads=1 cache_dir=/tmp/wt25_demo/cache"
