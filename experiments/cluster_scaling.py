@@ -3,7 +3,7 @@
     python experiments/cluster_scaling.py                 # toy trials of 2 s and of 0 s, 12 per run
     python experiments/cluster_scaling.py --sleep 2 --budget 20
 
-For each node count a cluster is started as in tests/test_ray_cluster.py (separate ``ray start``
+For each node count a cluster is started as in tests/search/test_ray_cluster.py (separate ``ray start``
 processes, 1 CPU per node, token authentication; :class:`ray_cluster.LocalCluster`), and
 ``python -m search run proxy_eval=toy proxy_eval.sleep_s=<s> search.workers=2 search.stages=[fpn]``
 joins it with ``ray.address=<head>``. ``proxy_eval.sleep_s`` makes each toy trial hold its slot that

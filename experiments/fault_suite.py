@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITE_FILES = ["tests/test_faults_search.py", "tests/test_faults_training.py", "tests/test_faults_files.py",
-               "tests/test_faults_hostile_input.py", "tests/test_output_paths.py", "tests/test_ray_cluster.py"]
+SUITE_FILES = ["tests/faults/test_faults_search.py", "tests/faults/test_faults_training.py", "tests/faults/test_faults_files.py",
+               "tests/faults/test_faults_hostile_input.py", "tests/commands/test_output_paths.py", "tests/search/test_ray_cluster.py"]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@
 #   proxy           experiments/bench_proxy.py --device cuda (if present)
 #   profile         experiments/profile_breakdown.py, fcos and nasfcos, reference vs fast, torchvision,
 #                   torch.profiler top kernels                                  -> profile/
-#   tests           pytest tests/test_fast_paths.py (CUDA checks of the fused GroupNorm, CUDA graphs)
+#   tests           pytest tests/fast/test_fast_paths.py (CUDA checks of the fused GroupNorm, CUDA graphs)
 #   compile         arch=fcos with bench.compile=[backbone] (opt-in torch.compile), time permitting
 #   stress          opt-in (only when STEPS names it; not part of "all"): experiments/stress_nasfcos.sh,
 #                   the bench_nasfcos sequence STRESS_RUNS (17) times in fresh processes, as many as
@@ -122,7 +122,7 @@ read -r -a PROFILE_PATHS <<< "${PROFILE_PATHS:-none all}"
 step profile 150 python3 experiments/profile_breakdown.py --device "$DEVICE" --arch "${PROFILE_ARCHS[@]}" --fast-paths "${PROFILE_PATHS[@]}" \
   --torchvision --profiler --top 20 --out "$OUT/profile" "${PROFILE_QUICK[@]}"
 [ -f "$OUT/profile.out" ] && head -n 16 "$OUT/profile.out"
-step tests 90 python3 -m pytest -q -x tests/test_fast_paths.py
+step tests 90 python3 -m pytest -q -x tests/fast/test_fast_paths.py
 [ -f "$OUT/tests.out" ] && tail -n 3 "$OUT/tests.out"
 step compile 150 bench fcos torchvision bench.torchvision=none "bench.compile=[backbone]" bench.self_check=false \
   "bench.infer_batches=[1]" "bench.fast_paths=[frozen_bn,group_norm,losses,points,postprocess]"

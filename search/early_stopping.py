@@ -19,7 +19,7 @@ Two rules, the same decisions with either executor:
 ``executor=ray`` uses Ray Tune's ``ASHAScheduler`` / ``MedianStoppingRule`` (:func:`ray_scheduler`,
 configured to these semantics: no pausing, no stop at ``max_t``); ``executor=local`` uses
 :class:`Asha` / :class:`MedianStopping` below, plain Python implementations of the same rules
-(``tests/test_early_stopping.py`` checks them against hand-computed cases and against Ray's
+(``tests/search/test_early_stopping.py`` checks them against hand-computed cases and against Ray's
 classes on random curves). One rule serves the whole search (all stages), as one Tune experiment does.
 On resume the rule is first fed the curves of the trials already in history
 (:func:`replay_history`), so it continues with the rungs it had.

@@ -1,14 +1,22 @@
 """Suite-wide settings.
 
+``tests/`` mirrors the packages (``tests/model/`` for ``detector/model/``, ...); shared test machinery
+lives in ``tests/helpers/`` (fault injection, experiment-script loading, the Triton interpreter, a
+multi-node Ray cluster) and is importable by name from every test (``from faults import ...``).
+
 Torch's intra-op threads oversubscribe small machines when several test processes (or other work)
 share the cores: a ResNet forward ran ~15x slower with 2 threads under load than with 1. CI runs
 alone on 2 cores and keeps torch's default; elsewhere tests use one thread unless
 NASFCOS_TEST_THREADS says otherwise.
 """
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
 _threads = os.environ.get("NASFCOS_TEST_THREADS") or ("" if os.environ.get("CI") else "1")
 if _threads:

@@ -95,7 +95,7 @@ def _main_first(ctx: Context, fn: Callable[[], T]) -> T:
 
 
 def _resume_flag(cfg: Any) -> bool:
-    value = cfg.get("resume", False)
+    value = cfg.resume
     if value is None or isinstance(value, bool):
         return bool(value)
     raise UserError(f"resume={value}: training resumes with resume=true out_dir=<the run directory> "
@@ -103,8 +103,8 @@ def _resume_flag(cfg: Any) -> bool:
 
 
 def _checked_run_dir(cfg: Any, code: str, resume: bool) -> str:
-    path = run_dirs.resolve(cfg.get("out_dir", None), code)
-    if resume and not (cfg.get("out_dir", None) or run_dirs.hydra_job_dir()):
+    path = run_dirs.resolve(cfg.out_dir, code)
+    if resume and not (cfg.out_dir or run_dirs.hydra_job_dir()):
         raise run_dirs.RunDirError("resume=true needs out_dir=<the run directory to continue>")
     run_dirs.prepare_check(path, resume)
     return str(path)
@@ -122,7 +122,7 @@ def training_graph_settings(cfg: Any, ctx: Context) -> tuple[tuple[int, int] | N
     """``train.cuda_graph``: None when off, else the ``(pad_to, multiple)`` bucket of
     :mod:`detector.fast.graphs.training` (``train.cuda_graph_pad`` / ``cuda_graph_multiple``).
     UserError for a setting that cannot work: no CUDA device, several processes, a bad bucket."""
-    if not bool(cfg.train.get("cuda_graph", False)):
+    if not bool(cfg.train.cuda_graph):
         return None
     if ctx.device.type != "cuda":
         raise UserError("train.cuda_graph=true needs a CUDA device; drop it (or set train.cuda_graph=false) on CPU")
@@ -130,8 +130,8 @@ def training_graph_settings(cfg: Any, ctx: Context) -> tuple[tuple[int, int] | N
         raise UserError("train.cuda_graph=true is for single-process training; drop it under torchrun (DDP)")
     from detector.fast.graphs.training import check_padding
 
-    pad = cfg.train.get("cuda_graph_pad", None)
-    return check_padding(list(pad) if pad is not None else None, int(cfg.train.get("cuda_graph_multiple", 0) or 0))
+    pad = cfg.train.cuda_graph_pad
+    return check_padding(list(pad) if pad is not None else None, int(cfg.train.cuda_graph_multiple))
 
 
 def train(cfg: Any) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     arch = resolve_arch(str(cfg.arch))
     code = str(arch)
     amp_dtype = autocast_dtype(str(cfg.train.amp), ctx.device)
-    fast_paths = training_fast_paths(cfg.train.get("fast_paths", "auto"), ctx.device)  # checked before any file
+    fast_paths = training_fast_paths(cfg.train.fast_paths, ctx.device)  # checked before any file
     graph_settings = training_graph_settings(cfg, ctx)
     resume = _resume_flag(cfg)
     schedule = Schedule.from_cfg(cfg.schedule)
@@ -166,7 +166,7 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
         return _finished_metrics(run_dir, code)
 
     seed_everything(int(cfg.seed))
-    cache_dir = cfg.get("cache_dir", None)
+    cache_dir = cfg.cache_dir
     # uint8 pixels through the loader (4x fewer bytes to pin and copy); the model converts them on the device
     train_set = _main_first(ctx, lambda: build_dataset(cfg.data, "train", train=True, cache_dir=cache_dir,
                                                        uint8_images=True))
@@ -188,11 +188,11 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     net: nn.Module = model
     if ctx.distributed:
         net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                                      find_unused_parameters=bool(cfg.train.get("find_unused_parameters", False)))
+                                      find_unused_parameters=bool(cfg.train.find_unused_parameters))
     logger = build_logger(cfg, run_dir, code) if ctx.is_main else None
     workers = int(cfg.train.workers)
-    eval_batch = int(cfg.train.get("eval_batch_size", None) or batch)
-    val_loader = eval_loader(val_set, eval_batch, workers, ctx, cfg.train.get("max_eval_images", None))
+    eval_batch = int(cfg.train.eval_batch_size or batch)
+    val_loader = eval_loader(val_set, eval_batch, workers, ctx, cfg.train.max_eval_images)
     stream = iter(build_train_stream(train_set, int(cfg.train.batch_size), int(cfg.seed), ctx.rank, ctx.world_size,
                                      start, workers, pin_memory=ctx.device.type == "cuda"))
 
@@ -214,8 +214,8 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
 
     total = schedule.iterations
     log_every, eval_every = max(int(cfg.train.log_every), 1), int(cfg.train.eval_every)
-    ckpt_every, keep = int(cfg.train.ckpt_every), int(cfg.train.get("keep_checkpoints", 0) or 0)
-    stop_after = cfg.train.get("stop_after", None)
+    ckpt_every, keep = int(cfg.train.ckpt_every), int(cfg.train.keep_checkpoints)
+    stop_after = cfg.train.stop_after
     clip = float(cfg.train.clip_grad)
     params = [p for p in model.parameters() if p.requires_grad]
     last_losses: dict[str, float] = {}

@@ -13,7 +13,7 @@
   per-channel multiply-adds.
 
 Both compute the reference's function; rounding differs only in the compute dtype (interpolation
-weights are made in float64 and cast to the input's dtype). tests/test_fast_paths.py compares
+weights are made in float64 and cast to the input's dtype). tests/fast/test_fast_paths.py compares
 values and gradients with the reference in float64, both layouts.
 """
 from __future__ import annotations

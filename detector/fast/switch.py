@@ -1,6 +1,6 @@
 """Switch an FCOS detector between its reference code and equivalent faster code paths.
 
-Every fast path computes the reference's function (tests/test_fast_paths.py checks each against
+Every fast path computes the reference's function (tests/fast/test_fast_paths.py checks each against
 its reference; the bench re-checks losses on the GPU) and leaves parameters, buffers and state
 dict keys unchanged, so checkpoints move freely between the two:
 

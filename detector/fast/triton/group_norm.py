@@ -24,7 +24,7 @@ Backward, three launches (ReLU: ``dy = dz * (z > 0)`` from the saved output z):
 3. ``_backward_apply_kernel`` -- dx.
 
 Runs on CUDA; with ``TRITON_INTERPRET=1`` set before import, Triton's interpreter runs the same
-kernels on CPU tensors (tests/test_fast_paths.py).
+kernels on CPU tensors (tests/fast/test_fast_paths.py).
 """
 from __future__ import annotations
 

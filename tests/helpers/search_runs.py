@@ -1,0 +1,38 @@
+"""Search runs in tests: a toy search config and the invariants every finished run keeps."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from detector.arch.zoo import resolve_arch
+from detector.cli import compose
+from search.history import read_history
+
+
+def toy_cfg(run_dir: Path, *overrides: str):
+    return compose("search", ["proxy_eval=toy", "executor=local", "search.workers=1", "search.budget=5",
+                              f"search.run_dir={run_dir}", f"cache_dir={run_dir.parent / 'cache'}", *overrides])
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return read_history(run_dir / "history.jsonl").rows
+
+
+def check_completed_run(run_dir: Path, stages: list[str], budget: int) -> list[dict]:
+    """Invariants of every finished run; returns the history rows."""
+    rows = rows_of(run_dir)
+    assert [r["trial"] for r in rows] == list(range(len(rows)))
+    for index, name in enumerate(stages):
+        own = [r for r in rows if r["stage_index"] == index]
+        assert all(r["stage"] == name for r in own)
+        assert sum(not r["reused"] for r in own) == budget  # the budget counts trained trials
+    trained_codes = [r["code"] for r in rows if not r["reused"]]
+    assert len(trained_codes) == len(set(trained_codes)), "a code was trained twice"
+    ok = [r for r in rows if r["status"] == "ok"]
+    best = max(ok, key=lambda r: r["reward"])
+    assert (run_dir / "best.txt").read_text().strip() == best["code"]
+    assert str(resolve_arch(str(run_dir))) == best["code"]  # what `detector train arch=<run_dir>` reads
+    assert json.loads((run_dir / "state.json").read_text())["status"] == "finished"
+    for index, name in enumerate(stages):
+        assert (run_dir / f"searcher-{index}-{name}.pt").is_file()
+    return rows

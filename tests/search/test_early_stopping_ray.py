@@ -1,0 +1,75 @@
+"""Early stopping with executor=ray: Tune's scheduler stops trials of a toy search, and the Tune
+searcher adapter records a trial stopped at an intermediate report as ``stopped``."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed")
+
+from controller.build import build_searcher  # noqa: E402
+from search.early_stopping import stopped_reward  # noqa: E402
+from search.history import History  # noqa: E402
+from search.run import run_search  # noqa: E402
+from search_runs import check_completed_run, rows_of, toy_cfg  # noqa: E402
+
+
+def test_a_trial_stopped_by_tunes_scheduler_is_recorded_as_stopped(tmp_path):
+    from search.loop import SearchRecord, StageSequence
+    from search.ray_executor import StageSearcher
+    from search.run_dir import create_run_dir
+
+    cfg = toy_cfg(tmp_path / "run", "search.stages=[fpn]", "search.budget=2")
+    run_dir = create_run_dir(cfg.search.run_dir)
+    record = SearchRecord(run_dir, History(run_dir.history_path), ["fpn"], 2)
+    stages = StageSequence(cfg, record, lambda space, seed: build_searcher(cfg.controller, space, seed))
+    adapter = StageSearcher(stages, stages.next_stage(), retries=1)
+    adapter.suggest("trial-a")
+    adapter.suggest("trial-b")
+    curve = [[10, 2.0], [20, 1.5]]
+    last_report = {"iteration": 20, "loss": 1.5, "reward": 0.0, "curve": json.dumps(curve), "time_total_s": 3.0}
+    adapter.on_trial_complete("trial-a", result=last_report)
+    [row] = rows_of(run_dir.path)
+    assert (row["status"], row["loss"], row["extra"]["stopped_at"], row["extra"]["curve"], row["attempts"]) == \
+        ("stopped", 1.5, 20, curve, 1)
+    assert row["reward"] == 0.0  # nothing completed yet in the stage: the floor
+
+
+def test_ray_toy_search_with_asha_stops_trials_and_completes_the_budget(tmp_path):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True,
+             logging_level=logging.ERROR)
+    try:
+        run_dir = tmp_path / "run"
+        run_search(toy_cfg(run_dir, "executor=ray", "search.workers=2", "search.budget=6", "search.stages=[joint]",
+                           "search.scheduler=asha", "search.stopping.grace_period=2", "controller=random",
+                           "proxy_eval.curve_steps=12", "proxy_eval.curve_noise=0.3", "proxy_eval.noise=0.05"))
+    finally:
+        ray.shutdown()
+    rows = check_completed_run(run_dir, ["joint"], 6)
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    assert stopped and len(stopped) < len(rows)
+    for r in stopped:
+        assert r["extra"]["stopped_at"] < 12 and r["extra"]["curve"][-1][0] == r["extra"]["stopped_at"]
+        earlier_ok = [o for o in rows[: r["trial"]] if o["status"] == "ok"]
+        assert r["reward"] == stopped_reward([tuple(p) for p in r["extra"]["curve"]], earlier_ok)
+    for r in rows:
+        if r["status"] == "ok":
+            assert [p[0] for p in r["extra"]["curve"]] == list(range(1, 13))  # the whole curve is recorded
+
+
+def test_the_trial_side_reports_its_curve_to_tune_but_not_the_last_point(monkeypatch):
+    import search.ray_executor as ray_executor
+
+    sent = []
+    monkeypatch.setattr(ray_executor.tune, "report", sent.append)
+    assert ray_executor._intermediate_reporter({"scheduler": "none", "max_t": 3}) is None
+    report = ray_executor._intermediate_reporter({"scheduler": "asha", "max_t": 3})
+    for iteration, loss in ((1, 3.0), (2, 2.0), (1, 5.0), (2, 4.0), (3, 1.0)):  # an in-process retry restarts
+        report({"iteration": iteration, "loss": loss})
+    assert [(r["iteration"], r["loss"]) for r in sent] == [(1, 3.0), (2, 2.0), (1, 5.0), (2, 4.0)]  # not 3 = max_t
+    assert json.loads(sent[-1]["curve"]) == [[1, 5.0], [2, 4.0]]
