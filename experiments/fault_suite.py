@@ -6,7 +6,7 @@
 
 The cases are pytest tests: tests/test_faults_*.py (this suite) plus the older tests that already
 prove a case (listed in the "also" column). Each test of the suite reports, through junit XML
-properties (:func:`tests.faults.record_fault`), how many faults it injected and how much data
+properties (`record_fault` in tests/helpers/faults.py), how many faults it injected and how much data
 written before the fault it found lost afterwards (history rows, files, checkpoints; it asserts 0
 too). "survived" means every test of the row passed. The table goes to stdout as markdown;
 experiments/FAULTS.md holds the committed copy.

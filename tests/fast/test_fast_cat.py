@@ -61,7 +61,7 @@ def compare_with_reference(forward, width=8, batch=2, height=5, width_px=7, trai
 
 
 INTERPRETER_SCRIPT = """
-import tests.test_fast_cat as t
+import tests.fast.test_fast_cat as t
 from detector.fast.cat import fused_concat_reduce
 for case in (dict(), dict(channels_last=True), dict(training=False), dict(momentum=None),
              dict(width=160, height=3, width_px=50, channels_last=True)):  # 80 pairs: two pair blocks

@@ -276,7 +276,7 @@ def test_auto_matches_torchvision_on_cpu_and_handles_bfloat16():
 
 TRITON_INTERPRETER_SCRIPT = """
 import torch, torchvision
-import tests.test_fast_deform as t
+import tests.fast.test_fast_deform as t
 from detector.fast.deform import DeformOptions, deform_conv2d_columns
 for options in (DeformOptions(keep_columns=True), DeformOptions(keep_columns=False)):
     fn = lambda *a, **k: deform_conv2d_columns(*a, **k, backend="triton", options=options)
