@@ -4,7 +4,7 @@
     python experiments/fault_suite.py --fast     # the CI portion only (``-m 'not slow'``)
     python experiments/fault_suite.py --junit results.xml   # re-print the table of an earlier run
 
-The cases are pytest tests: tests/test_faults_*.py (this suite) plus the older tests that already
+The cases are pytest tests: tests/faults/test_faults_*.py (this suite) plus the older tests that already
 prove a case (listed in the "also" column). Each test of the suite reports, through junit XML
 properties (`record_fault` in tests/helpers/faults.py), how many faults it injected and how much data
 written before the fault it found lost afterwards (history rows, files, checkpoints; it asserts 0
@@ -155,7 +155,7 @@ class Case:
 
 def run_pytest(fast: bool, junit: Path) -> int:
     also = sorted({ref.split("::")[0] for fault in FAULTS for ref in fault.also})
-    files = SUITE_FILES + [f"tests/{name}" for name in also]
+    files = SUITE_FILES + [str(next((ROOT / "tests").rglob(name)).relative_to(ROOT)) for name in also]  # tests/<package>/
     command = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                "-o", "junit_family=xunit1", "-m", "not slow" if fast else ""]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
