@@ -56,8 +56,6 @@ def decoder_losses(fpn: nn.Module, head: nn.Module, features: dict[str, Tensor],
 
 
 @dataclass
-
-
 class PlacedSplit:
     """A split with its features where training reads them: on the device, or pinned CPU memory."""
 
@@ -128,8 +126,6 @@ def train_decoder(fpn: nn.Module, head: nn.Module, train: PlacedSplit, settings:
 
 
 @torch.no_grad()
-
-
 def predict_decoder(fpn: nn.Module, head: nn.Module, val: PlacedSplit, settings: TrialSettings, recipe: Recipe,
                     num_classes: int, device: torch.device, deadline: float = math.inf,
                     last_stage: nn.Module | None = None) -> tuple[float, list[list[dict[str, Tensor]]]]:

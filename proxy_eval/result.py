@@ -28,14 +28,10 @@ from typing import Any
 
 
 STATUSES = ("ok", "diverged", "oom", "timeout", "error", "stopped")
-
-
 FLOOR_REWARD = 0.0
 
 
 @dataclass
-
-
 class TrialResult:
     status: str
     reward: float

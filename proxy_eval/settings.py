@@ -22,16 +22,11 @@ from detector.model.backbone import resolve_freezing
 from detector.model.deform import DEFORM_IMPLS
 from detector.model.recipe import Recipe
 
-
 REWARDS = ("ap", "neg_loss")
-
-
 AMP_MODES = ("auto", "bf16", "off")
 
 
 @dataclass(frozen=True)
-
-
 class TrialSettings:
     """Training and evaluation settings of one trial (read from ``cfg.proxy_eval`` by :func:`trial_settings`)."""
 
@@ -76,8 +71,6 @@ class PrepareError(UserError):
 
 
 @dataclass(frozen=True)
-
-
 class PrepareSettings:
     """What determines the proxy features (read from ``cfg.proxy_eval`` by :func:`prepare_arguments`)."""
 
@@ -105,8 +98,6 @@ class PrepareSettings:
 
 
 @dataclass(frozen=True)
-
-
 class BackboneSpec:
     """``cfg.backbone`` as plain values."""
 
@@ -115,8 +106,6 @@ class BackboneSpec:
     frozen_stages: int = 1
     norm: str = "frozen_bn"
     levels: tuple[str, ...] = ("c3", "c4", "c5")
-
-
 PROXY_NAMES = ("cached", "end_to_end", "toy")
 PROXY_CONF = Path(__file__).resolve().parents[1] / "conf" / "proxy_eval"
 

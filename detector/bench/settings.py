@@ -11,14 +11,8 @@ from detector.fast.switch import FAST_PATHS
 
 
 TORCHVISION_LAYOUTS = ("frozen_bn", "bn", "none")
-
-
 PRECISIONS = ("bf16", "fp32")
-
-
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-
-
 GB = 1e9
 
 
@@ -27,8 +21,6 @@ class BenchError(UserError):
 
 
 @dataclass(frozen=True)
-
-
 class BenchSettings:
     """What to measure and how. Sizes follow COCO training: short side 800, long side <= 1333."""
 
@@ -70,8 +62,6 @@ class BenchSettings:
 
 
 @dataclass(frozen=True)
-
-
 class Variant:
     """One row of the table: which model, with which code paths."""
 
@@ -88,8 +78,6 @@ class Variant:
 
 
 @dataclass
-
-
 class Batch:
     images: list[Tensor]  # (3, H_i, W_i) RGB in 0..1 on the device
     targets: list[dict[str, Tensor]]  # boxes (K, 4) xyxy pixels, labels (K,)

@@ -26,8 +26,6 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
-
-
 class DeformGeometry:
     """Static shape facts of one deformable convolution."""
 
@@ -125,8 +123,6 @@ def _sampling_points(offset: Tensor, geo: DeformGeometry) -> tuple[Tensor, Tenso
 
 
 @dataclass
-
-
 class _Bilinear:
     """Bilinear corners of sampling points (all (n, L, K, G)), corner order 00, 01, 10, 11 (y, x)."""
 
@@ -230,8 +226,6 @@ def torch_sample_columns_backward(
 
 
 @dataclass(frozen=True)
-
-
 class Sampler:
     """A sampler: ``sample`` (step 1), ``backward`` (step 3), bytes per column element."""
 
@@ -247,8 +241,6 @@ TORCH_SAMPLER = Sampler(
 
 
 @functools.cache
-
-
 def triton_sampler() -> Sampler | None:
     """The Triton sampler, or None where Triton is not importable."""
     try:
