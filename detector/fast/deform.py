@@ -44,9 +44,8 @@ import torchvision
 from torch import Tensor
 
 from detector.fast.deform_sampler import DeformGeometry, describe_deform_conv, resolve_sampler, triton_sampler
-from detector.model.deform import autocast_enabled
+from detector.model.deform import DEFORM_IMPLS, autocast_enabled
 
-IMPLS = ("torchvision", "fast", "auto")
 # Column bytes per chunk of images: bounds the extra memory of one call (the torch sampler keeps
 # about three float32 column-sized temporaries, the triton one two in the compute dtype).
 COLUMN_BUDGET_BYTES = 4 << 30  # one chunk for a batch of 16 at P3 of 800 x 1333 (fewer launches)
@@ -341,5 +340,5 @@ def select_deform_conv2d(impl: str) -> DeformConv2d:
     """"torchvision" | "fast" | "auto" -> a function with torchvision's deform_conv2d signature."""
     table = {"torchvision": torchvision.ops.deform_conv2d, "fast": deform_conv2d_fast, "auto": deform_conv2d_auto}
     if impl not in table:
-        raise ValueError(f"select_deform_conv2d: impl must be one of {IMPLS}, got {impl!r}")
+        raise ValueError(f"select_deform_conv2d: impl must be one of {DEFORM_IMPLS}, got {impl!r}")
     return table[impl]
