@@ -36,14 +36,12 @@ PY
   LIST=/tmp/only_archs.json
 fi
 if [ "${MPS:-0}" = 1 ]; then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  # default pipe directory: every later CUDA process of the machine, other scripts' too, joins it
   if nvidia-cuda-mps-control -d && python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
     echo "MPS on" | tee "$OUT/mps.txt"
   else
     echo "MPS did not start: SEEDS=${SEEDS_WITHOUT_MPS:-$SEEDS}" | tee "$OUT/mps.txt"
     echo quit | nvidia-cuda-mps-control 2>/dev/null
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
     SEEDS=${SEEDS_WITHOUT_MPS:-$SEEDS}
   fi
 fi
