@@ -230,8 +230,11 @@ def fidelity_study(args: argparse.Namespace) -> int:
     else:  # one process per job: launch-bound GPU work does not share a Python interpreter well
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             rows = list(pool.map(fidelity_row, *zip(*archs), [args] * len(archs)))
-    if args.proxy_only:  # the list experiments/fidelity_gpu.sh trains
-        Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.proxy_only:
+        if args.archs_file:  # the list came from a file: nothing to write (and nothing overwritten)
+            print(f"proxy scores of {len(rows)} architectures in {proxy_dir(args)}")
+            return 0
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # the list experiments/fidelity_gpu.sh trains
         listing = Path(args.out) / "fidelity_archs.json"
         listing.write_text(json.dumps([{"label": label, "code": code} for label, code in archs], indent=1) + "\n")
         print(f"proxy scores of {len(rows)} architectures in {proxy_dir(args)}; list: {listing}")
