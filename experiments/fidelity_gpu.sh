@@ -8,7 +8,7 @@
 #   then:  PYTHONPATH=. python experiments/search_quality.py fidelity --archs 12 \
 #              --ground-truth <fetched>/gt --name fidelity-gpu
 #
-# Env: SEEDS ("0"), REPEAT ("nasfcos nasfcos-fpn fcos": labels trained with seed 1 as well, to
+# Env: SEEDS ("0"; an entry of the list may name its own, {"label", "code", "seeds": [2]}), REPEAT ("nasfcos nasfcos-fpn fcos": labels trained with seed 1 as well, to
 # see the seed noise), ITERS (1500), BATCH (16), LIMIT (seconds for all runs, 520), EXTRA (more
 # train overrides, e.g. "train.eval_every=300" for the AP along the way in metrics.json's evals).
 set -u
@@ -38,8 +38,9 @@ python3 - "$LIST" "$SEEDS" "$REPEAT" > "$jobs_file" <<'PY'
 import json, sys
 archs = json.load(open(sys.argv[1]))
 seeds, repeat = sys.argv[2].split(), set(sys.argv[3].split())
-for arch in archs:
-    for seed in sorted(set(seeds) | ({"1"} if arch["label"] in repeat else set())):
+for arch in archs:  # an entry's own "seeds" list replaces SEEDS for it
+    own = [str(seed) for seed in arch.get("seeds", seeds)]
+    for seed in sorted(set(own) | ({"1"} if arch["label"] in repeat else set())):
         print(arch["label"], seed, arch["code"])
 PY
 echo "$(wc -l < "$jobs_file") runs of $ITERS iterations x batch $BATCH, limit ${LIMIT}s" | tee "$OUT/runs.log"
