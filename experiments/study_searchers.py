@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +46,17 @@ def searcher_run(name: str, seed: int, args: argparse.Namespace) -> dict[str, An
         print(f"{name:>10} seed {seed}: exit {code}, {len(rows)} trials, {time.perf_counter() - started:.0f} s",
               flush=True)
     return {"name": name, "seed": seed, "rows": rows}
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean (sample standard deviation / sqrt(n)); 0 for a single value."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
+def margin_over(finals: Sequence[float], baseline: Sequence[float]) -> tuple[float, float]:
+    """(mean(finals) - mean(baseline), standard error of that difference) for independent seeds."""
+    return (statistics.mean(finals) - statistics.mean(baseline),
+            math.sqrt(standard_error(finals) ** 2 + standard_error(baseline) ** 2))
 
 
 def trained_rewards(rows: list[dict[str, Any]]) -> list[float]:
@@ -84,13 +95,14 @@ def plot_searchers(curves: dict[str, list[list[float]]], length: int, path: Path
     for name, group in curves.items():
         columns = list(zip(*(best_so_far(c[:length]) for c in group)))
         mean = [statistics.mean(c) for c in columns]
+        error = [standard_error(c) for c in columns]
         color = COLORS.get(name.split("-")[0])
         ax.plot(x, mean, color=color, label=name)
-        ax.fill_between(x, [min(c) for c in columns], [max(c) for c in columns], color=color,
+        ax.fill_between(x, [m - e for m, e in zip(mean, error)], [m + e for m, e in zip(mean, error)], color=color,
                         alpha=0.15, linewidth=0)
     ax.set_xlabel("proxy trials (trained candidates)")
     ax.set_ylabel(f"best-so-far proxy reward ({args.reward})")
-    ax.set_title(f"fpn stage, {len(args.seeds)} seeds: mean, band = min..max across seeds")
+    ax.set_title(f"fpn stage, {len(args.seeds)} seeds: mean, band = ± standard error across seeds")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -100,8 +112,8 @@ def plot_searchers(curves: dict[str, list[list[float]]], length: int, path: Path
 
 def write_searchers_markdown(curves: dict[str, list[list[float]]], runs: dict[str, list[dict[str, Any]]],
                              length: int, path: Path, args: argparse.Namespace, wall: float) -> None:
-    random_curves = curves.get("random") or [trained_rewards(read_rows(Path(args.work) / "searchers" / f"random-seed{s}"))
-                                             for s in args.seeds]
+    random_curves = curves.get("random" + args.tag) or [
+        trained_rewards(read_rows(Path(args.work) / "searchers" / f"random{args.tag}-seed{s}")) for s in args.seeds]
     random_curves = [c for c in random_curves if len(c) >= length] or [[math.nan]]
     random_final = statistics.mean(max(c[:length]) for c in random_curves)
     lines = ["# Searchers on the real proxy", "", "```", command_line(), "```", "",
@@ -126,9 +138,18 @@ def write_searchers_markdown(curves: dict[str, list[list[float]]], runs: dict[st
                      f"{seconds:.1f} |")
     lines += ["", "Mean ± standard deviation across seeds.", ""]
     if not math.isnan(random_final):
-        better = [n for n in curves if n != "random"
-                  and statistics.mean(max(c[:length]) for c in curves[n]) > random_final]
-        lines.append(f"Random search's mean final best-so-far: {random_final:.4f}. Beat it: {', '.join(better) or 'none'}.")
+        random_finals = [max(c[:length]) for c in random_curves]
+        lines += [f"Random search's mean final best-so-far: {random_final:.4f}. Margin of each searcher over it "
+                  "(difference of the mean final best-so-far, ± the standard error of that difference):", "",
+                  "| searcher | final best-so-far, mean ± SE | margin over random ± SE | beats random by more than its SE |",
+                  "|---|---|---|---|"]
+        for name in curves:
+            if name == "random" + args.tag:
+                continue
+            finals = [max(c[:length]) for c in curves[name]]
+            margin, error = margin_over(finals, random_finals)
+            lines.append(f"| {name} | {statistics.mean(finals):.4f} ± {standard_error(finals):.4f} | "
+                         f"{margin:+.4f} ± {error:.4f} | {'yes' if margin > error else 'no'} |")
     path.write_text("\n".join(lines) + "\n")
 
 

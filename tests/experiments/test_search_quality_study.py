@@ -216,3 +216,25 @@ def test_each_study_is_its_own_script_and_the_old_command_still_reaches_it():
     unknown = subprocess.run([sys.executable, str(EXPERIMENTS / "search_quality.py"), "nope"], capture_output=True,
                              text=True)
     assert unknown.returncode == 2 and "searchers|fidelity|short-training" in unknown.stderr
+
+
+def test_the_margin_over_random_carries_the_standard_error_of_the_difference(searchers):
+    margin, error = searchers.margin_over([0.3, 0.5], [0.1, 0.1, 0.1])
+    assert margin == pytest.approx(0.3)
+    # SE of [0.3, 0.5] is 0.1; the baseline has none
+    assert error == pytest.approx(0.1)
+    assert searchers.standard_error([0.2]) == 0.0
+
+
+def test_the_searchers_table_finds_random_search_under_a_tag(searchers, tmp_path):
+    def rows(rewards):
+        return [{"trial": i, "status": "ok", "reward": r, "seconds": 1.0, "reused": False} for i, r in enumerate(rewards)]
+
+    curves = {"ppo-x": [[0.1, 0.4], [0.2, 0.5]], "random-x": [[0.1, 0.2], [0.3, 0.2]]}
+    runs = {name: [{"rows": rows(c)} for c in group] for name, group in curves.items()}
+    args = Namespace(tag="-x", seeds=[0, 1], work=str(tmp_path), controller_set=[], reward="ap", search=[], jobs=1)
+    path = tmp_path / "searchers-x.md"
+    searchers.write_searchers_markdown(curves, runs, 2, path, args, 1.0)
+    text = path.read_text()
+    assert "Random search's mean final best-so-far: 0.2500" in text
+    assert "| ppo-x | 0.4500 ± 0.0500 | +0.2000 ± 0.0707 | yes |" in text
