@@ -50,9 +50,9 @@ if [ "$LONG_ITERS" != 0 ]; then
   seed=${SEEDS%% *}
   ( sleep 20   # after fidelity_gpu.sh has generated the data
     timeout --kill-after=10 "$LIMIT" python3 -m detector train experiment=synthetic_fcos device=cuda "seed=$seed" \
-      "schedule.iterations=$LONG_ITERS" train.batch_size=16 train.eval_every=500 "out_dir=/tmp/long_runs/s$seed" \
-      cache_dir=/tmp/fidelity_cache train.progress=false train.ckpt_every=100000 > "$OUT/long-s$seed.log" 2>&1
-    cp /tmp/long_runs/s$seed/metrics.json "$OUT/long-s$seed.metrics.json" 2>/dev/null ) &
+      "schedule.iterations=$LONG_ITERS" train.batch_size=16 train.eval_every=500 "out_dir=$OUT/long-s$seed" \
+      cache_dir=/tmp/fidelity_cache train.progress=false train.ckpt_every=100000 > "$OUT/long-s$seed.log" 2>&1 ) &
+  # its run dir is under $OUT: log.jsonl keeps val/AP of every eval even when the limit cuts the run
 fi
 OUT="$OUT" LIST="$LIST" SEEDS="$SEEDS" REPEAT="" LIMIT="$LIMIT" EXTRA="train.eval_every=500 ${EXTRA:-}" \
   bash experiments/fidelity_gpu.sh

@@ -208,6 +208,8 @@ def _train(cfg: Any, ctx: Context) -> dict[str, Any]:
     def run_eval(done: int) -> tuple[dict[str, float], list[dict]]:
         metrics, detections = evaluate(model, val_loader, ctx, amp_dtype, progress=bool(cfg.train.progress))
         evals.append({"iteration": done, **metrics})
+        log.info("iteration %d: val AP %.4f, AP50 %.4f", done, metrics.get("AP", float("nan")),
+                 metrics.get("AP50", float("nan")))
         if logger is not None:
             logger.log({f"val/{k}": v for k, v in metrics.items()}, step=done)
         return metrics, detections

@@ -68,7 +68,8 @@ def test_amp_defaults_to_off_on_cpu_and_bf16_on_gpu():
 # The memorisation run: 16 shapes images, evaluated on those same images (about 40 s on 2 idle
 # cores). A detector that trains at all reaches AP50 ~0.67 in 150 iterations; an untrained one ~0.
 MEMORISE = ["experiment=synthetic_tiny", "device=cpu", "data.num_train=16", "data.val_split=train",
-            "schedule.iterations=150", "schedule.warmup_iters=20", "train.batch_size=8", "train.log_every=10"]
+            "schedule.iterations=150", "schedule.warmup_iters=20", "train.batch_size=8", "train.log_every=10",
+            "train.eval_every=75"]
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,13 @@ def test_the_run_directory_holds_config_log_metrics_and_weights(memorised):
     assert any("val/AP" in r for r in records) and "summary" in records[-1]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["AP50"] == memorised["metrics"]["AP50"] and metrics["arch_name"] == "fcos"
+
+
+def test_evals_along_the_way_land_in_the_log_as_they_happen_and_in_the_metrics(memorised):
+    run: Path = memorised["run"]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val/AP" in r][:1] == [75]  # kept even if the run is cut later
+    assert [e["iteration"] for e in memorised["metrics"]["evals"]] == [75, 150]
 
 
 def test_wandb_logger_runs_offline_and_records_the_arch_code(tmp_path):
