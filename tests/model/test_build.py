@@ -19,21 +19,13 @@ from detector.model.searched_fpn import SearchedFPNModule
 from detector.model.searched_head import SearchedHeadModule
 from detector.arch.zoo import ZOO, zoo_arch
 from detector.arch.space import SearchSpace
+from torch_threads import single_thread  # noqa: F401  (autouse: one torch thread per module)
 
 NUM_CLASSES = 3
 WIDTH = 32
 NUM_RANDOM_CODES = 50
 SHAPES = {"c3": ShapeSpec(128, 8), "c4": ShapeSpec(256, 16), "c5": ShapeSpec(512, 32)}
 C2_CODE = "fpn:c2-c5-sep3-dcn-sum/c3-c4-skip-skip-cat/c2-c2-skip-skip-sum+head:s1-conv3-skip"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny tensors: one thread is as fast, and avoids OpenMP oversubscription on a busy 2-core box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _recipe(name: str, **changes) -> Recipe:

@@ -16,17 +16,9 @@ from detector.model.ops import (
     build_fpn_op,
     build_head_op,
 )
+from torch_threads import single_thread  # noqa: F401  (autouse: one torch thread per module)
 
 WIDTH = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny tensors: one thread is as fast, and avoids OpenMP oversubscription on a busy 2-core box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _num_params(module: nn.Module) -> int:

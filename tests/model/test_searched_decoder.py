@@ -16,17 +16,9 @@ from detector.model.searched_fpn import SearchedFPNModule
 from detector.model.searched_head import SearchedHeadModule
 from detector.arch.zoo import ZOO, zoo_arch
 from detector.arch.space import SearchSpace
+from torch_threads import single_thread  # noqa: F401  (autouse: one torch thread per module)
 
 WIDTH = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny tensors: one thread is as fast, and avoids OpenMP oversubscription on a busy 2-core box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 NUM_CLASSES = 3
 SHAPES = {"c3": ShapeSpec(24, 8), "c4": ShapeSpec(40, 16), "c5": ShapeSpec(56, 32)}
 # tests/model/test_build.py runs 50 random codes through full detectors; these 10 other seeds add
