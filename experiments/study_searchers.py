@@ -112,10 +112,11 @@ def plot_searchers(curves: dict[str, list[list[float]]], length: int, path: Path
 
 def write_searchers_markdown(curves: dict[str, list[list[float]]], runs: dict[str, list[dict[str, Any]]],
                              length: int, path: Path, args: argparse.Namespace, wall: float) -> None:
-    random_curves = curves.get("random" + args.tag) or [
-        trained_rewards(read_rows(Path(args.work) / "searchers" / f"random{args.tag}-seed{s}")) for s in args.seeds]
-    random_curves = [c for c in random_curves if len(c) >= length] or [[math.nan]]
-    random_final = statistics.mean(max(c[:length]) for c in random_curves)
+    random_name = "random" + args.tag
+    random_curves = curves.get(random_name) or [
+        trained_rewards(read_rows(Path(args.work) / "searchers" / f"{random_name}-seed{s}")) for s in args.seeds]
+    random_finals = [max(c[:length]) for c in random_curves if len(c) >= length] or [math.nan]
+    random_final = statistics.mean(random_finals)
     lines = ["# Searchers on the real proxy", "", "```", command_line(), "```", "",
              f"fpn stage (head fixed to `head:fcos`), {length} trained candidates per run, controller overrides "
              f"`{' '.join(args.controller_set) or 'none'}`, seeds "
@@ -138,13 +139,12 @@ def write_searchers_markdown(curves: dict[str, list[list[float]]], runs: dict[st
                      f"{seconds:.1f} |")
     lines += ["", "Mean ± standard deviation across seeds.", ""]
     if not math.isnan(random_final):
-        random_finals = [max(c[:length]) for c in random_curves]
         lines += [f"Random search's mean final best-so-far: {random_final:.4f}. Margin of each searcher over it "
                   "(difference of the mean final best-so-far, ± the standard error of that difference):", "",
                   "| searcher | final best-so-far, mean ± SE | margin over random ± SE | beats random by more than its SE |",
                   "|---|---|---|---|"]
         for name in curves:
-            if name == "random" + args.tag:
+            if name == random_name:
                 continue
             finals = [max(c[:length]) for c in curves[name]]
             margin, error = margin_over(finals, random_finals)
