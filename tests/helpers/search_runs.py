@@ -36,3 +36,19 @@ def check_completed_run(run_dir: Path, stages: list[str], budget: int) -> list[d
     for index, name in enumerate(stages):
         assert (run_dir / f"searcher-{index}-{name}.pt").is_file()
     return rows
+
+
+def toy_stage_searcher(tmp_path: Path):
+    """(adapter, run_dir): the searcher Ray Tune drives (``search.ray_executor.StageSearcher``, one retry)
+    over a fresh toy run of one fpn stage with a budget of 2, for tests that call it as Tune would."""
+    from controller.build import build_searcher
+    from search.history import History
+    from search.loop import SearchRecord, StageSequence
+    from search.ray_executor import StageSearcher
+    from search.run_dir import create_run_dir
+
+    cfg = toy_cfg(tmp_path / "run", "search.stages=[fpn]", "search.budget=2")
+    run_dir = create_run_dir(cfg.search.run_dir)
+    record = SearchRecord(run_dir, History(run_dir.history_path), ["fpn"], 2)
+    stages = StageSequence(cfg, record, lambda space, seed: build_searcher(cfg.controller, space, seed))
+    return StageSearcher(stages, stages.next_stage(), retries=1), run_dir

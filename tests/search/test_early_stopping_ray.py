@@ -10,23 +10,13 @@ import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed")
 
-from controller.build import build_searcher  # noqa: E402
 from search.early_stopping import stopped_reward  # noqa: E402
-from search.history import History  # noqa: E402
 from search.run import run_search  # noqa: E402
-from search_runs import check_completed_run, rows_of, toy_cfg  # noqa: E402
+from search_runs import check_completed_run, rows_of, toy_cfg, toy_stage_searcher  # noqa: E402
 
 
 def test_a_trial_stopped_by_tunes_scheduler_is_recorded_as_stopped(tmp_path):
-    from search.loop import SearchRecord, StageSequence
-    from search.ray_executor import StageSearcher
-    from search.run_dir import create_run_dir
-
-    cfg = toy_cfg(tmp_path / "run", "search.stages=[fpn]", "search.budget=2")
-    run_dir = create_run_dir(cfg.search.run_dir)
-    record = SearchRecord(run_dir, History(run_dir.history_path), ["fpn"], 2)
-    stages = StageSequence(cfg, record, lambda space, seed: build_searcher(cfg.controller, space, seed))
-    adapter = StageSearcher(stages, stages.next_stage(), retries=1)
+    adapter, run_dir = toy_stage_searcher(tmp_path)
     adapter.suggest("trial-a")
     adapter.suggest("trial-b")
     curve = [[10, 2.0], [20, 1.5]]

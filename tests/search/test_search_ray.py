@@ -11,9 +11,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason=
 
 from detector.cli import compose  # noqa: E402
 from proxy_eval.result import FLOOR_REWARD  # noqa: E402
-from search.history import History  # noqa: E402
 from search.run import run_search  # noqa: E402
-from search_runs import check_completed_run, rows_of, toy_cfg  # noqa: E402
+from search_runs import check_completed_run, rows_of, toy_cfg, toy_stage_searcher  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +39,7 @@ def test_ray_toy_search_completes_every_stage_with_failures_recorded(tmp_path, l
 
 
 def test_a_trial_whose_worker_keeps_crashing_is_recorded_as_error_and_the_search_goes_on(tmp_path):
-    from controller.build import build_searcher
-    from search.loop import SearchRecord, StageSequence
-    from search.ray_executor import StageSearcher
-    from search.run_dir import create_run_dir
-
-    cfg = toy_cfg(tmp_path / "run", "search.stages=[fpn]", "search.budget=2")
-    run_dir = create_run_dir(cfg.search.run_dir)
-    record = SearchRecord(run_dir, History(run_dir.history_path), ["fpn"], 2)
-    stages = StageSequence(cfg, record, lambda space, seed: build_searcher(cfg.controller, space, seed))
-    adapter = StageSearcher(stages, stages.next_stage(), retries=1)
+    adapter, run_dir = toy_stage_searcher(tmp_path)
     first = adapter.suggest("trial-a")
     second = adapter.suggest("trial-b")
     assert first["code"] != second["code"]
