@@ -28,14 +28,15 @@ from study_common import command_line, mean_std, parse_study_args, python_module
 
 
 def searcher_run(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One fpn-stage search of ``args.budget`` trials (resumed if an earlier one was cut short)."""
+    """One fpn-stage search of ``args.budget`` trials (resumed if an earlier one was cut short or had
+    a smaller budget: the resume raises it, and the search goes on where it stopped)."""
     run_dir = Path(args.work) / "searchers" / f"{name}{args.tag}-seed{seed}"
     rows = read_rows(run_dir)
     if len(trained_rows(rows)) < args.budget:  # the budget counts trained trials, not reused results
         common = [f"cache_dir={args.cache_dir}", "executor=local", "search.workers=1", "device=cpu",
                   "proxy_eval.threads=1"]
         if (run_dir / "config.yaml").exists():
-            command = ["search", "run", f"resume={run_dir}", *common]
+            command = ["search", "run", f"resume={run_dir}", f"search.budget={args.budget}", *common]  # raise: continues
         else:
             command = ["search", "run", f"controller={name}", *args.controller_set, f"seed={seed}", "search.stages=[fpn]",
                        f"search.budget={args.budget}", f"search.run_dir={run_dir}", f"reward={args.reward}",

@@ -21,8 +21,9 @@ Resuming. The run's saved config defines the search. Only the runtime keys
 ``executor``, ``search.workers``, ``search.retries``, ``search.top_k``, ``ray``, ``device`` and
 ``logger`` may change on resume, and only when given with a value other than their default;
 ``search.fixed_fpn`` (``fixed_head``) may too while no head (fpn) trial exists, so that the head
-stage's hint ``resume=<run> search.fixed_fpn=<code>`` works; a run that never began a trial takes
-every override. Such settings are written into the run's config.yaml. Other overrides are ignored
+stage's hint ``resume=<run> search.fixed_fpn=<code>`` works; ``search.budget`` may be raised (never
+lowered) while only the first stage has trials, which continues that stage, finished or not, to the
+new budget; a run that never began a trial takes every override. Such settings are written into the run's config.yaml. Other overrides are ignored
 with a warning. A finished run resumed does nothing and says so. A run stopped by bad settings
 after some trials still gets its report for the trials done.
 """
@@ -70,7 +71,10 @@ def _settable_on_resume(rows: list[dict[str, Any]]) -> tuple[tuple[str, ...], tu
         return RUNTIME_KEYS, ("",)  # never began a trial: every key
     stages = {row.get("stage") for row in rows}
     fixed = tuple(f"search.fixed_{part}" for part, stage in (("fpn", "head"), ("head", "fpn")) if stage not in stages)
-    return RUNTIME_KEYS, fixed
+    # a larger budget continues the first stage; once a later stage began, it would reopen a stage
+    # whose best the later one already fixed
+    budget = ("search.budget",) if all(row.get("stage_index", 0) == 0 for row in rows) else ()
+    return RUNTIME_KEYS, fixed + budget
 
 
 def resume_config(cfg: Any, saved: Any, rows: list[dict[str, Any]] | None = None) -> Any:
@@ -96,12 +100,21 @@ def resume_config(cfg: Any, saved: Any, rows: list[dict[str, Any]] | None = None
             ignored.append(key)
             continue
         OmegaConf.update(merged, key, value, merge=False, force_add=True)
+    _check_budget_raise(saved, merged)
     if changed or redefined:
         log.info("resume: using %s from the command line", ", ".join(changed + redefined))
     if ignored:
         log.warning("resume: ignoring %s: the saved config.yaml of the run defines the search",
                     ", ".join(sorted(ignored)))
     return merged
+
+
+def _check_budget_raise(saved: Any, merged: Any) -> None:
+    """A resume may raise ``search.budget`` (more trials for the same search), never lower it."""
+    old, new = int(saved.search.budget), int(merged.search.budget)
+    if new < old:
+        raise UserError(f"search.budget={new}: a resume can raise the run's budget ({old} trained trials per "
+                        f"stage), not lower it; leave search.budget out or give a value of at least {old}")
 
 
 def _definition_changed(saved: Any, merged: Any) -> bool:
@@ -270,7 +283,7 @@ def _run_stages(run_dir: RunDir, run_cfg: Any, resumed: bool) -> Path:
         record = SearchRecord(run_dir, history, stage_names(run_cfg), int(run_cfg.search.budget))
         if resumed:
             state = run_dir.read_state()
-            if state.get("status") == "finished":
+            if state.get("status") == "finished" and int(state.get("budget_per_stage", 0)) >= record.budget:
                 _say_complete(run_dir, record)
                 return run_dir.path
             log.info("resuming %s: %d trials in history", run_dir.path, len(history))

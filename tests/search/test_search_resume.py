@@ -106,9 +106,31 @@ def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, capsys):
     run_search(toy_cfg(run_dir, "search.budget=2"))
     history = (run_dir / "history.jsonl").read_bytes()
     capsys.readouterr()
-    run_search(compose("search", [f"resume={run_dir}", "search.budget=9"]))  # a search key: ignored on resume
+    # the head stage has trials: a larger budget would reopen the fpn stage it fixed, so it is ignored
+    run_search(compose("search", [f"resume={run_dir}", "search.budget=9"]))
     assert "already complete" in capsys.readouterr().out
     assert (run_dir / "history.jsonl").read_bytes() == history
+
+
+def test_raising_the_budget_on_resume_continues_a_finished_search_as_if_it_had_been_given_first(tmp_path):
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    run_search(toy_cfg(once, "search.stages=[fpn]", "search.budget=5", "controller=ppo"))
+    run_search(toy_cfg(twice, "search.stages=[fpn]", "search.budget=2", "controller=ppo"))
+    first = rows_of(twice)
+
+    run_search(compose("search", [f"resume={twice}", "search.budget=5"]))
+
+    rows = check_completed_run(twice, ["fpn"], 5)
+    assert rows[:2] == first  # the trials already paid for are kept, not re-run
+    assert [r["code"] for r in rows] == [r["code"] for r in rows_of(once)]  # the controller went on where it was
+    assert "budget: 5" in (twice / "config.yaml").read_text()
+
+
+def test_a_resume_cannot_lower_the_budget(tmp_path):
+    run_dir = tmp_path / "run"
+    run_search(toy_cfg(run_dir, "search.stages=[fpn]", "search.budget=3"))
+    with pytest.raises(UserError, match="can raise the run's budget \\(3 trained trials per stage\\), not lower it"):
+        run_search(compose("search", [f"resume={run_dir}", "search.budget=2"]))
 
 
 def test_a_best_txt_left_behind_by_a_kill_after_the_history_append_is_brought_up_to_date(tmp_path):
