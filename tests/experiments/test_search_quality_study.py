@@ -87,6 +87,7 @@ def test_a_searcher_run_is_complete_only_when_the_budget_of_trained_trials_is(se
     assert started == []  # 4 trained trials: done
     searchers.searcher_run("ppo", 0, Namespace(**{**vars(args), "budget": 6}))
     assert started and f"resume={run}" in started[0]  # 6 rows, but 2 of them reused: resume
+    assert "search.budget=6" in started[0]  # a larger budget than the run's own continues it
 
 
 def test_gpu_ground_truth_is_the_mean_ap_over_the_seeds_found(fidelity, tmp_path):
@@ -238,3 +239,36 @@ def test_the_searchers_table_finds_random_search_under_a_tag(searchers, tmp_path
     text = path.read_text()
     assert "Random search's mean final best-so-far: 0.2500" in text
     assert "| ppo-x | 0.4500 ± 0.0500 | +0.2000 ± 0.0707 | yes |" in text
+
+
+@pytest.fixture(scope="module")
+def headline():
+    return load_experiment("study_headline")
+
+
+def write_metrics(folder, label, seed, ap):
+    run = folder / f"{label}-s{seed}"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"AP": ap, "AP50": ap + 0.3, "iterations": 100, "batch_size": 16,
+                                                  "train_seconds": 20.0}))
+
+
+def test_headline_pools_the_seeds_of_every_folder_and_ignores_other_labels_that_share_a_prefix(headline, tmp_path):
+    write_metrics(tmp_path / "gt", "fcos", 0, 0.30)
+    write_metrics(tmp_path / "gt", "fcos", 1, 0.34)
+    write_metrics(tmp_path / "more", "fcos", 2, 0.32)
+    write_metrics(tmp_path / "more", "fcos-wide", 0, 0.9)  # another label: not a seed of fcos
+    row = headline.summarize({"label": "fcos", "code": "fcos"}, [tmp_path / "gt", tmp_path / "more"], (800, 1333))
+    assert row["seeds"] == [0, 1, 2]
+    assert row["ap"] == pytest.approx(0.32) and row["ap_std"] == pytest.approx(0.02)
+    assert row["img_per_s"] == pytest.approx(80.0) and row["gflops"] > 0 and not row["searched"]
+
+
+def test_the_headline_goal_needs_a_margin_above_two_deviations_and_a_bounded_cost(headline):
+    reference = {"label": "fcos", "ap": 0.30, "ap_std": 0.01, "gflops": 10.0}
+    clear = {"label": "s", "ap": 0.33, "ap_std": 0.01, "gflops": 14.0}
+    noisy = {**clear, "ap_std": 0.02}          # 0.03 is not above 2 x 0.02
+    costly = {**clear, "gflops": 16.0}         # 1.6x the reference's decoder GFLOPs
+    assert "**met**" in headline.verdict(clear, reference, 1.5)
+    assert "**missed**" in headline.verdict(noisy, reference, 1.5)
+    assert "**missed**" in headline.verdict(costly, reference, 1.5)
