@@ -41,6 +41,7 @@ from typing import Any, Callable
 from detector.errors import UserError
 from detector.deploy.latency import LatencySettings
 from proxy_eval.result import TrialResult
+from proxy_eval.settings import resolve_reward
 
 OBJECTIVES = ("ap", "ap_at_latency", "pareto")
 CACHE_FILE = "latency.json"
@@ -190,7 +191,7 @@ class LatencyAwareEvaluator:
 def checked_objective(cfg: Any) -> ObjectiveSettings:
     """The objective settings of ``cfg``; UserError for bad ones (called by the driver before any trial)."""
     settings = ObjectiveSettings.from_cfg(cfg)
-    if cfg.get("reward", "ap") != "ap" and settings.objective == "ap_at_latency":
+    if resolve_reward(cfg) != "ap" and settings.objective == "ap_at_latency":
         raise UserError(f"search.objective=ap_at_latency multiplies the AP; it needs reward=ap (got {cfg.reward})")
     return settings
 

@@ -51,7 +51,8 @@ def test_a_trial_trains_the_whole_detector_and_scores_it_with_coco_ap(evaluator,
     reports = []
     result = evaluator.evaluate("fcos", seed=0, report=reports.append)
     assert result.status == "ok", result.error
-    assert result.reward == result.ap and 0 <= result.ap <= 1
+    assert 0 <= result.ap <= 1
+    assert result.reward == pytest.approx(math.exp(-result.loss))  # reward=auto: this proxy's loss (ranked best)
     assert math.isfinite(result.loss) and result.loss > 0 and math.isfinite(result.extra["train_loss"])
     assert result.params > 0 and result.gflops > 0
     assert [r["iteration"] for r in reports] == [1, 2, 3]
@@ -90,10 +91,12 @@ def test_the_caller_rng_is_left_alone(evaluator):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_neg_loss_reward_is_exp_of_minus_the_validation_loss(evaluator):
+def test_neg_loss_reward_is_exp_of_minus_the_validation_loss_and_ap_the_coco_ap(evaluator):
     result = changed(evaluator, reward="neg_loss").evaluate("fcos", seed=0)
     assert result.status == "ok"
     assert result.reward == pytest.approx(math.exp(-result.loss)) and result.reward > FLOOR_REWARD
+    by_ap = changed(evaluator, reward="ap").evaluate("fcos", seed=0)
+    assert by_ap.reward == by_ap.ap
 
 
 def test_more_training_lowers_the_validation_loss(evaluator):

@@ -4,7 +4,8 @@ import yaml
 
 from detector.cli import compose
 from detector.errors import UserError
-from proxy_eval.settings import PROXY_CONF, prepare_arguments, proxy_keys, proxy_name, toy_arguments, trial_settings
+from proxy_eval.settings import (PROXY_CONF, prepare_arguments, proxy_keys, proxy_name, resolve_reward, toy_arguments,
+                                 trial_settings)
 
 
 @pytest.mark.parametrize("proxy", ["cached", "end_to_end", "coco"])
@@ -51,3 +52,23 @@ def test_every_proxy_yaml_declares_the_keys_of_its_kind():
     for path in PROXY_CONF.glob("*.yaml"):
         values = yaml.safe_load(path.read_text())
         assert set(values) == set(proxy_keys(values["name"])), path.name
+
+
+@pytest.mark.parametrize("overrides, reward", [
+    ([], "ap"),                                                  # the cached proxy: its AP ranked no worse
+    (["proxy_eval=end_to_end"], "neg_loss"),                     # end to end: the loss ranked better on both instances
+    (["proxy_eval=end_to_end", "reward=ap"], "ap"),              # a reward given is kept
+    (["proxy_eval=cached", "reward=neg_loss"], "neg_loss"),
+    (["proxy_eval=end_to_end", "search.objective=ap_at_latency"], "ap"),  # that objective multiplies the AP
+])
+def test_reward_auto_picks_the_reward_that_ranked_best_for_the_proxy(overrides, reward):
+    cfg = compose("search", overrides)
+    assert cfg.reward == "auto" or "reward=" in " ".join(overrides)
+    assert resolve_reward(cfg) == reward
+    if "search.objective=ap_at_latency" not in overrides:
+        assert trial_settings(cfg).reward == reward
+
+
+def test_an_unknown_reward_is_refused_with_the_choices():
+    with pytest.raises(UserError, match="reward=loss: choose one of auto, ap, neg_loss"):
+        trial_settings(compose("search", ["reward=loss"]))
