@@ -43,7 +43,8 @@ from search.run_dir import RunDir, create_run_dir, open_run_dir
 log = logging.getLogger(__name__)
 
 CACHED_ON_GPU = ("proxy_eval=cached on a GPU: the cached proxy did not rank architectures like full training "
-                 "(experiments/search_quality/README.md); with a GPU use proxy_eval=end_to_end")
+                 "(Kendall tau 0.17-0.25, experiments/search_quality/pretrained/README.md); with a GPU use "
+                 "proxy_eval=end_to_end (tau 0.53-0.78)")
 
 RUNTIME_KEYS = ("executor", "search.workers", "search.retries", "search.top_k", "ray", "device", "logger")
 EXECUTORS = ("ray", "local")
