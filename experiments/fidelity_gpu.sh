@@ -15,7 +15,7 @@
 set -u
 OUT=${OUT:-/tmp/fidelity_gpu}
 SEEDS=${SEEDS:-0}
-REPEAT=${REPEAT:-nasfcos nasfcos-fpn fcos}
+REPEAT=${REPEAT-nasfcos nasfcos-fpn fcos}   # set but empty (REPEAT=""): no repeats
 ITERS=${ITERS:-1500}
 BATCH=${BATCH:-16}
 LIMIT=${LIMIT:-520}
@@ -65,4 +65,6 @@ for log in "$OUT"/gt/*.log; do
   fi
 done | tee -a "$OUT/runs.log"
 echo "all runs: $(( SECONDS - START )) s" | tee -a "$OUT/runs.log"
-tar czf /tmp/gt.tgz -C "$OUT" gt runs.log && mv /tmp/gt.tgz "$OUT/gt.tgz"
+# one archive instead of the per-run folders: a device call brings back only so many files from $OUT
+# (in session 8 another script's archive beside these folders did not come back)
+tar czf /tmp/gt.tgz -C "$OUT" gt runs.log && mv /tmp/gt.tgz "$OUT/gt.tgz" && rm -rf "$OUT/gt"

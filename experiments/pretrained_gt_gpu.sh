@@ -39,7 +39,7 @@ fi
 if [ "${MPS:-0}" = 1 ]; then
   # default pipe directory: every later CUDA process of the machine, other scripts' too, joins it
   # a daemon left by an earlier call of the same machine is kept (starting a second one fails)
-  if { pgrep -x nvidia-cuda-mps-control > /dev/null || nvidia-cuda-mps-control -d; } && python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+  if { pgrep -f nvidia-cuda-mps-control > /dev/null || nvidia-cuda-mps-control -d; } && python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
     echo "MPS on" | tee "$OUT/mps.txt"
   else
     echo "MPS did not start: SEEDS=${SEEDS_WITHOUT_MPS:-$SEEDS}" | tee "$OUT/mps.txt"
