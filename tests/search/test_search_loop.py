@@ -74,6 +74,7 @@ def test_injected_failures_are_retried_then_recorded_with_the_floor_reward(tmp_p
     ("search.stages=[head]", "fixed_fpn"),
     ("search.fixed_head=head:nope", "search.fixed_head"),
     ("executor=local2", "executor"),
+    ("reward=bogus", "reward=bogus: choose one of auto, ap, neg_loss"),
 ])
 def test_bad_settings_are_user_errors_before_anything_runs(tmp_path, override, message):
     run_dir = tmp_path / "run"
