@@ -10,7 +10,8 @@
 #   then:  PYTHONPATH=. python experiments/search_quality.py fidelity --archs-file experiments/search_quality/fidelity_archs.json \
 #            --proxy-dir experiments/search_quality/gpu_proxy_e2e/split0 --ground-truth experiments/search_quality/gpu_ground_truth \
 #            --proxy-iters 150 300 600 --name fidelity-gpu-e2e
-# Env: NAME (split0), PROXY_ITERS ("150 300 600"), PROXY_SEEDS ("0"), JOBS (12), LIMIT (540 s),
+# Env: NAME (split0), PROXY_ITERS ("150 300 600"), PROXY_SEEDS ("0"), JOBS (12), LIMIT (540 s), MPS (1: start
+#      CUDA MPS first, experiments/gpu_mps.sh),
 #      EXTRA (more proxy overrides, e.g. "proxy_eval.split_seed=1"),
 #      REGIME (scratch: the former ResNet-18 default and fidelity_archs.json; pretrained: the search's
 #      own default task and backbone, pretrained EfficientNet-Lite0, width 64 as in the default training,
@@ -27,6 +28,10 @@ mkdir -p "$OUT"
 # shellcheck source=experiments/gpu_env.sh
 source experiments/gpu_env.sh "$OUT/install.log"
 export OMP_NUM_THREADS=1
+if [ "${MPS:-0}" = 1 ]; then   # the trials' kernels overlap on the GPU instead of taking turns
+  # shellcheck source=experiments/gpu_mps.sh
+  source experiments/gpu_mps.sh "$OUT/mps.txt"
+fi
 REGIME=${REGIME:-scratch}
 ARCHS=experiments/search_quality/fidelity_archs.json
 STORE=gpu_proxy_e2e

@@ -37,15 +37,9 @@ PY
   LIST=/tmp/only_archs.json
 fi
 if [ "${MPS:-0}" = 1 ]; then
-  # default pipe directory: every later CUDA process of the machine, other scripts' too, joins it
-  # a daemon left by an earlier call of the same machine is kept (starting a second one fails)
-  if { pgrep -f nvidia-cuda-mps-control > /dev/null || nvidia-cuda-mps-control -d; } && python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
-    echo "MPS on" | tee "$OUT/mps.txt"
-  else
-    echo "MPS did not start: SEEDS=${SEEDS_WITHOUT_MPS:-$SEEDS}" | tee "$OUT/mps.txt"
-    echo quit | nvidia-cuda-mps-control 2>/dev/null
-    SEEDS=${SEEDS_WITHOUT_MPS:-$SEEDS}
-  fi
+  # shellcheck source=experiments/gpu_mps.sh
+  source experiments/gpu_mps.sh "$OUT/mps.txt"
+  [ "$MPS_ON" = 1 ] || SEEDS=${SEEDS_WITHOUT_MPS:-$SEEDS}
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ "$LONG_ITERS" != 0 ]; then
