@@ -101,7 +101,8 @@ def resume_config(cfg: Any, saved: Any, rows: list[dict[str, Any]] | None = None
             ignored.append(key)
             continue
         OmegaConf.update(merged, key, value, merge=False, force_add=True)
-    _check_budget_raise(saved, merged)
+    if rows is None or rows:  # a run that never began a trial takes any budget
+        _check_budget_raise(saved, merged)
     if changed or redefined:
         log.info("resume: using %s from the command line", ", ".join(changed + redefined))
     if ignored:
@@ -111,7 +112,7 @@ def resume_config(cfg: Any, saved: Any, rows: list[dict[str, Any]] | None = None
 
 
 def _check_budget_raise(saved: Any, merged: Any) -> None:
-    """A resume may raise ``search.budget`` (more trials for the same search), never lower it."""
+    """A resume of a run with trials may raise ``search.budget`` (more trials for the same search), never lower it."""
     old, new = int(saved.search.budget), int(merged.search.budget)
     if new < old:
         raise UserError(f"search.budget={new}: a resume can raise the run's budget ({old} trained trials per "
