@@ -1,6 +1,6 @@
 """Search-quality study 3, the headline: searched decoders retrained against the hand-made ones.
 
-Every entry of ``--list`` (``{"label", "code", "from"?}``; an entry with ``from`` is a searched
+Every entry of ``--list`` (one or several files, joined; ``{"label", "code", "from"?}``; an entry with ``from`` is a searched
 code, the others are baselines) is looked up as ``<label>-s<seed>/metrics.json`` in each
 ``--ground-truth`` folder (all seeds found are used), and reported as AP mean +- sample standard
 deviation over its seeds, AP50, parameters and GFLOPs of the decoder (FPN + head; the default
@@ -25,7 +25,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 for entry in (ROOT, ROOT / "experiments"):
@@ -127,9 +127,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def joined_entries(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """The entries of every list file, in order; a label that an earlier file named is skipped."""
+    entries: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for entry in json.loads(path.read_text()):
+            entries.setdefault(entry["label"], entry)
+    return list(entries.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--list", required=True, help="JSON list of {label, code, from?}")
+    parser.add_argument("--list", nargs="+", required=True,
+                        help="JSON lists of {label, code, from?}; several are joined in order, a label once")
     parser.add_argument("--ground-truth", nargs="+", required=True, help="folders of <label>-s<seed>/metrics.json")
     parser.add_argument("--out", required=True)
     parser.add_argument("--name", default="headline")
@@ -137,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-gflops-ratio", type=float, default=1.5)
     parser.add_argument("--input-size", nargs=2, type=int, default=[800, 1333])
     args = parser.parse_args(argv)
-    entries = json.loads(Path(args.list).read_text())
+    entries = joined_entries(Path(path) for path in args.list)
     folders = [Path(folder) for folder in args.ground_truth]
     rows = [row for row in (summarize(entry, folders, args.input_size) for entry in entries) if row is not None]
     missing = [entry["label"] for entry in entries if entry["label"] not in {row["label"] for row in rows}]

@@ -272,3 +272,12 @@ def test_the_headline_goal_needs_a_margin_above_two_deviations_and_a_bounded_cos
     assert "**met**" in headline.verdict(clear, reference, 1.5)
     assert "**missed**" in headline.verdict(noisy, reference, 1.5)
     assert "**missed**" in headline.verdict(costly, reference, 1.5)
+
+
+def test_headline_lists_join_in_order_and_name_each_label_once(headline, tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps([{"label": "ppo-best", "code": "fcos", "from": "run a"}, {"label": "fcos", "code": "fcos"}]))
+    second.write_text(json.dumps([{"label": "fcos", "code": "nasfcos"}, {"label": "random-best", "code": "fcos"}]))
+    entries = headline.joined_entries([first, second])
+    assert [entry["label"] for entry in entries] == ["ppo-best", "fcos", "random-best"]
+    assert entries[1]["code"] == "fcos"  # the first file's entry of a label wins
