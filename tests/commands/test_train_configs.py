@@ -94,6 +94,21 @@ def test_default_is_pretrained_lite0_and_the_scratch_setup_is_one_override_away(
                                 cfg.backbone.norm) == (-1, "bn"), overrides  # batch statistics from scratch
 
 
+def test_the_gpu_form_is_the_default_experiment_with_more_images_and_iterations_on_the_same_val_split():
+    from detector.data.synthetic import sample_layout, spec_from_config
+
+    default, gpu = compose("train", ["experiment=synthetic_fcos"]), compose("train", ["experiment=synthetic_fcos_gpu"])
+    assert (gpu.data.num_train, gpu.schedule.iterations, gpu.train.batch_size) == (8192, 5000, 16)
+    for key in ("arch", "backbone", "recipe", "model"):
+        assert gpu[key] == default[key], key
+    assert gpu.schedule.lr == default.schedule.lr
+    default_spec, gpu_spec = spec_from_config(default.data), spec_from_config(gpu.data)
+    assert default_spec.num_val == gpu_spec.num_val
+    # the val images (and the first training images) do not depend on how many training images there are
+    assert all(sample_layout(gpu_spec, "val", i) == sample_layout(default_spec, "val", i) for i in range(8))
+    assert sample_layout(gpu_spec, "train", 3) == sample_layout(default_spec, "train", 3)
+
+
 # ----------------------------------------------------------------------------- bad input, in process
 
 
