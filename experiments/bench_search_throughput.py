@@ -28,7 +28,19 @@ cuda`` it also samples GPU utilisation (``torch.cuda.utilization``, needs pynvml
     python experiments/bench_search_throughput.py --device cuda --executor ray --budget 8 \\
         --trials-per-device 1 2 4 8 --scheduler none asha -- proxy_eval=end_to_end
 
-Extra ``key=value`` overrides after ``--`` go to every run. ``--json`` writes all numbers.
+``--settings`` replaces the cross product by an explicit list of ``mps:k:scheduler`` (mps: ``keep``
+leaves the machine as it is, ``off`` stops the CUDA Multi-Process Service before the run, ``on``
+starts it), so that the issue's baseline (Ray, 4 trials per GPU, no MPS) and settings with MPS run
+side by side in one call; the first setting is the reference of the ratio column. MPS toggling
+needs ``--executor ray`` (the driver opens no CUDA context; trials run in Ray's worker processes,
+started anew by each run, so each run's workers see the MPS state chosen for it):
+
+    # one GPU, next session: the baseline, then MPS with 8 and 16 trials, then ASHA on top
+    python experiments/bench_search_throughput.py --device cuda --executor ray --budget 16 --no-warmup \
+        --settings off:4:none on:8:none on:16:none on:16:asha --json $OUT/bench.json -- proxy_eval=end_to_end model.width=64
+
+Extra ``key=value`` overrides after ``--`` go to every run. ``--json`` writes all numbers, rewritten
+after every setting (a run cut by a time limit keeps the settings done).
 """
 from __future__ import annotations
 
@@ -115,6 +127,36 @@ class GpuSampler:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
+MPS_STATES = ("keep", "off", "on")
+
+
+def parse_setting(text: str) -> tuple[str, int, str]:
+    """``"on:16:asha"`` -> ``("on", 16, "asha")``; raises ValueError with what is wrong."""
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] not in MPS_STATES or not parts[1].isdigit() or int(parts[1]) < 1 \
+            or parts[2] not in ("none", "asha", "median"):
+        raise ValueError(f"setting {text!r}: expected mps:trials:scheduler, mps one of {'/'.join(MPS_STATES)}, "
+                         "trials a positive number, scheduler none/asha/median (e.g. off:4:none)")
+    return parts[0], int(parts[1]), parts[2]
+
+
+def set_mps(state: str) -> str:
+    """Start (``on``) or stop (``off``) the CUDA Multi-Process Service of this machine; ``keep`` does
+    nothing. Returns what happened, for the table."""
+    import subprocess
+
+    if state == "keep":
+        return "as found"
+    if state == "on":
+        done = subprocess.run(["nvidia-cuda-mps-control", "-d"], capture_output=True, text=True)
+        # exit status 1 with "already running" is fine too
+        running = done.returncode == 0 or "running" in (done.stderr + done.stdout).lower()
+        return "on" if running else f"on failed: {(done.stderr or done.stdout).strip()[:80]}"
+    subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", capture_output=True, text=True)
+    time.sleep(2.0)  # the server exits after its clients; the next run's workers must not join it
+    return "off"
+
+
 def run_overrides(args: argparse.Namespace, k: int, scheduler: str, run_dir: Path) -> list[str]:
     cores = os.cpu_count() or 1
     overrides = [f"executor={args.executor}", f"device={args.device}", "search.stages=[fpn]",
@@ -136,9 +178,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the untimed one-candidate search run before the timed ones")
+    parser.add_argument("--settings", nargs="+", default=None, metavar="MPS:K:SCHEDULER",
+                        help="explicit settings instead of trials-per-device x scheduler (see the docstring)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args(argv)
+    try:
+        settings = ([parse_setting(text) for text in args.settings] if args.settings else
+                    [("keep", k, scheduler) for scheduler in args.scheduler for k in args.trials_per_device])
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
+    if any(mps != "keep" for mps, _, _ in settings) and args.executor != "ray":
+        parser.exit(2, "error: settings that switch MPS need --executor ray (local trials share the driver's "
+                       "CUDA context); use keep:K:SCHEDULER with --executor local\n")
 
     import logging
 
@@ -156,30 +208,30 @@ def main(argv: list[str] | None = None) -> None:
     if args.warmup:  # untimed: page cache, imports and lazy set-up that only the first run would pay
         run_search(compose("search", run_overrides(args, 1, "none", workdir / "warmup")
                            + ["search.budget=1", f"seed={args.seed + 1000}"]))
-    print("| trials/device | scheduler | candidates (stopped) | wall s | candidates/h | vs 1, none | start-up | "
+    print("| MPS | trials/device | scheduler | candidates (stopped) | wall s | candidates/h | vs first | start-up | "
           "setup | train | eval | idle/overhead | GPU util | best reward |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results, baseline = [], None
-    for scheduler in args.scheduler:
-        for k in args.trials_per_device:
-            run_dir = workdir / f"k{k}-{scheduler}"
-            cfg = compose("search", run_overrides(args, k, scheduler, run_dir))
-            with GpuSampler(args.device.startswith("cuda")) as gpu:
-                begin = time.perf_counter()
-                run_search(cfg)
-                wall = time.perf_counter() - begin
-            out = {"trials_per_device": k, "scheduler": scheduler, "gpu_util": gpu.mean,
-                   **summarize_run(read_history(run_dir / "history.jsonl").rows, wall, k)}
-            baseline = baseline or out["candidates_per_hour"]
-            out["ratio"] = out["candidates_per_hour"] / baseline
-            results.append(out)
-            util = "-" if out["gpu_util"] is None else f"{out['gpu_util']:.0f}%"
-            print(f"| {k} | {scheduler} | {out['candidates']} ({out['stopped']}) | {wall:.1f} | "
-                  f"{out['candidates_per_hour']:.0f} | {out['ratio']:.2f}x | {out['startup_share']:.0%} | "
-                  f"{out['setup_share']:.0%} | {out['train_share']:.0%} | {out['eval_share']:.0%} | "
-                  f"{out['idle_share']:.0%} | {util} | {out['best_reward']:.4f} |", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"prepare_s": prepare_s, "argv": sys.argv[1:], "results": results}, indent=1))
+    for mps, k, scheduler in settings:
+        mps_state = set_mps(mps)
+        run_dir = workdir / f"mps-{mps}-k{k}-{scheduler}"
+        cfg = compose("search", run_overrides(args, k, scheduler, run_dir))
+        with GpuSampler(args.device.startswith("cuda")) as gpu:
+            begin = time.perf_counter()
+            run_search(cfg)
+            wall = time.perf_counter() - begin
+        out = {"mps": mps_state, "trials_per_device": k, "scheduler": scheduler, "gpu_util": gpu.mean,
+               **summarize_run(read_history(run_dir / "history.jsonl").rows, wall, k)}
+        baseline = baseline or out["candidates_per_hour"]
+        out["ratio"] = out["candidates_per_hour"] / baseline
+        results.append(out)
+        util = "-" if out["gpu_util"] is None else f"{out['gpu_util']:.0f}%"
+        print(f"| {mps_state} | {k} | {scheduler} | {out['candidates']} ({out['stopped']}) | {wall:.1f} | "
+              f"{out['candidates_per_hour']:.0f} | {out['ratio']:.2f}x | {out['startup_share']:.0%} | "
+              f"{out['setup_share']:.0%} | {out['train_share']:.0%} | {out['eval_share']:.0%} | "
+              f"{out['idle_share']:.0%} | {util} | {out['best_reward']:.4f} |", flush=True)
+        if args.json:  # after every setting: a call's time limit keeps what is done
+            args.json.write_text(json.dumps({"prepare_s": prepare_s, "argv": sys.argv[1:], "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -46,3 +46,20 @@ def test_the_time_split_of_a_trial_and_of_a_run():
     assert out["candidates"] == 2 and out["candidates_per_hour"] == pytest.approx(300.0)
     assert out["startup_s"] == pytest.approx(4.0)  # trials span 100..120
     assert out["train_share"] == pytest.approx(8 / 24) and out["idle_share"] == pytest.approx(0.0)
+
+
+def test_bench_settings_name_the_mps_state_the_trials_per_device_and_the_scheduler():
+    assert bench.parse_setting("off:4:none") == ("off", 4, "none")
+    assert bench.parse_setting("on:16:asha") == ("on", 16, "asha")
+    for bad in ("on:16", "maybe:4:none", "on:0:none", "on:four:none", "keep:4:hyperband"):
+        with pytest.raises(ValueError, match="mps:trials:scheduler"):
+            bench.parse_setting(bad)
+
+
+def test_bench_refuses_to_switch_mps_for_in_process_trials_before_running_anything(capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--executor", "local", "--settings", "off:4:none"])
+    assert stop.value.code == 2 and "--executor ray" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--settings", "off:4"])
+    assert stop.value.code == 2 and "expected mps:trials:scheduler" in capsys.readouterr().err

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Issue #23's figure on one GPU: candidates per GPU-hour of the default GPU search (end-to-end proxy,
+# Ray) -- the issue's baseline (4 trials per GPU, no MPS) and, in the same call, MPS with more trials
+# per GPU and ASHA on top -- through experiments/bench_search_throughput.py. Results: $OUT/bench.log
+# (the table) and $OUT/bench.json (rewritten after every setting, so a cut call keeps what is done).
+#   carry: [".whl"]  (with Ray: experiments/gpu_env.sh says how Ray travels)
+#   command: bash experiments/throughput_gpu.sh
+# Env: SETTINGS ("off:4:none on:8:none on:16:none on:16:asha"), BUDGET (candidates per setting, 16),
+#      LIMIT (seconds, 560), EXTRA (more search overrides).
+set -u
+OUT=${OUT:-/tmp/throughput_gpu}
+SETTINGS=${SETTINGS:-off:4:none on:8:none on:16:none on:16:asha}
+BUDGET=${BUDGET:-16}
+LIMIT=${LIMIT:-560}
+read -r -a EXTRA <<< "${EXTRA:-}"
+mkdir -p "$OUT"
+# shellcheck source=experiments/gpu_env.sh
+source experiments/gpu_env.sh "$OUT/install.log"
+export OMP_NUM_THREADS=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt"
+# shellcheck disable=SC2086
+timeout --kill-after=20 "$LIMIT" python3 experiments/bench_search_throughput.py --device cuda --executor ray \
+  --budget "$BUDGET" --no-warmup --settings $SETTINGS --json "$OUT/bench.json" \
+  -- proxy_eval=end_to_end model.width=64 cache_dir=/tmp/throughput_cache "${EXTRA[@]}" > "$OUT/bench.log" 2>&1
+echo "bench rc=$?" | tee -a "$OUT/bench.log"
+grep '^|' "$OUT/bench.log"
