@@ -27,13 +27,6 @@ source experiments/gpu_env.sh "$OUT/install.log"
 export OMP_NUM_THREADS=1
 CACHE=/tmp/fidelity_cache
 START=$SECONDS
-python3 - "$CACHE" <<'PY'   # the synthetic data, once, before the parallel runs
-import sys
-from detector.cli import compose
-from detector.data.coco import resolve_data_root
-cfg = compose("train", ["experiment=synthetic_fcos", f"cache_dir={sys.argv[1]}"])
-print("data:", resolve_data_root(cfg.data, sys.argv[1]))
-PY
 jobs_file=$(mktemp)
 python3 - "$LIST" "$SEEDS" "$REPEAT" > "$jobs_file" <<'PY'
 import json, sys
@@ -43,6 +36,19 @@ for arch in archs:  # an entry's own "seeds" list replaces SEEDS for it
     own = [str(seed) for seed in arch.get("seeds", seeds)]
     for seed in sorted(set(own) | ({"1"} if arch["label"] in repeat else set())):
         print(arch["label"], seed, arch["code"], arch.get("overrides", ""))
+PY
+python3 - "$CACHE" "$jobs_file" <<'PY'   # the synthetic data, once per data setting, before the parallel runs
+import sys
+from detector.cli import compose
+from detector.data.coco import resolve_data_root
+# every distinct set of data.* overrides among the jobs (e.g. data.num_train=8192) gets its data here,
+# so that parallel runs do not each generate the same images
+settings = {()}
+for line in open(sys.argv[2]):
+    settings.add(tuple(sorted(word for word in line.split()[3:] if word.startswith("data."))))
+for data in sorted(settings):
+    cfg = compose("train", ["experiment=synthetic_fcos", f"cache_dir={sys.argv[1]}", *data])
+    print("data:", " ".join(data) or "default", resolve_data_root(cfg.data, sys.argv[1]))
 PY
 echo "$(wc -l < "$jobs_file") runs of $ITERS iterations x batch $BATCH, limit ${LIMIT}s" | tee "$OUT/runs.log"
 while read -r label seed code overrides; do

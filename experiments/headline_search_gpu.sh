@@ -27,7 +27,8 @@ fi
 if [ -n "${RESUME:-}" ]; then   # the archive holds run/ (the run directory of the earlier call)
   tar xzf "$RESUME" -C /tmp/headline_search_run
   ARGS=("resume=$RUN")   # the run keeps its own settings (config.yaml)
-else
+else   # a fresh search: a warm machine may still hold an earlier call's run (already in that call's $OUT)
+  rm -rf /tmp/headline_search_run/run
   ARGS=(proxy_eval=end_to_end executor=ray device=cuda model.width=64 "search.budget=$BUDGET"
         "search.workers=$WORKERS" "ray.gpus_per_trial=$(python3 -c "print(round(1 / $WORKERS, 4))")"
         ray.cpus_per_trial=1 "search.run_dir=$RUN" cache_dir=/tmp/headline_search_cache)
