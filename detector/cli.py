@@ -23,15 +23,25 @@ EXIT_BAD_INPUT = 2
 @dataclass(frozen=True)
 class Command:
     """A sub-command: ``target`` is ``"module:function"`` taking the composed config; ``config`` names
-    the command's own primary config under ``conf/`` (None: the app's)."""
+    the command's own primary config under ``conf/`` (None: the app's); ``machine_defaults``, a
+    ``"module:function"`` that takes the command line's overrides and returns them with defaults
+    that depend on the machine put in front (e.g. the search's proxy on a GPU), or None."""
 
     target: str
     help: str
     config: str | None = None
+    machine_defaults: str | None = None
 
     def load(self) -> Callable:
-        module, func = self.target.split(":")
-        return getattr(importlib.import_module(module), func)
+        return _load(self.target)
+
+    def with_machine_defaults(self, overrides: list[str]) -> list[str]:
+        return _load(self.machine_defaults)(overrides) if self.machine_defaults else overrides
+
+
+def _load(target: str) -> Callable:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def fail(message: str) -> None:
@@ -261,6 +271,7 @@ def dispatch(app: str, config_name: str, commands: dict[str, Command], argv: Seq
     errors = _user_errors()
     try:
         func = commands[name].load()
+        overrides = commands[name].with_machine_defaults(overrides)
         if multirun:
             _run_multirun(config_name, overrides, func)
             return
