@@ -51,6 +51,8 @@ def proxy_for_machine(overrides: Sequence[str]) -> list[str]:
     keys = [_key(override) for override in overrides]
     if "proxy_eval" in keys or "resume" in keys:
         return overrides
+    if resolve_device("auto") == "cpu":  # no GPU visible: nothing to decide, no second composition at start-up
+        return overrides
     try:
         cfg = compose("search", overrides)
     except Exception:  # noqa: BLE001 - a sweep, or bad input that the real composition reports in one line
