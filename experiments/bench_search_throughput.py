@@ -19,7 +19,8 @@ setting does not pay the page cache and lazy imports for all.
   running (the driver between trials, a stage waiting for its last trial, Ray scheduling).
 
 Per-iteration data loading is inside ``train`` (the loop does not time it apart). With ``--device
-cuda`` it also samples GPU utilisation (``torch.cuda.utilization``, needs pynvml) every second.
+cuda`` it also samples GPU utilisation and memory every second with ``nvidia-smi`` (the driver opens no
+CUDA context of its own, so that switching MPS between runs stays clean).
 
     # CPU now (tiny: cached proxy of 12 iterations, 6 candidates per setting; loaded machine: ratios only)
     OMP_NUM_THREADS=1 python experiments/bench_search_throughput.py --budget 6 --trials-per-device 1 2 4 \\
@@ -96,21 +97,27 @@ def summarize_run(rows: list[dict], wall: float, slots: int) -> dict[str, float]
 
 
 class GpuSampler:
-    """Mean GPU utilisation (%) over a run, sampled every second (None without CUDA or pynvml)."""
+    """Mean GPU utilisation (%) and peak memory used (MiB) over a run, from ``nvidia-smi`` every
+    second (None without it). ``nvidia-smi`` rather than ``torch.cuda.utilization``: the latter
+    needs pynvml and initialises CUDA in the driver."""
+
+    QUERY = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"]
 
     def __init__(self, enabled: bool) -> None:
-        self.samples: list[float] = []
+        self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True) if enabled else None
 
     def _run(self) -> None:
-        import torch
+        import subprocess
 
         while not self._stop.wait(1.0):
             try:
-                self.samples.append(float(torch.cuda.utilization()))
-            except Exception:  # noqa: BLE001 - no pynvml: no utilisation figure
-                return
+                line = subprocess.run(self.QUERY, capture_output=True, text=True, timeout=10).stdout
+                util, memory = (float(v) for v in line.splitlines()[0].split(","))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                return  # no nvidia-smi (or no answer): no figure
+            self.samples.append((util, memory))
 
     def __enter__(self) -> "GpuSampler":
         if self._thread:
@@ -124,7 +131,11 @@ class GpuSampler:
 
     @property
     def mean(self) -> float | None:
-        return sum(self.samples) / len(self.samples) if self.samples else None
+        return sum(u for u, _ in self.samples) / len(self.samples) if self.samples else None
+
+    @property
+    def peak_memory_mib(self) -> float | None:
+        return max(m for _, m in self.samples) if self.samples else None
 
 
 MPS_STATES = ("keep", "off", "on")
@@ -221,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             run_search(cfg)
             wall = time.perf_counter() - begin
         out = {"mps": mps_state, "trials_per_device": k, "scheduler": scheduler, "gpu_util": gpu.mean,
+               "gpu_peak_memory_mib": gpu.peak_memory_mib,
                **summarize_run(read_history(run_dir / "history.jsonl").rows, wall, k)}
         baseline = baseline or out["candidates_per_hour"]
         out["ratio"] = out["candidates_per_hour"] / baseline
