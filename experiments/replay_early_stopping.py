@@ -17,6 +17,10 @@ replay it records which trials the rule stops, and reports:
 
     python experiments/replay_early_stopping.py --toy 64 --curve-noise 0.3          # toy curves
     python experiments/replay_early_stopping.py --history runs/search/*/history.jsonl --grace 20
+    # the ground truth: a fidelity study's proxy curves (end-to-end, 300 iterations, several seeds)
+    # against the trained APs of the same architectures
+    python experiments/replay_early_stopping.py --fidelity-dir experiments/search_quality/pretrained/e2e/curves \
+        --ground-truth experiments/search_quality/pretrained/gpu_ground_truth --iters 300 --grace 50 100 150
 
 ``--json`` writes the per-setting numbers. CPU only; seconds.
 """
@@ -31,16 +35,24 @@ from pathlib import Path
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+for entry in (ROOT, ROOT / "experiments"):
+    if str(entry) not in sys.path:
+        sys.path.insert(0, str(entry))
 
 from search.early_stopping import StoppingSettings, make_rule, row_curve  # noqa: E402
 from search.history import read_history  # noqa: E402
+from study_fidelity import ground_truth_ap  # noqa: E402
 
 
 class Trial(NamedTuple):
     key: str
-    curve: tuple[tuple[float, float], ...]  # (iteration, training loss), ascending
+    curves: tuple[tuple[tuple[float, float], ...], ...]  # its learning curves, one per proxy seed:
+    #                                                      (iteration, training loss), ascending
     reward: float  # the final reward (ground truth of the replay)
+
+    @property
+    def last_iteration(self) -> int:
+        return int(self.curves[0][-1][0])
 
 
 def trials_from_history(paths: list[str]) -> list[Trial]:
@@ -50,7 +62,24 @@ def trials_from_history(paths: list[str]) -> list[Trial]:
         for row in read_history(path).rows:
             curve = row_curve(row)
             if row["status"] == "ok" and not row["reused"] and len(curve) >= 2:
-                out.append(Trial(f"{Path(path).parent.name}:{row['trial']}", tuple(curve), float(row["reward"])))
+                out.append(Trial(f"{Path(path).parent.name}:{row['trial']}", (tuple(curve),), float(row["reward"])))
+    return out
+
+
+def trials_from_fidelity(proxy_dir: str, ground_truth: str, iters: int) -> list[Trial]:
+    """The architectures of a fidelity study (``experiments/study_fidelity.py``): their proxy learning
+    curves at ``iters`` iterations (one per proxy seed, ``proxy[iters]["curves"]`` of each
+    ``<proxy_dir>/<label>.json``) and, as the reward, their mean trained AP in ``ground_truth``
+    (``<label>-s<seed>/metrics.json``). A replay gives each architecture one of its curves at random."""
+    out = []
+    for path in sorted(Path(proxy_dir).glob("*.json")):
+        row = json.loads(path.read_text())
+        scores = row.get("proxy", {}).get(str(iters), {})
+        curves = tuple(tuple((float(it), float(loss)) for it, loss in curve)
+                       for curve in scores.get("curves") or [] if len(curve) >= 2)
+        ap = ground_truth_ap(row["label"], Path(ground_truth))["AP"]
+        if curves and ap == ap:  # not NaN: trained
+            out.append(Trial(row["label"], curves, float(ap)))
     return out
 
 
@@ -74,27 +103,27 @@ def toy_trials(count: int, steps: int, curve_noise: float, noise: float, seed: i
         seen.add(str(arch))
         curve: list[tuple[float, float]] = []
         result = toy.evaluate(arch, seed=0, report=lambda v: curve.append((v["iteration"], v["loss"])))
-        out.append(Trial(str(arch), tuple(curve), result.reward))
+        out.append(Trial(str(arch), (tuple(curve),), result.reward))
     return out
 
 
 def replay(trials: list[Trial], settings: StoppingSettings, workers: int, seed: int,
            speed_spread: float = 0.3) -> dict[str, int]:
     """One asynchronous replay: trials arrive in a seeded order, ``workers`` at a time, each at its own
-    seeded speed; returns ``{key: iterations trained}`` (a stopped trial: where it stopped)."""
+    seeded speed and with one of its curves picked at random; returns ``{key: iterations trained}`` (a stopped trial: where it stopped)."""
     rng = random.Random(f"replay:{seed}")
     order = trials[:]
     rng.shuffle(order)
     speed = {t.key: 1.0 + speed_spread * rng.uniform(-1, 1) for t in order}  # seconds per iteration
+    curve_of = {t.key: t.curves[rng.randrange(len(t.curves))] for t in order}
     rule = make_rule(settings)
     events: list[tuple[float, int, str, int]] = []  # (time, tie-break, key, index of the report)
-    by_key = {t.key: t for t in order}
     trained: dict[str, int] = {}
     counter = 0
 
     def start(trial: Trial, now: float) -> None:
         nonlocal counter
-        heapq.heappush(events, (now + trial.curve[0][0] * speed[trial.key], counter, trial.key, 0))
+        heapq.heappush(events, (now + curve_of[trial.key][0][0] * speed[trial.key], counter, trial.key, 0))
         counter += 1
 
     waiting = list(order)
@@ -102,17 +131,17 @@ def replay(trials: list[Trial], settings: StoppingSettings, workers: int, seed: 
         start(waiting.pop(0), 0.0)
     while events:
         now, _, key, index = heapq.heappop(events)
-        trial = by_key[key]
-        iteration, loss = trial.curve[index]
+        curve = curve_of[key]
+        iteration, loss = curve[index]
         stop = rule.on_report(key, iteration, loss) and iteration < settings.max_t
-        last = index == len(trial.curve) - 1
+        last = index == len(curve) - 1
         if stop or last:
             rule.on_complete(key, iteration, loss)
             trained[key] = int(iteration)
             if waiting:
                 start(waiting.pop(0), now)
             continue
-        following = trial.curve[index + 1][0]
+        following = curve[index + 1][0]
         heapq.heappush(events, (now + (following - iteration) * speed[key], counter, key, index + 1))
         counter += 1
     return trained
@@ -123,7 +152,7 @@ def summarize(trials: list[Trial], settings: StoppingSettings, workers: int, rep
     ranked = sorted(trials, key=lambda t: -t.reward)
     top = {t.key for t in ranked[:top_k]}
     best = ranked[0].key
-    full = {t.key: int(t.curve[-1][0]) for t in trials}
+    full = {t.key: t.last_iteration for t in trials}
     kept_top = kept_best = 0
     spent = total = 0.0
     stopped_fraction = 0.0
@@ -146,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--history", nargs="+", help="history.jsonl files of runs made without a scheduler")
+    source.add_argument("--fidelity-dir", help="a fidelity study's proxy scores with curves (reward: --ground-truth)")
+    parser.add_argument("--ground-truth", help="with --fidelity-dir: the trained runs, <label>-s<seed>/metrics.json")
+    parser.add_argument("--iters", type=int, default=300, help="with --fidelity-dir: the proxy budget replayed")
     source.add_argument("--toy", type=int, help="this many toy trials with synthetic learning curves")
     parser.add_argument("--steps", type=int, default=12, help="toy: reports per curve")
     parser.add_argument("--curve-noise", type=float, default=0.3, help="toy: how unreliable early reports rank")
@@ -164,11 +196,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    trials = trials_from_history(args.history) if args.history else toy_trials(
-        args.toy, args.steps, args.curve_noise, args.noise, args.seed)
+    if args.fidelity_dir and not args.ground_truth:
+        parser.exit(2, "error: --fidelity-dir needs --ground-truth (the folder of the trained runs)\n")
+    if args.history:
+        trials = trials_from_history(args.history)
+    elif args.fidelity_dir:
+        trials = trials_from_fidelity(args.fidelity_dir, args.ground_truth, args.iters)
+    else:
+        trials = toy_trials(args.toy, args.steps, args.curve_noise, args.noise, args.seed)
     if len(trials) <= args.top_k:
         raise SystemExit(f"only {len(trials)} trials with learning curves; need more than --top-k={args.top_k}")
-    max_t = max(int(t.curve[-1][0]) for t in trials)
+    max_t = max(t.last_iteration for t in trials)
     graces = args.grace or sorted({max(1, max_t // 6), max(1, max_t // 3)})
     print(f"{len(trials)} trials, curves to iteration {max_t}, {args.replays} seeded replays each")
     print("| scheduler | grace | workers | top-%d kept | best kept | stopped | iterations spent | candidates gain |"
@@ -185,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| {scheduler} | {grace} | {workers} | {out['top_k_kept']:.1%} | {out['best_kept']:.1%} | "
                       f"{out['stopped']:.1%} | {out['cost_ratio']:.1%} | {out['candidates_gain']:.2f}x |")
     if args.json:
-        args.json.write_text(json.dumps({"source": args.history or f"toy {args.toy}", "results": results}, indent=1))
+        source = args.history or ([args.fidelity_dir, args.ground_truth, args.iters] if args.fidelity_dir
+                                  else f"toy {args.toy}")
+        args.json.write_text(json.dumps({"source": source, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

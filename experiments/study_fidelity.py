@@ -76,11 +76,18 @@ def proxy_scores(code: str, iters: int, seeds: Sequence[int], args: argparse.Nam
     # --trial-extra changes the trials only: the feature cache stays the one --search prepares
     cache = prepare_proxy(compose("search", base)) if args.trial_extra else None
     evaluator = build_evaluator(cfg, cache=cache)
-    results = [evaluator.evaluate(code, seed=seed) for seed in seeds]
+    curves: list[list[list[float]]] = []  # per seed: the training loss at every report
+
+    def evaluate(seed: int):
+        curves.append([])
+        return evaluator.evaluate(code, seed=seed, report=lambda v: curves[-1].append([v["iteration"], v["loss"]]))
+
+    results = [evaluate(seed) for seed in seeds]
     if any(not r.ok for r in results):
         return {"ap": 0.0, "loss": math.inf, "status": next(r.status for r in results if not r.ok)}
     return {"ap": statistics.mean(r.ap for r in results), "loss": statistics.mean(r.loss for r in results),
-            "seconds": statistics.mean(r.seconds for r in results), "status": "ok"}
+            "seconds": statistics.mean(r.seconds for r in results), "status": "ok",
+            "curves": curves}  # per seed: [[iteration, training loss], ...] (experiments/replay_early_stopping.py)
 
 
 def ground_truth_ap(label: str, folder: Path) -> dict[str, Any]:

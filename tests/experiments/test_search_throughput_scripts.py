@@ -14,9 +14,9 @@ def _trials():
     # final rewards 0.9 > 0.8 > ... ; curves ranked the same way from the start, except "late" which
     # starts worst and ends best
     Trial = replay_tool.Trial
-    out = [Trial(f"t{i}", tuple((it, 2.0 + i * 0.1 - it * 0.1) for it in range(1, 10)), 0.8 - i * 0.05)
+    out = [Trial(f"t{i}", (tuple((it, 2.0 + i * 0.1 - it * 0.1) for it in range(1, 10)),), 0.8 - i * 0.05)
            for i in range(8)]
-    out.append(Trial("late", tuple((it, 5.0 - it * 0.5) for it in range(1, 10)), 0.9))
+    out.append(Trial("late", (tuple((it, 5.0 - it * 0.5) for it in range(1, 10)),), 0.9))
     return out
 
 
@@ -35,6 +35,35 @@ def test_the_summary_counts_replays_that_drop_a_late_bloomer():
     # "late" (the best) is the worst trial at every rung before 9: it survives only where it comes first
     assert out["best_kept"] < 0.5 and out["top_k_kept"] <= out["best_kept"]
     assert 0 < out["cost_ratio"] < 1 and out["candidates_gain"] == pytest.approx(1 / out["cost_ratio"])
+
+
+def test_fidelity_trials_take_the_proxy_curves_of_every_seed_and_the_trained_ap_as_reward(tmp_path):
+    import json
+
+    proxy, truth = tmp_path / "proxy", tmp_path / "truth"
+    proxy.mkdir()
+    for label, ap_by_seed, curves in (("good", (0.4, 0.5), [[[1, 2.0], [9, 1.0]], [[1, 2.2], [9, 1.1]]]),
+                                      ("bad", (0.1,), [[[1, 3.0], [9, 2.0]]]),
+                                      ("untrained", (), [[[1, 3.0], [9, 2.0]]])):
+        (proxy / f"{label}.json").write_text(json.dumps(
+            {"label": label, "code": "x", "proxy": {"9": {"ap": 0.0, "loss": 1.0, "curves": curves}}}))
+        for seed, ap in enumerate(ap_by_seed):
+            (truth / f"{label}-s{seed}").mkdir(parents=True)
+            (truth / f"{label}-s{seed}" / "metrics.json").write_text(json.dumps({"AP": ap, "AP50": ap}))
+    trials = {t.key: t for t in replay_tool.trials_from_fidelity(str(proxy), str(truth), 9)}
+    assert set(trials) == {"good", "bad"}  # no trained AP: left out
+    assert trials["good"].reward == pytest.approx(0.45) and len(trials["good"].curves) == 2
+    assert trials["good"].curves[1] == ((1.0, 2.2), (9.0, 1.1)) and trials["good"].last_iteration == 9
+
+
+def test_a_replay_gives_each_trial_one_of_its_seed_curves():
+    settings = StoppingSettings("asha", max_t=9, grace_period=3, reduction_factor=3)
+    Trial = replay_tool.Trial
+    # "twin" is the best at the rung with one seed's curve and the worst with the other's
+    others = [Trial(f"t{i}", (tuple((it, 2.0 + 0.1 * i) for it in (3, 9)),), 0.5) for i in range(5)]
+    twin = Trial("twin", (((3, 1.0), (9, 1.0)), ((3, 9.0), (9, 1.0))), 0.9)
+    stopped = [replay_tool.replay([twin, *others], settings, workers=1, seed=seed)["twin"] < 9 for seed in range(40)]
+    assert any(stopped) and not all(stopped)
 
 
 def test_the_time_split_of_a_trial_and_of_a_run():
