@@ -113,7 +113,8 @@ def test_trial_extra_overrides_the_trials_on_the_cache_that_search_prepares(fide
     prepared, built = [], []
 
     class Evaluator:
-        def evaluate(self, code, seed=0):
+        def evaluate(self, code, seed=0, report=None):
+            report({"iteration": 7, "loss": 1.0 + seed})
             return TrialResult(status="ok", reward=0.5, ap=0.5, ap50=0.6, loss=1.0, seconds=0.1)
 
     monkeypatch.setattr(proxy_eval.prepare, "prepare", lambda cfg: prepared.append(cfg) or "the-cache")
@@ -123,6 +124,7 @@ def test_trial_extra_overrides_the_trials_on_the_cache_that_search_prepares(fide
                      trial_extra=["proxy_eval.train_last_stage=false"])
     scores = fidelity.proxy_scores("fcos", 7, [0, 1], args)
     assert scores["ap"] == 0.5 and scores["status"] == "ok"
+    assert scores["curves"] == [[[7, 1.0]], [[7, 2.0]]]  # each seed's learning curve, for the stopping replays
     assert [cfg.proxy_eval.train_last_stage for cfg in prepared] == [True]  # the cache of --search
     (cfg, cache), = built
     assert cache == "the-cache" and cfg.proxy_eval.train_last_stage is False and cfg.proxy_eval.iters == 7
