@@ -29,9 +29,9 @@ CUDA context of its own, so that switching MPS between runs stays clean).
     python experiments/bench_search_throughput.py --device cuda --executor ray --budget 8 \\
         --trials-per-device 1 2 4 8 --scheduler none asha -- proxy_eval=end_to_end
 
-``--settings`` replaces the cross product by an explicit list of ``mps:k:scheduler`` (mps: ``keep``
-leaves the machine as it is, ``off`` stops the CUDA Multi-Process Service before the run, ``on``
-starts it), so that the issue's baseline (Ray, 4 trials per GPU, no MPS) and settings with MPS run
+``--settings`` replaces the cross product by an explicit list of ``mps:k:scheduler[:overrides]`` (mps:
+``keep`` leaves the machine as it is, ``off`` stops the CUDA Multi-Process Service before the run,
+``on`` starts it; overrides: ``key=value`` pairs joined by ``;``, for that setting's run only), so that the issue's baseline (Ray, 4 trials per GPU, no MPS) and settings with MPS run
 side by side in one call; the first setting is the reference of the ratio column. MPS toggling
 needs ``--executor ray`` (the driver opens no CUDA context; trials run in Ray's worker processes,
 started anew by each run, so each run's workers see the MPS state chosen for it):
@@ -141,14 +141,18 @@ class GpuSampler:
 MPS_STATES = ("keep", "off", "on")
 
 
-def parse_setting(text: str) -> tuple[str, int, str]:
-    """``"on:16:asha"`` -> ``("on", 16, "asha")``; raises ValueError with what is wrong."""
-    parts = text.split(":")
-    if len(parts) != 3 or parts[0] not in MPS_STATES or not parts[1].isdigit() or int(parts[1]) < 1 \
-            or parts[2] not in ("none", "asha", "median"):
-        raise ValueError(f"setting {text!r}: expected mps:trials:scheduler, mps one of {'/'.join(MPS_STATES)}, "
-                         "trials a positive number, scheduler none/asha/median (e.g. off:4:none)")
-    return parts[0], int(parts[1]), parts[2]
+def parse_setting(text: str) -> tuple[str, int, str, tuple[str, ...]]:
+    """``"on:16:asha"`` -> ``("on", 16, "asha", ())``; a fourth part holds ``key=value`` overrides of
+    that setting only, joined by ``;`` (values may hold commas): ``"on:16:none:proxy_eval.cuda_graph=true"`` ->
+    ``("on", 16, "none", ("proxy_eval.cuda_graph=true",))``. Raises ValueError with what is wrong."""
+    parts = text.split(":", 3)
+    overrides = tuple(item for item in parts[3].split(";") if item) if len(parts) == 4 else ()
+    if len(parts) < 3 or parts[0] not in MPS_STATES or not parts[1].isdigit() or int(parts[1]) < 1 \
+            or parts[2] not in ("none", "asha", "median") or any("=" not in item for item in overrides):
+        raise ValueError(f"setting {text!r}: expected mps:trials:scheduler[:key=value;...], mps one of "
+                         f"{'/'.join(MPS_STATES)}, trials a positive number, scheduler none/asha/median "
+                         "(e.g. off:4:none or on:16:none:proxy_eval.cuda_graph=true)")
+    return parts[0], int(parts[1]), parts[2], overrides
 
 
 def set_mps(state: str) -> str:
@@ -196,10 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         settings = ([parse_setting(text) for text in args.settings] if args.settings else
-                    [("keep", k, scheduler) for scheduler in args.scheduler for k in args.trials_per_device])
+                    [("keep", k, scheduler, ()) for scheduler in args.scheduler for k in args.trials_per_device])
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
-    if any(mps != "keep" for mps, _, _ in settings) and args.executor != "ray":
+    if any(mps != "keep" for mps, _, _, _ in settings) and args.executor != "ray":
         parser.exit(2, "error: settings that switch MPS need --executor ray (local trials share the driver's "
                        "CUDA context); use keep:K:SCHEDULER with --executor local\n")
 
@@ -223,22 +227,23 @@ def main(argv: list[str] | None = None) -> None:
           "setup | train | eval | idle/overhead | GPU util | best reward |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results, baseline = [], None
-    for mps, k, scheduler in settings:
+    for index, (mps, k, scheduler, extra) in enumerate(settings):
         mps_state = set_mps(mps)
-        run_dir = workdir / f"mps-{mps}-k{k}-{scheduler}"
-        cfg = compose("search", run_overrides(args, k, scheduler, run_dir))
+        run_dir = workdir / f"{index}-mps-{mps}-k{k}-{scheduler}"
+        cfg = compose("search", run_overrides(args, k, scheduler, run_dir) + list(extra))
         with GpuSampler(args.device.startswith("cuda")) as gpu:
             begin = time.perf_counter()
             run_search(cfg)
             wall = time.perf_counter() - begin
-        out = {"mps": mps_state, "trials_per_device": k, "scheduler": scheduler, "gpu_util": gpu.mean,
+        out = {"mps": mps_state, "trials_per_device": k, "scheduler": scheduler, "overrides": list(extra),
+               "gpu_util": gpu.mean,
                "gpu_peak_memory_mib": gpu.peak_memory_mib,
                **summarize_run(read_history(run_dir / "history.jsonl").rows, wall, k)}
         baseline = baseline or out["candidates_per_hour"]
         out["ratio"] = out["candidates_per_hour"] / baseline
         results.append(out)
         util = "-" if out["gpu_util"] is None else f"{out['gpu_util']:.0f}%"
-        print(f"| {mps_state} | {k} | {scheduler} | {out['candidates']} ({out['stopped']}) | {wall:.1f} | "
+        print(f"| {mps_state} | {k} | {scheduler}{''.join(' ' + o for o in extra)} | {out['candidates']} ({out['stopped']}) | {wall:.1f} | "
               f"{out['candidates_per_hour']:.0f} | {out['ratio']:.2f}x | {out['startup_share']:.0%} | "
               f"{out['setup_share']:.0%} | {out['train_share']:.0%} | {out['eval_share']:.0%} | "
               f"{out['idle_share']:.0%} | {util} | {out['best_reward']:.4f} |", flush=True)

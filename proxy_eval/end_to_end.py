@@ -214,7 +214,24 @@ class EndToEndEvaluator:
         model = model.to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        return set_fast_paths(model, training_fast_paths("auto", device), deform=self.settings.deform_impl)
+        model = set_fast_paths(model, training_fast_paths("auto", device), deform=self.settings.deform_impl)
+        if self.settings.cuda_graph and device.type == "cuda":
+            from detector.fast.graphs.training import install_training_graph
+
+            install_training_graph(model, self.graph_pad())
+        return model
+
+    def graph_pad(self) -> tuple[int, int] | None:
+        """The (H, W) every training batch is padded to under ``proxy_eval.cuda_graph``, so that one
+        capture serves the whole trial: ``cuda_graph_pad``, else the data's ``image_max_side`` rounded
+        up to the detector's padding multiple (32) on both sides, else None (each new shape recaptures)."""
+        if self.settings.cuda_graph_pad is not None:
+            return self.settings.cuda_graph_pad
+        side = self.data.data_cfg.get("image_max_side", None)
+        if not side:
+            return None
+        side = math.ceil(int(side) / 32) * 32
+        return side, side
 
     def evaluate(self, arch: Arch | str, seed: int = 0, report: Report | None = None) -> TrialResult:
         """Train and score one candidate; every failure comes back as a result (see module doc)."""

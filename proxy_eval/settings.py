@@ -55,6 +55,8 @@ class TrialSettings:
     threads: int | None = None
     deform_impl: str = "fast"
     train_last_stage: bool = False
+    cuda_graph: bool = False  # end-to-end proxy: backbone + FPN + head fwd+bwd replayed from a CUDA graph
+    cuda_graph_pad: tuple[int, int] | None = None  # its batches padded to at least this (H, W); None: the data's
 
     def __post_init__(self) -> None:
         if self.reward not in REWARDS:
@@ -69,6 +71,9 @@ class TrialSettings:
             raise UserError(f"proxy_eval.timeout_s={self.timeout_s}: must be > 0 seconds")
         if self.deform_impl not in DEFORM_IMPLS:
             raise UserError(f"proxy_eval.deform_impl={self.deform_impl}: choose one of {', '.join(DEFORM_IMPLS)}")
+        if self.cuda_graph and self.device == "cpu":
+            raise UserError("proxy_eval.cuda_graph=true needs CUDA trials, but device=cpu; drop it "
+                            "(or set proxy_eval.cuda_graph=false) for CPU trials")
 
 
 class PrepareError(UserError):
@@ -258,7 +263,23 @@ def trial_settings(cfg: Any) -> TrialSettings:
         deform_impl=str(proxy["deform_impl"]),
         # the cached proxy's option (the end-to-end proxy trains the whole backbone anyway)
         train_last_stage=_flag(proxy["train_last_stage"], "train_last_stage") if proxy.name == "cached" else False,
+        # the end-to-end proxy's options (the cached proxy trains no backbone, its steps are small)
+        cuda_graph=_flag(proxy["cuda_graph"], "cuda_graph") if proxy.name == "end_to_end" else False,
+        cuda_graph_pad=_graph_pad(proxy["cuda_graph_pad"]) if proxy.name == "end_to_end" else None,
     )
+
+
+def _graph_pad(value: Any) -> tuple[int, int] | None:
+    """``proxy_eval.cuda_graph_pad``: null, or [height, width] in pixels (UserError otherwise)."""
+    if value is None:
+        return None
+    try:
+        height, width = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise UserError(f"proxy_eval.cuda_graph_pad={value!r}: give [height, width] in pixels, or null") from None
+    if min(height, width) < 1:
+        raise UserError(f"proxy_eval.cuda_graph_pad={list(value)}: both sides must be >= 1 pixel")
+    return height, width
 
 
 def resolve_reward(cfg: Any) -> str:

@@ -78,9 +78,11 @@ def test_the_time_split_of_a_trial_and_of_a_run():
 
 
 def test_bench_settings_name_the_mps_state_the_trials_per_device_and_the_scheduler():
-    assert bench.parse_setting("off:4:none") == ("off", 4, "none")
-    assert bench.parse_setting("on:16:asha") == ("on", 16, "asha")
-    for bad in ("on:16", "maybe:4:none", "on:0:none", "on:four:none", "keep:4:hyperband"):
+    assert bench.parse_setting("off:4:none") == ("off", 4, "none", ())
+    assert bench.parse_setting("on:16:asha") == ("on", 16, "asha", ())
+    assert bench.parse_setting("on:16:none:proxy_eval.cuda_graph=true;proxy_eval.cuda_graph_pad=[128,128]") == \
+        ("on", 16, "none", ("proxy_eval.cuda_graph=true", "proxy_eval.cuda_graph_pad=[128,128]"))
+    for bad in ("on:16", "maybe:4:none", "on:0:none", "on:four:none", "keep:4:hyperband", "on:16:none:cuda_graph"):
         with pytest.raises(ValueError, match="mps:trials:scheduler"):
             bench.parse_setting(bad)
 

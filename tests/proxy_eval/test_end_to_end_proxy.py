@@ -184,3 +184,47 @@ def test_the_cached_proxy_on_a_gpu_gets_a_warning_and_the_end_to_end_one_does_no
         caplog.clear()
         search.run._prepare(config(data_root))
         assert search.run.CACHED_ON_GPU not in caplog.text
+
+
+def test_cuda_graph_settings_are_read_checked_and_pad_to_the_datas_largest_side(data_root):
+    settings = build_evaluator(config(data_root)).settings
+    assert settings.cuda_graph is False and settings.cuda_graph_pad is None  # opt-in
+    with pytest.raises(UserError, match="cuda_graph=true needs CUDA trials"):
+        build_evaluator(config(data_root, "proxy_eval.cuda_graph=true"))  # device=cpu
+    with pytest.raises(UserError, match="cuda_graph=.maybe."):
+        build_evaluator(config(data_root, "device=auto", "proxy_eval.cuda_graph=maybe"))
+    with pytest.raises(UserError, match=r"cuda_graph_pad=\[0, 64\]"):
+        build_evaluator(config(data_root, "device=auto", "proxy_eval.cuda_graph_pad=[0,64]"))
+    graphed = build_evaluator(config(data_root, "device=auto", "proxy_eval.cuda_graph=true"))
+    side = graphed.data.data_cfg["image_max_side"]
+    assert graphed.graph_pad() == (math.ceil(side / 32) * 32,) * 2  # one shape holds every batch
+    padded = build_evaluator(config(data_root, "device=auto", "proxy_eval.cuda_graph=true",
+                                    "proxy_eval.cuda_graph_pad=[96,160]"))
+    assert padded.graph_pad() == (96, 160)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="device=auto picks the GPU here")
+def test_cuda_graph_on_a_machine_without_a_gpu_trains_eagerly(evaluator, monkeypatch):
+    """device=auto on a CPU-only worker: the option installs no graph and the trial runs as without it."""
+    built = []
+    real = EndToEndEvaluator._build
+    monkeypatch.setattr(EndToEndEvaluator, "_build", lambda self, *a: built.append(real(self, *a)) or built[-1])
+    result = changed(evaluator, cuda_graph=True, device="auto").evaluate("fcos", seed=0)
+    assert result.status == "ok", result.error
+    assert getattr(built[0], "train_graphs", None) is None
+    assert result.loss == changed(evaluator, device="auto").evaluate("fcos", seed=0).loss
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_trial_with_cuda_graph_trains_from_one_captured_graph(data_root, monkeypatch):
+    built = []
+    real = EndToEndEvaluator._build
+    monkeypatch.setattr(EndToEndEvaluator, "_build", lambda self, *a: built.append(real(self, *a)) or built[-1])
+    evaluator = build_evaluator(config(data_root, "device=cuda", "proxy_eval.cuda_graph=true", "proxy_eval.iters=6"))
+    result = evaluator.evaluate("fcos", seed=0)
+    assert result.status == "ok", result.error
+    graphs = built[0].train_graphs
+    assert graphs.captures == 1 and not graphs.failures, graphs.failures  # every batch padded to one shape
+    eager = build_evaluator(config(data_root, "device=cuda", "proxy_eval.iters=6")).evaluate("fcos", seed=0)
+    assert result.loss == pytest.approx(eager.loss, rel=0.1)  # the same training, up to kernel rounding
