@@ -89,7 +89,10 @@ def summarize_run(rows: list[dict], wall: float, slots: int) -> dict[str, float]
            "failed": sum(r["status"] not in ("ok", "stopped") for r in trained),
            "wall_s": wall, "candidates_per_hour": 3600.0 * len(trained) / wall,
            "startup_s": wall - span, "trial_s": busy,
-           "best_reward": max((r["reward"] for r in trained if r["status"] == "ok"), default=math.nan)}
+           "best_reward": max((r["reward"] for r in trained if r["status"] == "ok"), default=math.nan),
+           # proxy_eval.cuda_graph: trials that trained from a captured graph without a failed capture
+           "graphed": sum(int((r.get("extra") or {}).get("cuda_graph_captures") or 0) > 0
+                          and not (r.get("extra") or {}).get("cuda_graph_failures") for r in trained)}
     out.update({f"{key}_share": value / device_s for key, value in parts.items()})
     out["startup_share"] = slots * (wall - span) / device_s
     out["idle_share"] = max(0.0, slots * span - busy) / device_s
@@ -247,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{out['candidates_per_hour']:.0f} | {out['ratio']:.2f}x | {out['startup_share']:.0%} | "
               f"{out['setup_share']:.0%} | {out['train_share']:.0%} | {out['eval_share']:.0%} | "
               f"{out['idle_share']:.0%} | {util} | {out['best_reward']:.4f} |", flush=True)
+        if extra:
+            print(f"  (overrides {' '.join(extra)}: {out['graphed']} of {out['candidates']} trials trained from a "
+                  "CUDA graph)", file=sys.stderr, flush=True)
         if args.json:  # after every setting: a call's time limit keeps what is done
             args.json.write_text(json.dumps({"prepare_s": prepare_s, "argv": sys.argv[1:], "results": results}, indent=1))
 

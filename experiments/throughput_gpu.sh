@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #23's figure on one GPU: candidates per GPU-hour of the default GPU search (end-to-end proxy,
+# Issue #23's figure on one GPU (after the GPU test of proxy_eval.cuda_graph): candidates per GPU-hour of the default GPU search (end-to-end proxy,
 # Ray) -- the issue's baseline (4 trials per GPU, no MPS) and, in the same call, MPS with 16 trials
 # per GPU, then the same with the CUDA-graph training step (proxy_eval.cuda_graph=true), then ASHA on
 # top -- through experiments/bench_search_throughput.py. Session 10 ran it with
@@ -20,6 +20,9 @@ mkdir -p "$OUT"
 source experiments/gpu_env.sh "$OUT/install.log"
 export OMP_NUM_THREADS=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt"
+# first, the GPU test of the CUDA-graph trial (one capture, same loss as eager): $OUT/graph_test.log
+timeout 120 python3 -m pytest -q -m gpu tests/proxy_eval/test_end_to_end_proxy.py -k cuda_graph -p no:cacheprovider \
+  > "$OUT/graph_test.log" 2>&1; echo "graph test rc=$?" | tee -a "$OUT/graph_test.log"
 # shellcheck disable=SC2086
 timeout --kill-after=20 "$LIMIT" python3 experiments/bench_search_throughput.py --device cuda --executor ray \
   --budget "$BUDGET" --no-warmup --settings $SETTINGS --json "$OUT/bench.json" \

@@ -237,20 +237,22 @@ class EndToEndEvaluator:
         """Train and score one candidate; every failure comes back as a result (see module doc)."""
         start = time.perf_counter()
         metrics: dict[str, Any] = {}
+        notes: dict[str, Any] = {}
         try:
             with torch.random.fork_rng(devices=[]):  # the loaders draw their base seed from torch's RNG
-                train_loss, val_loss, coco_metrics = self._trial(arch, seed, report, start, metrics)
+                train_loss, val_loss, coco_metrics = self._trial(arch, seed, report, start, metrics, notes)
         except Exception as err:  # evaluate never raises: a broken candidate is a result
             return failed_trial(err, time.perf_counter() - start, metrics)
         ap = float(coco_metrics["AP"])
         return TrialResult(status="ok", reward=trial_reward(self.settings.reward, ap, val_loss), ap=ap, ap50=float(coco_metrics["AP50"]), loss=val_loss,
                            seconds=time.perf_counter() - start,
-                           extra={"train_loss": train_loss, "AP75": float(coco_metrics["AP75"]), "seed": seed},
+                           extra={"train_loss": train_loss, "AP75": float(coco_metrics["AP75"]), "seed": seed, **notes},
                            **metrics)
 
     def _trial(self, arch: Arch | str, seed: int, report: Report | None, start: float,
-               metrics: dict[str, Any]) -> tuple[float, float, dict[str, float]]:
-        """(last training loss, proxy-val loss, COCO metrics); fills ``metrics`` with the decoder's cost."""
+               metrics: dict[str, Any], notes: dict[str, Any]) -> tuple[float, float, dict[str, float]]:
+        """(last training loss, proxy-val loss, COCO metrics); fills ``metrics`` with the decoder's cost
+        and, under ``cuda_graph``, ``notes`` with the graph's captures and failures (the result's extra)."""
         s = self.settings
         if s.threads:
             torch.set_num_threads(int(s.threads))
@@ -270,6 +272,9 @@ class EndToEndEvaluator:
             train_loss = train_detector(model, stream, s, device, report, deadline)
         finally:
             del stream  # stops the loader's workers
+        graphs = getattr(model, "train_graphs", None)
+        if graphs is not None:  # whether the trial really trained from a graph
+            notes.update(cuda_graph_captures=graphs.captures, cuda_graph_failures=len(graphs.failures))
         val_loader = DataLoader(state["val"], batch_size=s.eval_batch_size, shuffle=False, num_workers=self.workers,
                                 collate_fn=collate)
         coco_metrics, _ = coco_evaluate(model, val_loader, None, _amp_dtype(s, device))

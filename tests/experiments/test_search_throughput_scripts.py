@@ -75,6 +75,10 @@ def test_the_time_split_of_a_trial_and_of_a_run():
     assert out["candidates"] == 2 and out["candidates_per_hour"] == pytest.approx(300.0)
     assert out["startup_s"] == pytest.approx(4.0)  # trials span 100..120
     assert out["train_share"] == pytest.approx(8 / 24) and out["idle_share"] == pytest.approx(0.0)
+    assert out["graphed"] == 0
+    graphed = {**row, "extra": {**row["extra"], "cuda_graph_captures": 1, "cuda_graph_failures": 0}}
+    failed = {**row, "extra": {**row["extra"], "cuda_graph_captures": 1, "cuda_graph_failures": 1}}
+    assert bench.summarize_run([graphed, failed, row], wall=24.0, slots=1)["graphed"] == 1
 
 
 def test_bench_settings_name_the_mps_state_the_trials_per_device_and_the_scheduler():

@@ -211,7 +211,7 @@ def test_cuda_graph_on_a_machine_without_a_gpu_trains_eagerly(evaluator, monkeyp
     monkeypatch.setattr(EndToEndEvaluator, "_build", lambda self, *a: built.append(real(self, *a)) or built[-1])
     result = changed(evaluator, cuda_graph=True, device="auto").evaluate("fcos", seed=0)
     assert result.status == "ok", result.error
-    assert getattr(built[0], "train_graphs", None) is None
+    assert getattr(built[0], "train_graphs", None) is None and "cuda_graph_captures" not in result.extra
     assert result.loss == changed(evaluator, device="auto").evaluate("fcos", seed=0).loss
 
 
@@ -226,5 +226,6 @@ def test_a_cuda_trial_with_cuda_graph_trains_from_one_captured_graph(data_root, 
     assert result.status == "ok", result.error
     graphs = built[0].train_graphs
     assert graphs.captures == 1 and not graphs.failures, graphs.failures  # every batch padded to one shape
+    assert (result.extra["cuda_graph_captures"], result.extra["cuda_graph_failures"]) == (1, 0)  # in history
     eager = build_evaluator(config(data_root, "device=cuda", "proxy_eval.iters=6")).evaluate("fcos", seed=0)
     assert result.loss == pytest.approx(eager.loss, rel=0.1)  # the same training, up to kernel rounding
