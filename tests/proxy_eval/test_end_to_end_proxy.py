@@ -229,3 +229,23 @@ def test_a_cuda_trial_with_cuda_graph_trains_from_one_captured_graph(data_root, 
     assert (result.extra["cuda_graph_captures"], result.extra["cuda_graph_failures"]) == (1, 0)  # in history
     eager = build_evaluator(config(data_root, "device=cuda", "proxy_eval.iters=6")).evaluate("fcos", seed=0)
     assert result.loss == pytest.approx(eager.loss, rel=0.1)  # the same training, up to kernel rounding
+
+
+def test_the_default_graph_pad_holds_every_training_batch_so_one_capture_serves_a_trial(data_root):
+    """The padding rule's premise: no training batch of the proxy (after the loader's transforms and
+    FCOS's padding to a multiple of 32) is larger than graph_pad(), so the shape never changes."""
+    from detector.data.stream import build_train_stream
+    from detector.data.transforms import pad_batch
+
+    # the tiny dataset's images are 64-96 px: the data config says so, as the embedded one says 128
+    graphed = build_evaluator(config(data_root, "device=auto", "proxy_eval.cuda_graph=true", "data.image_max_side=96"))
+    pad_h, pad_w = graphed.graph_pad()
+    assert (pad_h, pad_w) == (96, 96)
+    stream = iter(build_train_stream(graphed._loaded()["train"], 4, 0, 0, 1, 0, 0, pin_memory=False))
+    shapes = set()
+    for _ in range(12):
+        images, _ = next(stream)
+        padded, _ = pad_batch([image.float() for image in images], 32)
+        shapes.add(tuple(padded.shape[-2:]))
+    assert all(h <= pad_h and w <= pad_w for h, w in shapes), (shapes, (pad_h, pad_w))
+    assert (pad_h, pad_w) in shapes  # and no larger than needed: some batch fills it
