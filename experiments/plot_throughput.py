@@ -1,0 +1,76 @@
+"""Candidates per GPU-hour of experiments/bench_search_throughput.py runs, as a bar chart.
+
+Joins the ``results`` of one or more ``--json`` files of the bench (settings measured on the same
+machine: the first file's first setting is the baseline of the ratios), and draws one bar per
+setting with its ratio and a line at ``--target`` x the baseline:
+
+    python experiments/plot_throughput.py experiments/early_stopping/throughput_gpu/call1-bench.json \\
+        experiments/early_stopping/throughput_gpu/call2-bench.json --out experiments/early_stopping/throughput_gpu/throughput.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def setting_label(result: dict) -> str:
+    """``"MPS on, 16/GPU, asha"`` (with the setting's overrides, if any)."""
+    mps = {"off": "no MPS", "on": "MPS"}.get(result["mps"], result["mps"])
+    label = f"{mps}, {result['trials_per_device']}/GPU, {result['scheduler']}"
+    return label + "".join(f"\n{o}" for o in result.get("overrides") or [])
+
+
+def load_results(paths: list[Path]) -> list[dict]:
+    results = [r for path in paths for r in json.loads(path.read_text())["results"]]
+    if not results:
+        raise ValueError("no settings in " + ", ".join(map(str, paths)))
+    return results
+
+
+def plot(results: list[dict], target: float, out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    baseline = results[0]["candidates_per_hour"]
+    rates = [r["candidates_per_hour"] for r in results]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(results), 4.2))
+    bars = ax.bar(range(len(results)), rates, color=["#888888"] + ["#3a7bd5"] * (len(results) - 1))
+    for bar, rate in zip(bars, rates):
+        ax.annotate(f"{rate:.0f}\n{rate / baseline:.2f}x", (bar.get_x() + bar.get_width() / 2, rate),
+                    ha="center", va="bottom", fontsize=8)
+    ax.axhline(target * baseline, color="#c0392b", linestyle="--", linewidth=1)
+    ax.annotate(f"target {target:g}x", (len(results) - 0.5, target * baseline), ha="right", va="bottom",
+                color="#c0392b", fontsize=8)
+    ax.set_xticks(range(len(results)), [setting_label(r) for r in results], fontsize=7)
+    ax.set_ylabel("candidates per GPU-hour")
+    ax.set_ylim(0, max(max(rates), target * baseline) * 1.25)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", nargs="+", type=Path, help="bench --json files, the baseline's first")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--target", type=float, default=3.0, help="the goal, as a multiple of the baseline")
+    parser.add_argument("--title", default="search throughput, end-to-end proxy, one GPU")
+    args = parser.parse_args(argv)
+    try:
+        results = load_results(args.json)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    plot(results, args.target, args.out, args.title)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
