@@ -273,8 +273,11 @@ class EndToEndEvaluator:
         finally:
             del stream  # stops the loader's workers
         graphs = getattr(model, "train_graphs", None)
-        if graphs is not None:  # whether the trial really trained from a graph
+        if graphs is not None:  # whether the trial really trained from a graph; then free its memory pool
+            from detector.fast.graphs.training import remove_training_graph
+
             notes.update(cuda_graph_captures=graphs.captures, cuda_graph_failures=len(graphs.failures))
+            remove_training_graph(model)  # (about one step's activations) before evaluation and the next trial
         val_loader = DataLoader(state["val"], batch_size=s.eval_batch_size, shuffle=False, num_workers=self.workers,
                                 collate_fn=collate)
         coco_metrics, _ = coco_evaluate(model, val_loader, None, _amp_dtype(s, device))

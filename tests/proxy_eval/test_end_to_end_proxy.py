@@ -224,9 +224,9 @@ def test_a_cuda_trial_with_cuda_graph_trains_from_one_captured_graph(data_root, 
     evaluator = build_evaluator(config(data_root, "device=cuda", "proxy_eval.cuda_graph=true", "proxy_eval.iters=6"))
     result = evaluator.evaluate("fcos", seed=0)
     assert result.status == "ok", result.error
-    graphs = built[0].train_graphs
-    assert graphs.captures == 1 and not graphs.failures, graphs.failures  # every batch padded to one shape
-    assert (result.extra["cuda_graph_captures"], result.extra["cuda_graph_failures"]) == (1, 0)  # in history
+    # one capture, no failure: every batch padded to one shape; recorded in the result (and history)
+    assert (result.extra["cuda_graph_captures"], result.extra["cuda_graph_failures"]) == (1, 0)
+    assert built[0].train_graphs is None  # the graph's memory pool is freed when training ends
     eager = build_evaluator(config(data_root, "device=cuda", "proxy_eval.iters=6")).evaluate("fcos", seed=0)
     assert result.loss == pytest.approx(eager.loss, rel=0.1)  # the same training, up to kernel rounding
 
