@@ -96,7 +96,30 @@ def summarize_run(rows: list[dict], wall: float, slots: int) -> dict[str, float]
     out.update({f"{key}_share": value / device_s for key, value in parts.items()})
     out["startup_share"] = slots * (wall - span) / device_s
     out["idle_share"] = max(0.0, slots * span - busy) / device_s
+    # each candidate's outcome, so that settings can be compared code by code (reward_agreement)
+    out["trials"] = [{"code": r["code"], "status": r["status"], "reward": r["reward"],
+                      "seconds": float(r["seconds"] or 0.0)} for r in trained]
     return out
+
+
+def reward_agreement(first: list[dict], other: list[dict]) -> dict[str, float | int | None]:
+    """How one setting's rewards agree with the first setting's on the codes both trained to the end
+    (status ok in both): Spearman's rank correlation (None below 3 such codes, or where scipy is not
+    installed, as on the bare GPU machine: the JSON's ``trials`` let it be computed later) and the
+    largest absolute reward difference. Settings train the same codes (same seed), so a faster setting
+    that keeps final quality ranks them alike."""
+    try:
+        from scipy.stats import spearmanr
+    except ImportError:
+        spearmanr = None
+    first_reward = {t["code"]: t["reward"] for t in first if t["status"] == "ok"}
+    pairs = [(first_reward[t["code"]], t["reward"]) for t in other
+             if t["status"] == "ok" and t["code"] in first_reward]
+    if not pairs:
+        return {"codes": 0, "spearman": None, "max_abs_diff": None}
+    a, b = zip(*pairs)
+    rho = float(spearmanr(a, b).statistic) if len(pairs) >= 3 and spearmanr is not None else None
+    return {"codes": len(pairs), "spearman": rho, "max_abs_diff": max(abs(x - y) for x, y in pairs)}
 
 
 class GpuSampler:
@@ -244,12 +267,18 @@ def main(argv: list[str] | None = None) -> None:
                **summarize_run(read_history(run_dir / "history.jsonl").rows, wall, k)}
         baseline = baseline or out["candidates_per_hour"]
         out["ratio"] = out["candidates_per_hour"] / baseline
+        out["vs_first"] = reward_agreement(results[0]["trials"] if results else out["trials"], out["trials"])
         results.append(out)
         util = "-" if out["gpu_util"] is None else f"{out['gpu_util']:.0f}%"
         print(f"| {mps_state} | {k} | {scheduler}{''.join(' ' + o for o in extra)} | {out['candidates']} ({out['stopped']}) | {wall:.1f} | "
               f"{out['candidates_per_hour']:.0f} | {out['ratio']:.2f}x | {out['startup_share']:.0%} | "
               f"{out['setup_share']:.0%} | {out['train_share']:.0%} | {out['eval_share']:.0%} | "
               f"{out['idle_share']:.0%} | {util} | {out['best_reward']:.4f} |", flush=True)
+        agree = out["vs_first"]
+        if results[1:] and agree["codes"]:
+            rho = "n/a" if agree["spearman"] is None else f"{agree['spearman']:.2f}"
+            print(f"  (rewards vs the first setting on the {agree['codes']} codes both trained to the end: "
+                  f"Spearman {rho}, largest difference {agree['max_abs_diff']:.4f})", file=sys.stderr, flush=True)
         if extra:
             print(f"  (overrides {' '.join(extra)}: {out['graphed']} of {out['candidates']} trials trained from a "
                   "CUDA graph)", file=sys.stderr, flush=True)

@@ -67,7 +67,7 @@ def test_a_replay_gives_each_trial_one_of_its_seed_curves():
 
 
 def test_the_time_split_of_a_trial_and_of_a_run():
-    row = {"seconds": 10.0, "status": "ok", "reward": 0.5, "reused": False,
+    row = {"seconds": 10.0, "status": "ok", "reward": 0.5, "reused": False, "code": "fpn:x",
            "extra": {"curve": [[10, 2.0], [20, 1.0]], "report_seconds": [3.0, 5.0], "started_at": 100.0}}
     assert bench.split_trial(row) == pytest.approx({"setup": 1.0, "train": 4.0, "eval": 5.0})
     second = {**row, "extra": {**row["extra"], "started_at": 110.0}}
@@ -98,3 +98,25 @@ def test_bench_refuses_to_switch_mps_for_in_process_trials_before_running_anythi
     with pytest.raises(SystemExit) as stop:
         bench.main(["--settings", "off:4"])
     assert stop.value.code == 2 and "expected mps:trials:scheduler" in capsys.readouterr().err
+
+
+def test_settings_are_compared_code_by_code_on_the_candidates_both_trained_to_the_end():
+    def trial(code, reward, status="ok"):
+        return {"code": code, "status": status, "reward": reward, "seconds": 1.0}
+
+    first = [trial("a", 0.30), trial("b", 0.20), trial("c", 0.10), trial("d", 0.05), trial("e", 0.0, "stopped")]
+    same_order = [trial("a", 0.31), trial("b", 0.18), trial("c", 0.12), trial("d", 0.01), trial("e", 0.5)]
+    agree = bench.reward_agreement(first, same_order)
+    assert agree["codes"] == 4  # "e" was stopped in the first setting: not compared
+    assert agree["spearman"] == pytest.approx(1.0) and agree["max_abs_diff"] == pytest.approx(0.04)
+    reversed_order = [trial("a", 0.0), trial("b", 0.1), trial("c", 0.2), trial("d", 0.3, "stopped")]
+    assert bench.reward_agreement(first, reversed_order)["spearman"] == pytest.approx(-1.0)
+    assert bench.reward_agreement(first, [trial("x", 0.3)]) == {"codes": 0, "spearman": None, "max_abs_diff": None}
+
+
+def test_a_run_summary_lists_each_trained_candidate_for_that_comparison():
+    row = {"seconds": 10.0, "status": "ok", "reward": 0.5, "reused": False, "code": "fpn:x",
+           "extra": {"started_at": 100.0}}
+    reused = {**row, "code": "fpn:y", "reused": True}
+    out = bench.summarize_run([row, reused], wall=20.0, slots=1)
+    assert out["trials"] == [{"code": "fpn:x", "status": "ok", "reward": 0.5, "seconds": 10.0}]
