@@ -107,6 +107,16 @@ def toy_trials(count: int, steps: int, curve_noise: float, noise: float, seed: i
     return out
 
 
+def smoothed(trials: list[Trial], window: int) -> list[Trial]:
+    """The same trials with each report's loss replaced by the mean of its last ``window`` reports
+    (fewer at a curve's start): whether averaging single-batch losses across reports ranks better."""
+    def smooth(curve: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+        return tuple((it, sum(loss for _, loss in curve[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)))
+                     for i, (it, _) in enumerate(curve))
+
+    return [t._replace(curves=tuple(smooth(c) for c in t.curves)) for t in trials]
+
+
 def replay(trials: list[Trial], settings: StoppingSettings, workers: int, seed: int,
            speed_spread: float = 0.3) -> dict[str, int]:
     """One asynchronous replay: trials arrive in a seeded order, ``workers`` at a time, each at its own
@@ -192,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--eval-cost", type=float, default=0.0,
                         help="evaluation cost of a completed trial, in training iterations")
+    parser.add_argument("--smooth", type=int, default=1,
+                        help="the rule sees the mean loss of each trial's last SMOOTH reports (1: the report itself)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -204,6 +216,10 @@ def main(argv: list[str] | None = None) -> None:
         trials = trials_from_fidelity(args.fidelity_dir, args.ground_truth, args.iters)
     else:
         trials = toy_trials(args.toy, args.steps, args.curve_noise, args.noise, args.seed)
+    if args.smooth < 1:
+        parser.exit(2, f"error: --smooth must be >= 1 (reports averaged), got {args.smooth}\n")
+    if args.smooth > 1:
+        trials = smoothed(trials, args.smooth)
     if len(trials) <= args.top_k:
         raise SystemExit(f"only {len(trials)} trials with learning curves; need more than --top-k={args.top_k}")
     max_t = max(t.last_iteration for t in trials)
@@ -225,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         source = args.history or ([args.fidelity_dir, args.ground_truth, args.iters] if args.fidelity_dir
                                   else f"toy {args.toy}")
-        args.json.write_text(json.dumps({"source": source, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"source": source, "smooth": args.smooth, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -120,3 +120,11 @@ def test_a_run_summary_lists_each_trained_candidate_for_that_comparison():
     reused = {**row, "code": "fpn:y", "reused": True}
     out = bench.summarize_run([row, reused], wall=20.0, slots=1)
     assert out["trials"] == [{"code": "fpn:x", "status": "ok", "reward": 0.5, "seconds": 10.0}]
+
+
+def test_smoothing_replaces_each_report_by_the_mean_of_its_last_reports():
+    trial = replay_tool.Trial("t", (((1, 4.0), (2, 2.0), (3, 0.0)), ((1, 1.0), (2, 1.0), (3, 1.0))), 0.5)
+    (out,) = replay_tool.smoothed([trial], 2)
+    assert out.curves == (((1, 4.0), (2, 3.0), (3, 1.0)), ((1, 1.0), (2, 1.0), (3, 1.0)))
+    assert out.key == "t" and out.reward == 0.5
+    assert replay_tool.smoothed([trial], 1)[0].curves == trial.curves
