@@ -66,17 +66,22 @@ def trials_from_history(paths: list[str]) -> list[Trial]:
     return out
 
 
-def trials_from_fidelity(proxy_dir: str, ground_truth: str, iters: int) -> list[Trial]:
+CURVE_KEYS = {"loss": "curves", "window": "window_curves"}  # --metric -> the study's key
+
+
+def trials_from_fidelity(proxy_dir: str, ground_truth: str, iters: int, metric: str = "loss") -> list[Trial]:
     """The architectures of a fidelity study (``experiments/study_fidelity.py``): their proxy learning
     curves at ``iters`` iterations (one per proxy seed, ``proxy[iters]["curves"]`` of each
-    ``<proxy_dir>/<label>.json``) and, as the reward, their mean trained AP in ``ground_truth``
-    (``<label>-s<seed>/metrics.json``). A replay gives each architecture one of its curves at random."""
+    ``<proxy_dir>/<label>.json``; with ``metric="window"`` the mean loss since the previous report,
+    ``"window_curves"``, which studies since session 11 keep) and, as the reward, their mean trained
+    AP in ``ground_truth`` (``<label>-s<seed>/metrics.json``). A replay gives each architecture one of
+    its curves at random."""
     out = []
     for path in sorted(Path(proxy_dir).glob("*.json")):
         row = json.loads(path.read_text())
         scores = row.get("proxy", {}).get(str(iters), {})
         curves = tuple(tuple((float(it), float(loss)) for it, loss in curve)
-                       for curve in scores.get("curves") or [] if len(curve) >= 2)
+                       for curve in scores.get(CURVE_KEYS[metric]) or [] if len(curve) >= 2)
         ap = ground_truth_ap(row["label"], Path(ground_truth))["AP"]
         if curves and ap == ap:  # not NaN: trained
             out.append(Trial(row["label"], curves, float(ap)))
@@ -188,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--fidelity-dir", help="a fidelity study's proxy scores with curves (reward: --ground-truth)")
     parser.add_argument("--ground-truth", help="with --fidelity-dir: the trained runs, <label>-s<seed>/metrics.json")
     parser.add_argument("--iters", type=int, default=300, help="with --fidelity-dir: the proxy budget replayed")
+    parser.add_argument("--metric", choices=sorted(CURVE_KEYS), default="loss",
+                        help="with --fidelity-dir: what the rule sees at a report, the iteration's loss or "
+                             "the mean loss since the previous report (window)")
     source.add_argument("--toy", type=int, help="this many toy trials with synthetic learning curves")
     parser.add_argument("--steps", type=int, default=12, help="toy: reports per curve")
     parser.add_argument("--curve-noise", type=float, default=0.3, help="toy: how unreliable early reports rank")
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.history:
         trials = trials_from_history(args.history)
     elif args.fidelity_dir:
-        trials = trials_from_fidelity(args.fidelity_dir, args.ground_truth, args.iters)
+        trials = trials_from_fidelity(args.fidelity_dir, args.ground_truth, args.iters, args.metric)
     else:
         trials = toy_trials(args.toy, args.steps, args.curve_noise, args.noise, args.seed)
     if args.smooth < 1:
@@ -221,7 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.smooth > 1:
         trials = smoothed(trials, args.smooth)
     if len(trials) <= args.top_k:
-        raise SystemExit(f"only {len(trials)} trials with learning curves; need more than --top-k={args.top_k}")
+        hint = (" (--metric window needs a study that kept window_curves: made since session 11)"
+                if args.fidelity_dir and args.metric == "window" else "")
+        parser.exit(2, f"error: only {len(trials)} trials with learning curves; need more than "
+                       f"--top-k={args.top_k}{hint}\n")
     max_t = max(t.last_iteration for t in trials)
     graces = args.grace or sorted({max(1, max_t // 6), max(1, max_t // 3)})
     print(f"{len(trials)} trials, curves to iteration {max_t}, {args.replays} seeded replays each")
@@ -241,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         source = args.history or ([args.fidelity_dir, args.ground_truth, args.iters] if args.fidelity_dir
                                   else f"toy {args.toy}")
-        args.json.write_text(json.dumps({"source": source, "smooth": args.smooth, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"source": source, "metric": args.metric, "smooth": args.smooth,
+                                         "results": results}, indent=1))
 
 
 if __name__ == "__main__":

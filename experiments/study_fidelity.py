@@ -77,17 +77,26 @@ def proxy_scores(code: str, iters: int, seeds: Sequence[int], args: argparse.Nam
     cache = prepare_proxy(compose("search", base)) if args.trial_extra else None
     evaluator = build_evaluator(cfg, cache=cache)
     curves: list[list[list[float]]] = []  # per seed: the training loss at every report
+    window_curves: list[list[list[float]]] = []  # per seed: the mean loss since the previous report
+
+    def record(values: dict) -> None:
+        curves[-1].append([values["iteration"], values["loss"]])
+        if "loss_window" in values:  # the trained proxies report it, the toy proxy does not
+            window_curves[-1].append([values["iteration"], values["loss_window"]])
 
     def evaluate(seed: int):
         curves.append([])
-        return evaluator.evaluate(code, seed=seed, report=lambda v: curves[-1].append([v["iteration"], v["loss"]]))
+        window_curves.append([])
+        return evaluator.evaluate(code, seed=seed, report=record)
 
     results = [evaluate(seed) for seed in seeds]
     if any(not r.ok for r in results):
         return {"ap": 0.0, "loss": math.inf, "status": next(r.status for r in results if not r.ok)}
     return {"ap": statistics.mean(r.ap for r in results), "loss": statistics.mean(r.loss for r in results),
             "seconds": statistics.mean(r.seconds for r in results), "status": "ok",
-            "curves": curves}  # per seed: [[iteration, training loss], ...] (experiments/replay_early_stopping.py)
+            # per seed: [[iteration, training loss], ...] and [[iteration, mean loss since the previous
+            # report], ...] (experiments/replay_early_stopping.py --metric)
+            "curves": curves, "window_curves": window_curves}
 
 
 def ground_truth_ap(label: str, folder: Path) -> dict[str, Any]:

@@ -30,8 +30,9 @@ iteration), ``error`` (anything else, message in ``error``). Fault injection for
 ``fail_prob`` (probability, seeded by (seed, arch), of an injected error) and ``inject_nan``
 (the training loss becomes NaN at that iteration).
 
-``report`` (optional) receives ``{"iteration", "loss"}`` every ``report_every`` iterations and
-after the last. On CPU a trial is deterministic for a given seed: the decoder is initialised
+``report`` (optional) receives ``{"iteration", "loss", "loss_window"}`` every ``report_every``
+iterations and after the last (``loss``: that iteration's training loss, what the stopping rule reads;
+``loss_window``: the mean over the iterations since the previous report, kept for the fidelity studies). On CPU a trial is deterministic for a given seed: the decoder is initialised
 under ``torch.manual_seed(seed)`` (the caller's RNG state is restored) and batches are drawn from
 a generator seeded with it.
 

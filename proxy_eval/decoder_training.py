@@ -100,6 +100,7 @@ def train_decoder(fpn: nn.Module, head: nn.Module, train: PlacedSplit, settings:
     for module in modules:
         module.train()
     loss_value = math.nan
+    window: list[float] = []  # the losses since the previous report
     for iteration in range(s.iters):
         if len(order) < s.batch_size:
             order = torch.cat([order, torch.randperm(len(train), generator=generator)])
@@ -118,8 +119,10 @@ def train_decoder(fpn: nn.Module, head: nn.Module, train: PlacedSplit, settings:
         if not math.isfinite(loss_value):
             raise TrialDiverged(f"training loss became {loss_value} at iteration {iteration}")
         optimizer_step(loss, optimizer, params, s.clip_grad)
+        window.append(loss_value)
         if report is not None and ((iteration + 1) % s.report_every == 0 or iteration + 1 == s.iters):
-            report({"iteration": iteration + 1, "loss": loss_value})
+            report({"iteration": iteration + 1, "loss": loss_value, "loss_window": sum(window) / len(window)})
+            window.clear()
         if time.perf_counter() > deadline:
             raise TrialTimeout(f"past proxy_eval.timeout_s={s.timeout_s} s at iteration {iteration + 1}/{s.iters}")
     return loss_value

@@ -119,7 +119,9 @@ def train_detector(model: nn.Module, stream: Any, settings: TrialSettings, devic
 
     The loss is read back (a host sync) every ``report_every`` iterations and after the last: a
     non-finite value raises :class:`~proxy_eval.result.TrialDiverged`, a step past ``deadline``
-    :class:`~proxy_eval.result.TrialTimeout`.
+    :class:`~proxy_eval.result.TrialTimeout`. Each report carries the iteration's ``loss`` and
+    ``loss_window``, the mean loss of the iterations since the previous report (summed on the device,
+    read with the loss: no extra sync).
     """
     s = settings
     schedule = _short_schedule(s)
@@ -129,6 +131,7 @@ def train_detector(model: nn.Module, stream: Any, settings: TrialSettings, devic
     amp_dtype = _amp_dtype(s, device)
     model.train()
     loss_value = math.nan
+    window_sum, window_start = torch.zeros((), device=device), 0
     for iteration in range(s.iters):
         images, targets = batch_to_device(*next(stream), device)
         loss = sum(forward_losses(model, images, targets, device, amp_dtype).values())
@@ -136,13 +139,16 @@ def train_detector(model: nn.Module, stream: Any, settings: TrialSettings, devic
             loss = loss * math.nan
         optimizer_step(loss, optimizer, params, s.clip_grad)
         scheduler.step()
+        window_sum += loss.detach().float()
         done = iteration + 1
         if done % s.report_every == 0 or done == s.iters or (s.inject_nan is not None and iteration == s.inject_nan):
-            loss_value = float(loss.detach())
+            loss_value, window_total = torch.stack([loss.detach().float(), window_sum]).tolist()
             if not math.isfinite(loss_value):
                 raise TrialDiverged(f"training loss became {loss_value} by iteration {done}")
             if report is not None:
-                report({"iteration": done, "loss": loss_value})
+                report({"iteration": done, "loss": loss_value, "loss_window": window_total / (done - window_start)})
+            window_sum.zero_()
+            window_start = done
         if time.perf_counter() > deadline:
             raise TrialTimeout(f"past proxy_eval.timeout_s={s.timeout_s} s at iteration {done}/{s.iters}")
     return loss_value

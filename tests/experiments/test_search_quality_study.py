@@ -114,7 +114,7 @@ def test_trial_extra_overrides_the_trials_on_the_cache_that_search_prepares(fide
 
     class Evaluator:
         def evaluate(self, code, seed=0, report=None):
-            report({"iteration": 7, "loss": 1.0 + seed})
+            report({"iteration": 7, "loss": 1.0 + seed, "loss_window": 1.5 + seed})
             return TrialResult(status="ok", reward=0.5, ap=0.5, ap50=0.6, loss=1.0, seconds=0.1)
 
     monkeypatch.setattr(proxy_eval.prepare, "prepare", lambda cfg: prepared.append(cfg) or "the-cache")
@@ -125,6 +125,7 @@ def test_trial_extra_overrides_the_trials_on_the_cache_that_search_prepares(fide
     scores = fidelity.proxy_scores("fcos", 7, [0, 1], args)
     assert scores["ap"] == 0.5 and scores["status"] == "ok"
     assert scores["curves"] == [[[7, 1.0]], [[7, 2.0]]]  # each seed's learning curve, for the stopping replays
+    assert scores["window_curves"] == [[[7, 1.5]], [[7, 2.5]]]  # and its mean loss since the previous report
     assert [cfg.proxy_eval.train_last_stage for cfg in prepared] == [True]  # the cache of --search
     (cfg, cache), = built
     assert cache == "the-cache" and cfg.proxy_eval.train_last_stage is False and cfg.proxy_eval.iters == 7

@@ -45,8 +45,10 @@ def test_fidelity_trials_take_the_proxy_curves_of_every_seed_and_the_trained_ap_
     for label, ap_by_seed, curves in (("good", (0.4, 0.5), [[[1, 2.0], [9, 1.0]], [[1, 2.2], [9, 1.1]]]),
                                       ("bad", (0.1,), [[[1, 3.0], [9, 2.0]]]),
                                       ("untrained", (), [[[1, 3.0], [9, 2.0]]])):
+        window = [[[it, loss + 0.5] for it, loss in curve] for curve in curves]
         (proxy / f"{label}.json").write_text(json.dumps(
-            {"label": label, "code": "x", "proxy": {"9": {"ap": 0.0, "loss": 1.0, "curves": curves}}}))
+            {"label": label, "code": "x", "proxy": {"9": {"ap": 0.0, "loss": 1.0, "curves": curves,
+                                                          "window_curves": window}}}))
         for seed, ap in enumerate(ap_by_seed):
             (truth / f"{label}-s{seed}").mkdir(parents=True)
             (truth / f"{label}-s{seed}" / "metrics.json").write_text(json.dumps({"AP": ap, "AP50": ap}))
@@ -54,6 +56,8 @@ def test_fidelity_trials_take_the_proxy_curves_of_every_seed_and_the_trained_ap_
     assert set(trials) == {"good", "bad"}  # no trained AP: left out
     assert trials["good"].reward == pytest.approx(0.45) and len(trials["good"].curves) == 2
     assert trials["good"].curves[1] == ((1.0, 2.2), (9.0, 1.1)) and trials["good"].last_iteration == 9
+    windowed = {t.key: t for t in replay_tool.trials_from_fidelity(str(proxy), str(truth), 9, metric="window")}
+    assert windowed["good"].curves[1] == ((1.0, 2.7), (9.0, 1.6)) and windowed["good"].reward == pytest.approx(0.45)
 
 
 def test_a_replay_gives_each_trial_one_of_its_seed_curves():
@@ -128,3 +132,16 @@ def test_smoothing_replaces_each_report_by_the_mean_of_its_last_reports():
     assert out.curves == (((1, 4.0), (2, 3.0), (3, 1.0)), ((1, 1.0), (2, 1.0), (3, 1.0)))
     assert out.key == "t" and out.reward == 0.5
     assert replay_tool.smoothed([trial], 1)[0].curves == trial.curves
+
+
+def test_window_metric_on_a_study_without_window_curves_is_one_line_and_exit_2(tmp_path, capsys):
+    import json
+
+    proxy, truth = tmp_path / "proxy", tmp_path / "truth"
+    proxy.mkdir()
+    (proxy / "a.json").write_text(json.dumps({"label": "a", "code": "x", "proxy": {"9": {"curves": [[[1, 2.0], [9, 1.0]]]}}}))
+    (truth / "a-s0").mkdir(parents=True)
+    (truth / "a-s0" / "metrics.json").write_text(json.dumps({"AP": 0.3, "AP50": 0.3}))
+    with pytest.raises(SystemExit) as stop:
+        replay_tool.main(["--fidelity-dir", str(proxy), "--ground-truth", str(truth), "--iters", "9", "--metric", "window"])
+    assert stop.value.code == 2 and "window_curves" in capsys.readouterr().err

@@ -62,6 +62,17 @@ def test_a_trial_returns_ok_with_finite_reward_decoder_cost_and_reports(prepared
     assert all(math.isfinite(r["loss"]) for r in reports)
 
 
+def test_each_report_carries_the_mean_loss_since_the_previous_report(prepared):
+    _, cache = prepared
+    every, pairs = [], []
+    evaluator(cache).evaluate(zoo_arch("fcos"), seed=0, report=every.append)
+    losses = [r["loss"] for r in every]
+    assert [r["loss_window"] for r in every] == pytest.approx(losses)
+    evaluator(cache, report_every=2).evaluate(zoo_arch("fcos"), seed=0, report=pairs.append)
+    assert [r["iteration"] for r in pairs] == [2, 3]
+    assert [r["loss_window"] for r in pairs] == pytest.approx([(losses[0] + losses[1]) / 2, losses[2]], rel=1e-5)
+
+
 def test_a_deformable_code_trains_on_cpu(prepared):
     _, cache = prepared
     result = evaluator(cache, iters=2).evaluate(DCN_CODE, seed=1)

@@ -62,6 +62,18 @@ def test_a_trial_trains_the_whole_detector_and_scores_it_with_coco_ap(evaluator,
     assert all(p.grad is not None for p in backbone_params[-3:])  # the last backbone layers got gradients
 
 
+def test_each_report_carries_the_mean_loss_since_the_previous_report(evaluator):
+    every = []
+    evaluator.evaluate("fcos", seed=0, report=every.append)  # report_every=1: each iteration's loss
+    losses = [r["loss"] for r in every]
+    assert [r["loss_window"] for r in every] == pytest.approx(losses)
+    pairs = []
+    changed(evaluator, report_every=2).evaluate("fcos", seed=0, report=pairs.append)  # reports at 2 and 3
+    assert [r["iteration"] for r in pairs] == [2, 3]
+    assert [r["loss"] for r in pairs] == pytest.approx(losses[1:], rel=1e-5)
+    assert [r["loss_window"] for r in pairs] == pytest.approx([(losses[0] + losses[1]) / 2, losses[2]], rel=1e-5)
+
+
 def test_splits_come_from_the_training_split_only_and_are_disjoint(evaluator):
     from detector.data.coco import CocoDetection, split_paths
     from pathlib import Path
