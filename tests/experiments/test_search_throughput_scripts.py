@@ -78,6 +78,7 @@ def test_the_time_split_of_a_trial_and_of_a_run():
     out = bench.summarize_run([row, second], wall=24.0, slots=1)
     assert out["candidates"] == 2 and out["candidates_per_hour"] == pytest.approx(300.0)
     assert out["startup_s"] == pytest.approx(4.0)  # trials span 100..120
+    assert out["candidates_per_hour_after_startup"] == pytest.approx(3600.0 * 2 / 20)  # over the span only
     assert out["train_share"] == pytest.approx(8 / 24) and out["idle_share"] == pytest.approx(0.0)
     assert out["graphed"] == 0
     graphed = {**row, "extra": {**row["extra"], "cuda_graph_captures": 1, "cuda_graph_failures": 0}}
