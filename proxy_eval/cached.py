@@ -32,9 +32,10 @@ iteration), ``error`` (anything else, message in ``error``). Fault injection for
 
 ``report`` (optional) receives ``{"iteration", "loss", "loss_window"}`` every ``report_every``
 iterations and after the last (``loss``: that iteration's training loss, what the stopping rule reads;
-``loss_window``: the mean over the iterations since the previous report, kept for the fidelity studies). On CPU a trial is deterministic for a given seed: the decoder is initialised
-under ``torch.manual_seed(seed)`` (the caller's RNG state is restored) and batches are drawn from
-a generator seeded with it.
+``loss_window``: the mean over the iterations since the previous report, kept for the fidelity
+studies). On CPU a trial is deterministic for a given seed: the decoder is initialised under
+``torch.manual_seed(seed)`` (the caller's RNG state is restored) and batches are drawn from a
+generator seeded with it.
 
 The evaluator is picklable (only settings and the cache path travel; features are loaded lazily
 once per process, checksum-verified, and kept for later trials).
