@@ -112,7 +112,7 @@ def summarize_run(rows: list[dict], wall: float, slots: int) -> dict[str, float]
 def reward_agreement(first: list[dict], other: list[dict]) -> dict[str, float | int | None]:
     """How one setting's rewards agree with the first setting's on the codes both trained to the end
     (status ok in both): Spearman's rank correlation (None below 3 such codes, or where scipy is not
-    installed, as on the bare GPU machine: the JSON's ``trials`` let it be computed later) and the
+    installed (gpu_env.sh does not install it): the JSON's ``trials`` let it be computed later) and the
     largest absolute reward difference. Settings train the same codes (same seed), so a faster setting
     that keeps final quality ranks them alike."""
     try:
