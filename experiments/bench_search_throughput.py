@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| MPS | trials/device | scheduler | candidates (stopped) | wall s | candidates/h | vs first | start-up | "
           "setup | train | eval | idle/overhead | GPU util | best reward |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    results, baseline = [], None
+    results: list[dict] = []
     for index, (mps, k, scheduler, extra) in enumerate(settings):
         mps_state = set_mps(mps)
         run_dir = workdir / f"{index}-mps-{mps}-k{k}-{scheduler}"
@@ -272,11 +272,10 @@ def main(argv: list[str] | None = None) -> None:
                "gpu_util": gpu.mean,
                "gpu_peak_memory_mib": gpu.peak_memory_mib,
                **summarize_run(read_history(run_dir / "history.jsonl").rows, wall, k)}
-        baseline = baseline or out["candidates_per_hour"]
-        out["ratio"] = out["candidates_per_hour"] / baseline
-        out["ratio_after_startup"] = (out["candidates_per_hour_after_startup"]
-                                      / results[0]["candidates_per_hour_after_startup"] if results else 1.0)
-        out["vs_first"] = reward_agreement(results[0]["trials"] if results else out["trials"], out["trials"])
+        first = results[0] if results else out  # the reference of the ratios and the reward comparison
+        out["ratio"] = out["candidates_per_hour"] / first["candidates_per_hour"]
+        out["ratio_after_startup"] = out["candidates_per_hour_after_startup"] / first["candidates_per_hour_after_startup"]
+        out["vs_first"] = reward_agreement(first["trials"], out["trials"])
         results.append(out)
         util = "-" if out["gpu_util"] is None else f"{out['gpu_util']:.0f}%"
         print(f"| {mps_state} | {k} | {scheduler}{''.join(' ' + o for o in extra)} | {out['candidates']} ({out['stopped']}) | {wall:.1f} | "

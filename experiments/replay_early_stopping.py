@@ -30,6 +30,7 @@ import argparse
 import heapq
 import json
 import random
+import statistics
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -116,7 +117,7 @@ def smoothed(trials: list[Trial], window: int) -> list[Trial]:
     """The same trials with each report's loss replaced by the mean of its last ``window`` reports
     (fewer at a curve's start): whether averaging single-batch losses across reports ranks better."""
     def smooth(curve: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
-        return tuple((it, sum(loss for _, loss in curve[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)))
+        return tuple((it, statistics.fmean(loss for _, loss in curve[max(0, i - window + 1):i + 1]))
                      for i, (it, _) in enumerate(curve))
 
     return [t._replace(curves=tuple(smooth(c) for c in t.curves)) for t in trials]
@@ -218,14 +219,14 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.fidelity_dir and not args.ground_truth:
         parser.exit(2, "error: --fidelity-dir needs --ground-truth (the folder of the trained runs)\n")
+    if args.smooth < 1:
+        parser.exit(2, f"error: --smooth must be >= 1 (reports averaged), got {args.smooth}\n")
     if args.history:
         trials = trials_from_history(args.history)
     elif args.fidelity_dir:
         trials = trials_from_fidelity(args.fidelity_dir, args.ground_truth, args.iters, args.metric)
     else:
         trials = toy_trials(args.toy, args.steps, args.curve_noise, args.noise, args.seed)
-    if args.smooth < 1:
-        parser.exit(2, f"error: --smooth must be >= 1 (reports averaged), got {args.smooth}\n")
     if args.smooth > 1:
         trials = smoothed(trials, args.smooth)
     if len(trials) <= args.top_k:
