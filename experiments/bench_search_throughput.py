@@ -77,6 +77,22 @@ def split_trial(row: dict) -> dict[str, float]:
     return {"setup": setup, "train": train, "eval": max(0.0, seconds - times[-1])}
 
 
+def setup_split(rows: list[dict]) -> dict[str, float] | None:
+    """Mean seconds per trial of its set-up's parts: ``data`` (opening the datasets), ``build`` (the
+    model), both from the end-to-end proxy's ``extra["setup_seconds"]``, and ``first_iterations`` (the
+    rest of the set-up: the slow first steps -- kernel compilation, CUDA-graph capture, allocator
+    growth); None where no trial recorded them (the cached proxy)."""
+    parts = []
+    for row in rows:
+        phases = (row.get("extra") or {}).get("setup_seconds")
+        if phases:
+            data, build = float(phases.get("data", 0.0)), float(phases.get("build", 0.0))
+            parts.append((data, build, max(0.0, split_trial(row)["setup"] - data - build)))
+    if not parts:
+        return None
+    return {key: sum(p[i] for p in parts) / len(parts) for i, key in enumerate(("data", "build", "first_iterations"))}
+
+
 def summarize_run(rows: list[dict], wall: float, slots: int) -> dict[str, float]:
     """Candidates per hour and the time split of one run (see the module docstring)."""
     trained = [r for r in rows if not r["reused"]]
@@ -101,6 +117,7 @@ def summarize_run(rows: list[dict], wall: float, slots: int) -> dict[str, float]
            "graphed": sum(int((r.get("extra") or {}).get("cuda_graph_captures") or 0) > 0
                           and not (r.get("extra") or {}).get("cuda_graph_failures") for r in trained)}
     out.update({f"{key}_share": value / device_s for key, value in parts.items()})
+    out["setup_split_s"] = setup_split(trained)
     out["startup_share"] = slots * (wall - span) / device_s
     out["idle_share"] = max(0.0, slots * span - busy) / device_s
     # each candidate's outcome, so that settings can be compared code by code (reward_agreement)
@@ -284,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{out['idle_share']:.0%} | {util} | {out['best_reward']:.4f} |", flush=True)
         print(f"  (after the run's start-up of {out['startup_s']:.1f} s: {out['candidates_per_hour_after_startup']:.0f} "
               f"candidates/h, {out['ratio_after_startup']:.2f}x the first setting's)", file=sys.stderr, flush=True)
+        if out["setup_split_s"]:
+            split = out["setup_split_s"]
+            print(f"  (set-up per trial, mean: data {split['data']:.1f} s, model build {split['build']:.1f} s, "
+                  f"first iterations {split['first_iterations']:.1f} s)", file=sys.stderr, flush=True)
         agree = out["vs_first"]
         if results[1:] and agree["codes"]:
             rho = "n/a" if agree["spearman"] is None else f"{agree['spearman']:.2f}"

@@ -20,8 +20,9 @@ of a short full training ranks architectures like their final AP; the frozen-fea
 Result fields as in the cached proxy: ``reward`` is ``ap`` or ``neg_loss`` = exp(-mean proxy-val
 loss sum), the loss computed in train mode with BatchNorm on its running statistics (no update);
 ``params`` / ``gflops`` are the decoder's for one ``cost_resolution`` x ``cost_resolution`` image;
-``extra`` holds ``train_loss``, ``AP75`` and ``seed``. Failures are values (``diverged``, ``oom``,
-``timeout``, ``error``), with the same fault injection (``fail_prob``, ``inject_nan``). On CPU a
+``extra`` holds ``train_loss``, ``AP75``, ``seed`` and ``setup_seconds`` (``data``, ``build``).
+Failures are values (``diverged``, ``oom``, ``timeout``, ``error``), with the same fault injection
+(``fail_prob``, ``inject_nan``). On CPU a
 trial is deterministic for a given seed (the model is built under ``torch.manual_seed(seed)`` with
 the caller's RNG restored; the data stream is a function of (seed, iteration)).
 
@@ -258,7 +259,8 @@ class EndToEndEvaluator:
     def _trial(self, arch: Arch | str, seed: int, report: Report | None, start: float,
                metrics: dict[str, Any], notes: dict[str, Any]) -> tuple[float, float, dict[str, float]]:
         """(last training loss, proxy-val loss, COCO metrics); fills ``metrics`` with the decoder's cost
-        and, under ``cuda_graph``, ``notes`` with the graph's captures and failures (the result's extra)."""
+        and ``notes`` (the result's extra) with ``setup_seconds`` and, under ``cuda_graph``, the graph's
+        captures and failures."""
         s = self.settings
         if s.threads:
             torch.set_num_threads(int(s.threads))
@@ -266,9 +268,14 @@ class EndToEndEvaluator:
             arch = resolve_arch(arch, num_blocks=None, num_head_layers=None)
         if injected_failure(seed, arch, s.fail_prob):
             raise InjectedFailure(f"injected failure (proxy_eval.fail_prob={s.fail_prob})")
+        phase_start = time.perf_counter()
         state = self._loaded()
+        data_done = time.perf_counter()
         device = state["device"]
         model = self._build(arch, seed, device)
+        # where a trial's set-up goes (the throughput bench splits it): opening the datasets (once per
+        # process, ~0 after) and building the model (weights, fast paths, graph installed, not captured)
+        notes["setup_seconds"] = {"data": data_done - phase_start, "build": time.perf_counter() - data_done}
         metrics["params"], metrics["gflops"] = decoder_cost(arch, model.backbone.output_shapes(), self.model.num_classes,
                                                             self.recipe, self.model.width, self.cost_resolution)
         stream = iter(build_train_stream(state["train"], s.batch_size, seed, 0, 1, 0, self.workers,

@@ -86,6 +86,17 @@ def test_the_time_split_of_a_trial_and_of_a_run():
     assert bench.summarize_run([graphed, failed, row], wall=24.0, slots=1)["graphed"] == 1
 
 
+def test_the_setup_is_split_into_data_model_build_and_the_first_iterations():
+    row = {"seconds": 10.0, "status": "ok", "reward": 0.5, "reused": False, "code": "fpn:x",
+           "extra": {"curve": [[10, 2.0], [20, 1.0]], "report_seconds": [4.0, 6.0], "started_at": 100.0,
+                     "setup_seconds": {"data": 0.5, "build": 1.0}}}  # setup 4 - 10 x 0.2 = 2 s
+    other = {**row, "extra": {**row["extra"], "setup_seconds": {"data": 0.1, "build": 0.6}}}
+    split = bench.summarize_run([row, other], wall=24.0, slots=1)["setup_split_s"]
+    assert split == pytest.approx({"data": 0.3, "build": 0.8, "first_iterations": (0.5 + 1.3) / 2})
+    without = {**row, "extra": {k: v for k, v in row["extra"].items() if k != "setup_seconds"}}
+    assert bench.summarize_run([without], wall=24.0, slots=1)["setup_split_s"] is None  # the cached proxy
+
+
 def test_bench_settings_name_the_mps_state_the_trials_per_device_and_the_scheduler():
     assert bench.parse_setting("off:4:none") == ("off", 4, "none", ())
     assert bench.parse_setting("on:16:asha") == ("on", 16, "asha", ())

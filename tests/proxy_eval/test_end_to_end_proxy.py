@@ -74,6 +74,16 @@ def test_each_report_carries_the_mean_loss_since_the_previous_report(evaluator):
     assert [r["loss_window"] for r in pairs] == pytest.approx([(losses[0] + losses[1]) / 2, losses[2]], rel=1e-5)
 
 
+def test_a_trial_records_where_its_setup_went_and_opens_the_datasets_once_per_process(evaluator):
+    fresh = changed(evaluator)  # nothing opened yet
+    first, second = fresh.evaluate("fcos", seed=0), fresh.evaluate("fcos", seed=1)
+    assert first.status == second.status == "ok"
+    for result in (first, second):
+        assert set(result.extra["setup_seconds"]) == {"data", "build"}
+        assert result.extra["setup_seconds"]["build"] > 0
+    assert second.extra["setup_seconds"]["data"] < first.extra["setup_seconds"]["data"]  # reused, not reopened
+
+
 def test_splits_come_from_the_training_split_only_and_are_disjoint(evaluator):
     from detector.data.coco import CocoDetection, split_paths
     from pathlib import Path
