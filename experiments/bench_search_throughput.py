@@ -270,9 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     prepare_proxy(compose("search", run_overrides(args, 1, "none", workdir / "prepare")))
     prepare_s = time.perf_counter() - start
     print(f"prepare (one-off, shared by every run): {prepare_s:.1f} s; runs under {workdir}")
-    if args.warmup:  # untimed: page cache, imports and lazy set-up that only the first run would pay
+    if args.warmup:  # untimed: page cache, imports, Triton's kernel cache: what only the first run would pay
+        begin = time.perf_counter()
         run_search(compose("search", run_overrides(args, 1, "none", workdir / "warmup")
                            + ["search.budget=1", f"seed={args.seed + 1000}"]))
+        print(f"warm-up search (one candidate, untimed): {time.perf_counter() - begin:.1f} s", flush=True)
     print("| MPS | trials/device | scheduler | candidates (stopped) | wall s | candidates/h | vs first | start-up | "
           "setup | train | eval | idle/overhead | GPU util | best reward |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
