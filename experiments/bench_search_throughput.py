@@ -96,8 +96,9 @@ def setup_split(rows: list[dict]) -> dict[str, float] | None:
 def summarize_run(rows: list[dict], wall: float, slots: int) -> dict[str, float]:
     """Candidates per hour and the time split of one run (see the module docstring)."""
     trained = [r for r in rows if not r["reused"]]
-    starts = [r["extra"]["started_at"] for r in trained if (r.get("extra") or {}).get("started_at")]
-    ends = [s + float(r["seconds"] or 0.0) for s, r in zip(starts, trained)]
+    timed = [r for r in trained if (r.get("extra") or {}).get("started_at")]  # (a trial stopped by Ray
+    starts = [r["extra"]["started_at"] for r in timed]                         # before session 12 has none)
+    ends = [r["extra"]["started_at"] + float(r["seconds"] or 0.0) for r in timed]
     span = (max(ends) - min(starts)) if starts else wall
     parts = {"setup": 0.0, "train": 0.0, "eval": 0.0}
     for r in trained:

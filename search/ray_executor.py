@@ -116,19 +116,28 @@ def _set_trial_threads(setup: dict[str, Any]) -> None:
 
 def _intermediate_reporter(setup: dict[str, Any]) -> Any:
     """With a scheduler: a ``report`` callback that sends ``{"iteration", "loss", "curve"}`` to Tune
-    (not at ``max_t``: the final report carries that point). Tune's scheduler may stop the trial
-    inside ``tune.report`` (Ray ends the trial's thread there)."""
+    (not at ``max_t``: the final report carries that point), with ``started_at`` (Unix time) and
+    ``report_seconds`` (seconds from then to each report), so that a trial the scheduler stops keeps
+    its timing as a completed one does (:func:`search.local_executor.run_trial`). Tune's scheduler may
+    stop the trial inside ``tune.report`` (Ray ends the trial's thread there). Create it just before
+    the trial starts."""
     if setup["scheduler"] == "none":
         return None
     curve: list[list[float]] = []
+    seconds: list[float] = []
+    clock = {"start": time.perf_counter(), "started_at": time.time()}
 
     def report(values: dict) -> None:
-        if curve and values["iteration"] <= curve[-1][0]:
-            curve.clear()  # an in-process retry starts its curve again
+        if curve and values["iteration"] <= curve[-1][0]:  # an in-process retry starts its curve again
+            curve.clear()
+            seconds.clear()
+            clock.update(start=time.perf_counter(), started_at=time.time())
         curve.append([values["iteration"], float(values["loss"])])
+        seconds.append(round(time.perf_counter() - clock["start"], 4))
         if values["iteration"] < setup["max_t"]:
             tune.report({"iteration": values["iteration"], "loss": float(values["loss"]), "reward": FLOOR_REWARD,
-                         "curve": json.dumps(curve)})
+                         "curve": json.dumps(curve), "report_seconds": json.dumps(seconds),
+                         "started_at": clock["started_at"]})
 
     return report
 
@@ -157,10 +166,16 @@ def trial_trainable(config: dict[str, Any], setup: dict[str, Any]) -> None:
 def stopped_by_scheduler(result: dict[str, Any]) -> TrialResult:
     """The result of a trial Tune's scheduler stopped, from its last intermediate report."""
     curve = json.loads(result.get("curve") or "[]")
+    report_seconds = json.loads(result.get("report_seconds") or "[]")
     iteration, loss = int(result["iteration"]), float(result["loss"])
-    return TrialResult(status="stopped", reward=FLOOR_REWARD, loss=loss, seconds=float(result.get("time_total_s", 0.0)),
-                       error=f"stopped early at iteration {iteration} (training loss {loss:.4g})",
-                       extra={"stopped_at": iteration, "curve": curve})
+    extra = {"stopped_at": iteration, "curve": curve}
+    if report_seconds and "started_at" in result:  # the trial's own clock: from its start to the stopping report
+        extra.update(report_seconds=report_seconds, started_at=float(result["started_at"]))
+        seconds = float(report_seconds[-1])
+    else:
+        seconds = float(result.get("time_total_s", 0.0))
+    return TrialResult(status="stopped", reward=FLOOR_REWARD, loss=loss, seconds=seconds,
+                       error=f"stopped early at iteration {iteration} (training loss {loss:.4g})", extra=extra)
 
 
 def _trial_name(trial: Any) -> str:

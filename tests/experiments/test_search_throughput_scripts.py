@@ -81,6 +81,8 @@ def test_the_time_split_of_a_trial_and_of_a_run():
     assert out["candidates_per_hour_after_startup"] == pytest.approx(3600.0 * 2 / 20)  # over the span only
     assert out["train_share"] == pytest.approx(8 / 24) and out["idle_share"] == pytest.approx(0.0)
     assert out["graphed"] == 0
+    untimed = {**row, "seconds": 3.0, "extra": {}}  # listed first: its seconds must not pair with a start
+    assert bench.summarize_run([untimed, row, second], wall=24.0, slots=1)["startup_s"] == pytest.approx(4.0)
     graphed = {**row, "extra": {**row["extra"], "cuda_graph_captures": 1, "cuda_graph_failures": 0}}
     failed = {**row, "extra": {**row["extra"], "cuda_graph_captures": 1, "cuda_graph_failures": 1}}
     assert bench.summarize_run([graphed, failed, row], wall=24.0, slots=1)["graphed"] == 1

@@ -45,6 +45,8 @@ def test_ray_toy_search_with_asha_stops_trials_and_completes_the_budget(tmp_path
     assert stopped and len(stopped) < len(rows)
     for r in stopped:
         assert r["extra"]["stopped_at"] < 12 and r["extra"]["curve"][-1][0] == r["extra"]["stopped_at"]
+        # timed like a completed trial (the throughput bench's start-up and set-up need it)
+        assert r["extra"]["started_at"] > 0 and len(r["extra"]["report_seconds"]) == len(r["extra"]["curve"])
         earlier_ok = [o for o in rows[: r["trial"]] if o["status"] == "ok"]
         assert r["reward"] == stopped_reward([tuple(p) for p in r["extra"]["curve"]], earlier_ok)
     for r in rows:
@@ -63,3 +65,18 @@ def test_the_trial_side_reports_its_curve_to_tune_but_not_the_last_point(monkeyp
         report({"iteration": iteration, "loss": loss})
     assert [(r["iteration"], r["loss"]) for r in sent] == [(1, 3.0), (2, 2.0), (1, 5.0), (2, 4.0)]  # not 3 = max_t
     assert json.loads(sent[-1]["curve"]) == [[1, 5.0], [2, 4.0]]
+    assert len(json.loads(sent[-1]["report_seconds"])) == 2  # the retry's own clock
+    assert sent[-1]["started_at"] >= sent[0]["started_at"]
+
+
+def test_a_trial_the_scheduler_stopped_keeps_its_start_and_report_times():
+    import search.ray_executor as ray_executor
+
+    last = {"iteration": 2, "loss": 4.0, "curve": "[[1, 5.0], [2, 4.0]]", "report_seconds": "[3.5, 6.0]",
+            "started_at": 1000.0, "time_total_s": 9.0}
+    result = ray_executor.stopped_by_scheduler(last)
+    assert result.status == "stopped" and result.extra["stopped_at"] == 2
+    assert result.extra["started_at"] == 1000.0 and result.extra["report_seconds"] == [3.5, 6.0]
+    assert result.seconds == 6.0  # from its start to the report it was stopped at
+    older = {k: v for k, v in last.items() if k not in ("report_seconds", "started_at")}
+    assert ray_executor.stopped_by_scheduler(older).seconds == 9.0  # Tune's own count
