@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the untimed one-candidate search run before the timed ones")
+    parser.add_argument("--warmup-iters", type=int, default=None, metavar="N",
+                        help="the warm-up search's trial trains N iterations (default: as the timed runs); it only "
+                             "needs to run every kernel once")
     parser.add_argument("--settings", nargs="+", default=None, metavar="MPS:K:SCHEDULER",
                         help="explicit settings instead of trials-per-device x scheduler (see the docstring)")
     parser.add_argument("--json", type=Path, default=None)
@@ -274,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.warmup:  # untimed: page cache, imports, Triton's kernel cache: what only the first run would pay
         begin = time.perf_counter()
         run_search(compose("search", run_overrides(args, 1, "none", workdir / "warmup")
-                           + ["search.budget=1", f"seed={args.seed + 1000}"]))
+                           + ["search.budget=1", f"seed={args.seed + 1000}"]
+                           + ([f"proxy_eval.iters={args.warmup_iters}", f"proxy_eval.report_every={args.warmup_iters}"]
+                              if args.warmup_iters else [])))
         print(f"warm-up search (one candidate, untimed): {time.perf_counter() - begin:.1f} s", flush=True)
     print("| MPS | trials/device | scheduler | candidates (stopped) | wall s | candidates/h | vs first | start-up | "
           "setup | train | eval | idle/overhead | GPU util | best reward |")

@@ -5,7 +5,8 @@
 # with 16 eager trials (the rows that decide the target first: a cut call keeps what is done) --
 # through experiments/bench_search_throughput.py. Session 10 ran it with
 # SETTINGS="off:4:none on:16:none on:8:none on:8:asha" and "on:8:asha on:16:asha" (README, "Search throughput"). Results: $OUT/bench.log
-# (the table) and $OUT/bench.json (rewritten after every setting, so a cut call keeps what is done).
+# (the table), $OUT/bench.json (rewritten after every setting, so a cut call keeps what is done) and
+# $OUT/histories.tgz (each run's history.jsonl, also of a setting cut by LIMIT: its rate so far).
 #   carry: [".whl"]  (with Ray: experiments/gpu_env.sh says how Ray travels)
 #   command: bash experiments/throughput_gpu.sh
 # Env: SETTINGS ("off:4:none on:16:none:proxy_eval.cuda_graph=true on:16:asha:proxy_eval.cuda_graph=true on:16:none"), BUDGET (candidates per setting, 16),
@@ -20,7 +21,7 @@ GRAPH_TEST=${GRAPH_TEST:-1}
 WARMUP=${WARMUP:-1}
 # the untimed one-candidate search first: it fills Triton's kernel cache (~/.triton/cache, shared by
 # the trial processes), which the first timed setting would otherwise pay alone (session 10's baseline did)
-WARMUP_FLAG=$([ "$WARMUP" = 0 ] && echo --no-warmup)
+WARMUP_FLAG=$([ "$WARMUP" = 0 ] && echo --no-warmup || echo --warmup-iters 20)
 read -r -a EXTRA <<< "${EXTRA:-}"
 mkdir -p "$OUT"
 # shellcheck source=experiments/gpu_env.sh
@@ -37,4 +38,6 @@ timeout --kill-after=20 "$LIMIT" python3 experiments/bench_search_throughput.py 
   --budget "$BUDGET" $WARMUP_FLAG --settings $SETTINGS --json "$OUT/bench.json" \
   -- proxy_eval=end_to_end model.width=64 cache_dir=/tmp/throughput_cache "${EXTRA[@]}" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" | tee -a "$OUT/bench.log"
+# every run's history (a setting cut by LIMIT keeps the trials it finished: its rate so far)
+tar czf "$OUT/histories.tgz" /tmp/bench-search-*/*/history.jsonl 2>/dev/null
 grep '^|' "$OUT/bench.log"
