@@ -206,21 +206,65 @@ def parse_setting(text: str) -> tuple[str, int, str, tuple[str, ...]]:
     return parts[0], int(parts[1]), parts[2], overrides
 
 
-def set_mps(state: str) -> str:
+# Ray's trial workers, by their process titles; they exit asynchronously after ``ray.shutdown()``
+RAY_WORKER_TITLE = "^ray::"
+
+
+def stop_leftover_processes(pattern: str, wait_s: float = 20.0) -> int:
+    """Wait up to ``wait_s`` for the processes whose command line matches ``pattern`` (``pgrep -f``) to
+    exit, then SIGKILL those left; returns how many were killed (0 without ``pgrep``)."""
+    import signal
+    import subprocess
+
+    def pids() -> list[int]:
+        try:
+            found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        return [int(p) for p in found.split() if p.isdigit() and int(p) != os.getpid()]
+
+    deadline = time.monotonic() + wait_s
+    while pids() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = pids()
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(left)
+
+
+def set_mps(state: str, timeout_s: float = 60.0, leftover: str = RAY_WORKER_TITLE) -> str:
     """Start (``on``) or stop (``off``) the CUDA Multi-Process Service of this machine; ``keep`` does
-    nothing. Returns what happened, for the table."""
+    nothing. Returns what happened, for the table; ``"... failed: why"`` where it could not (the
+    caller skips that setting: its trials would not run as the setting says).
+
+    ``quit`` waits for every MPS client to exit, so a trial worker of the previous run still alive
+    would keep it waiting for ever (session 12 lost a GPU call there): such workers (``leftover``,
+    a ``pgrep -f`` pattern) get 20 s to exit and are then killed, and neither call waits longer than
+    ``timeout_s``."""
     import subprocess
 
     if state == "keep":
         return "as found"
     if state == "on":
-        done = subprocess.run(["nvidia-cuda-mps-control", "-d"], capture_output=True, text=True)
+        try:
+            done = subprocess.run(["nvidia-cuda-mps-control", "-d"], capture_output=True, text=True, timeout=timeout_s)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return f"on failed: {type(err).__name__}: {str(err)[:80]}"
         # exit status 1 with "already running" is fine too
         running = done.returncode == 0 or "running" in (done.stderr + done.stdout).lower()
         return "on" if running else f"on failed: {(done.stderr or done.stdout).strip()[:80]}"
-    subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", capture_output=True, text=True)
+    killed = stop_leftover_processes(leftover)
+    try:
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"off failed: the MPS daemon did not quit in {timeout_s:.0f} s (clients still attached)"
+    except OSError as err:
+        return f"off failed: {type(err).__name__}: {str(err)[:80]}"
     time.sleep(2.0)  # the server exits after its clients; the next run's workers must not join it
-    return "off"
+    return "off" if not killed else f"off ({killed} leftover worker(s) killed)"
 
 
 def run_overrides(args: argparse.Namespace, k: int, scheduler: str, run_dir: Path) -> list[str]:
@@ -285,8 +329,20 @@ def main(argv: list[str] | None = None) -> None:
           "setup | train | eval | idle/overhead | GPU util | best reward |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results: list[dict] = []
+    skipped: list[dict] = []
+
+    def write_json() -> None:  # after every setting: a call's time limit keeps what is done
+        if args.json:
+            args.json.write_text(json.dumps({"prepare_s": prepare_s, "argv": sys.argv[1:], "results": results,
+                                             "skipped": skipped}, indent=1))
+
     for index, (mps, k, scheduler, extra) in enumerate(settings):
         mps_state = set_mps(mps)
+        if "failed" in mps_state:  # its trials would not run as the setting says: no row for it
+            print(f"  (setting {mps}:{k}:{scheduler} skipped: MPS {mps_state})", file=sys.stderr, flush=True)
+            skipped.append({"setting": f"{mps}:{k}:{scheduler}", "overrides": list(extra), "why": mps_state})
+            write_json()
+            continue
         run_dir = workdir / f"{index}-mps-{mps}-k{k}-{scheduler}"
         cfg = compose("search", run_overrides(args, k, scheduler, run_dir) + list(extra))
         with GpuSampler(args.device.startswith("cuda")) as gpu:
@@ -321,8 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         if extra:
             print(f"  (overrides {' '.join(extra)}: {out['graphed']} of {out['candidates']} trials trained from a "
                   "CUDA graph)", file=sys.stderr, flush=True)
-        if args.json:  # after every setting: a call's time limit keeps what is done
-            args.json.write_text(json.dumps({"prepare_s": prepare_s, "argv": sys.argv[1:], "results": results}, indent=1))
+        write_json()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """The pure parts of experiments/replay_early_stopping.py and experiments/bench_search_throughput.py."""
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
+import time
+
 import pytest
 
 from experiment_scripts import load_experiment
@@ -159,3 +164,40 @@ def test_window_metric_on_a_study_without_window_curves_is_one_line_and_exit_2(t
     with pytest.raises(SystemExit) as stop:
         replay_tool.main(["--fidelity-dir", str(proxy), "--ground-truth", str(truth), "--iters", "9", "--metric", "window"])
     assert stop.value.code == 2 and "window_curves" in capsys.readouterr().err
+
+
+def fake_mps_control(tmp_path, monkeypatch, quit_sleep_s: float) -> None:
+    """An ``nvidia-cuda-mps-control`` on PATH whose ``quit`` takes ``quit_sleep_s`` (a daemon
+    waiting for clients that never leave)."""
+    tool = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    tool.parent.mkdir()
+    tool.write_text(f"#!/bin/sh\nif [ \"$1\" = -d ]; then exit 0; fi\ncat > /dev/null\nsleep {quit_sleep_s}\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None if s >= 2.0 else real_sleep(s))
+
+
+real_sleep = time.sleep
+
+
+def test_stopping_mps_gives_up_instead_of_waiting_for_ever_on_attached_clients(tmp_path, monkeypatch):
+    fake_mps_control(tmp_path, monkeypatch, quit_sleep_s=30)
+    begin = time.monotonic()
+    state = bench.set_mps("off", timeout_s=1.0, leftover="^no-such-process-title-xyz")
+    assert state.startswith("off failed") and "did not quit" in state
+    assert time.monotonic() - begin < 15
+    assert bench.set_mps("on", timeout_s=5.0) == "on"
+
+
+def test_stopping_mps_kills_trial_workers_left_over_from_the_previous_run(tmp_path, monkeypatch):
+    fake_mps_control(tmp_path, monkeypatch, quit_sleep_s=0)
+    title = f"bench-leftover-worker-{os.getpid()}"
+    worker = subprocess.Popen(["bash", "-c", f"exec -a {title} sleep 60"])
+    try:
+        real_sleep(0.3)
+        monkeypatch.setattr(bench, "stop_leftover_processes",
+                            functools.partial(bench.stop_leftover_processes, wait_s=0.5))
+        assert bench.set_mps("off", timeout_s=5.0, leftover=f"^{title}") == "off (1 leftover worker(s) killed)"
+        assert worker.wait(timeout=5) != 0  # killed, not left to finish its minute
+    finally:
+        worker.kill()
