@@ -1,8 +1,11 @@
-"""Candidates per GPU-hour of experiments/bench_search_throughput.py runs, as a bar chart.
+"""Candidates per GPU-hour of experiments/bench_search_throughput.py runs, as a bar chart and a table.
 
 Joins the ``results`` of one or more ``--json`` files of the bench (settings measured on the same
-machine: the first file's first setting is the baseline of the ratios), and draws one bar per
-setting with its ratio and a line at ``--target`` x the baseline:
+machine: the first file's first setting is the baseline of the ratios), draws one bar per setting
+with its ratio and a line at ``--target`` x the baseline, and prints a markdown table: each
+setting's rate, its ratio, its best candidate and how its rewards agree with the baseline's on the
+codes both trained to the end (the equal-quality check across calls; the bench's own comparison
+covers one call):
 
     python experiments/plot_throughput.py experiments/early_stopping/throughput_gpu/call1-bench.json \\
         experiments/early_stopping/throughput_gpu/call2-bench.json --out experiments/early_stopping/throughput_gpu/throughput.png
@@ -27,6 +30,30 @@ def load_results(paths: list[Path]) -> list[dict]:
     if not results:
         raise ValueError("no settings in " + ", ".join(map(str, paths)))
     return results
+
+
+def comparison_table(results: list[dict]) -> str:
+    """A markdown table of the settings against the first (see the module docstring); rows without
+    ``trials`` (benches before session 11) get no agreement figures."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_search_throughput import reward_agreement
+
+    baseline = results[0]
+    lines = ["| setting | candidates (stopped) | per GPU-hour | vs baseline | best reward | best code | "
+             "rho vs baseline (codes) | largest reward difference |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        trials = r.get("trials") or []
+        done = [t for t in trials if t["status"] == "ok"]
+        best = max(done, key=lambda t: t["reward"]) if done else None
+        agree = reward_agreement(baseline.get("trials") or [], trials) if r is not baseline else None
+        rho = "-" if not agree or agree["spearman"] is None else f"{agree['spearman']:.2f} ({agree['codes']})"
+        diff = "-" if not agree or agree["max_abs_diff"] is None else f"{agree['max_abs_diff']:.4f}"
+        best_reward, best_code = (f"{best['reward']:.4f}", best["code"][:48]) if best else ("-", "-")
+        label = setting_label(r).replace("\n", " ")
+        lines.append(f"| {label} | {r.get('candidates', '?')} ({r.get('stopped', '?')}) | {r['candidates_per_hour']:.0f} | "
+                     f"{r['candidates_per_hour'] / baseline['candidates_per_hour']:.2f}x | {best_reward} | {best_code} | "
+                     f"{rho} | {diff} |")
+    return "\n".join(lines)
 
 
 def plot(results: list[dict], target: float, out: Path, title: str) -> None:
@@ -68,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     plot(results, args.target, args.out, args.title)
+    print(comparison_table(results))
     print(f"wrote {args.out}")
     return 0
 

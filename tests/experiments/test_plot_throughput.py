@@ -33,3 +33,18 @@ def test_a_bench_file_without_settings_is_exit_2_and_writes_nothing(tmp_path, ca
     out = tmp_path / "chart.png"
     assert plot_tool.main([str(empty), "--out", str(out)]) == 2
     assert "no settings" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_table_checks_equal_quality_across_calls_code_by_code(tmp_path):
+    def trials(*pairs):
+        return [{"code": c, "status": st, "reward": rw, "seconds": 1.0} for c, rw, st in pairs]
+
+    base = _bench(tmp_path / "a.json", ("off", 4, "none", 300.0, {
+        "candidates": 4, "stopped": 0,
+        "trials": trials(("a", 0.30, "ok"), ("b", 0.20, "ok"), ("c", 0.10, "ok"), ("d", 0.05, "ok"))}))
+    fast = _bench(tmp_path / "b.json", ("on", 16, "asha", 960.0, {
+        "candidates": 4, "stopped": 1,
+        "trials": trials(("a", 0.31, "ok"), ("b", 0.18, "ok"), ("c", 0.12, "ok"), ("d", 0.0, "stopped"))}))
+    table = plot_tool.comparison_table(plot_tool.load_results([base, fast])).splitlines()
+    assert table[2] == "| no MPS, 4/GPU, none | 4 (0) | 300 | 1.00x | 0.3000 | a | - | - |"
+    assert table[3] == "| MPS, 16/GPU, asha | 4 (1) | 960 | 3.20x | 0.3100 | a | 1.00 (3) | 0.0200 |"
