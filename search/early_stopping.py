@@ -280,13 +280,14 @@ class StopReporter:
 def recording(report: Callable[[dict], None] | None, curve: list[list[float]], seconds: list[float],
               start: float) -> Callable[[dict], None]:
     """A report callback that appends ``[iteration, loss]`` to ``curve`` and the seconds since
-    ``start`` (a ``time.perf_counter()``) to ``seconds`` before calling ``report``."""
+    ``start`` (a ``time.perf_counter()``) to ``seconds`` before calling ``report`` with those seconds
+    added to the values (``"seconds"``: the attempt's own clock, for reporters that send it on)."""
 
     def record(values: dict) -> None:
         curve.append([values["iteration"], float(values["loss"])])
         seconds.append(round(time.perf_counter() - start, 4))
         if report is not None:
-            report(values)
+            report({**values, "seconds": seconds[-1]})
 
     return record
 

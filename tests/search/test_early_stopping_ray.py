@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import time
 
 import pytest
 
@@ -46,7 +47,9 @@ def test_ray_toy_search_with_asha_stops_trials_and_completes_the_budget(tmp_path
     for r in stopped:
         assert r["extra"]["stopped_at"] < 12 and r["extra"]["curve"][-1][0] == r["extra"]["stopped_at"]
         # timed like a completed trial (the throughput bench's start-up and set-up need it)
-        assert r["extra"]["started_at"] > 0 and len(r["extra"]["report_seconds"]) == len(r["extra"]["curve"])
+        times = r["extra"]["report_seconds"]
+        assert r["extra"]["started_at"] > 0 and len(times) == len(r["extra"]["curve"]) and times == sorted(times)
+        assert r["seconds"] == times[-1]
         earlier_ok = [o for o in rows[: r["trial"]] if o["status"] == "ok"]
         assert r["reward"] == stopped_reward([tuple(p) for p in r["extra"]["curve"]], earlier_ok)
     for r in rows:
@@ -61,12 +64,13 @@ def test_the_trial_side_reports_its_curve_to_tune_but_not_the_last_point(monkeyp
     monkeypatch.setattr(ray_executor.tune, "report", sent.append)
     assert ray_executor._intermediate_reporter({"scheduler": "none", "max_t": 3}) is None
     report = ray_executor._intermediate_reporter({"scheduler": "asha", "max_t": 3})
-    for iteration, loss in ((1, 3.0), (2, 2.0), (1, 5.0), (2, 4.0), (3, 1.0)):  # an in-process retry restarts
-        report({"iteration": iteration, "loss": loss})
+    for iteration, loss, seconds in ((1, 3.0, 2.0), (2, 2.0, 3.0), (1, 5.0, 1.5), (2, 4.0, 2.5), (3, 1.0, 3.5)):
+        report({"iteration": iteration, "loss": loss, "seconds": seconds})  # an in-process retry restarts
     assert [(r["iteration"], r["loss"]) for r in sent] == [(1, 3.0), (2, 2.0), (1, 5.0), (2, 4.0)]  # not 3 = max_t
     assert json.loads(sent[-1]["curve"]) == [[1, 5.0], [2, 4.0]]
-    assert len(json.loads(sent[-1]["report_seconds"])) == 2  # the retry's own clock
-    assert sent[-1]["started_at"] >= sent[0]["started_at"]
+    assert json.loads(sent[-1]["report_seconds"]) == [1.5, 2.5]  # the retry's own clock
+    assert sent[0]["started_at"] == pytest.approx(time.time() - 2.0, abs=1.0)  # now less the attempt's seconds
+    assert sent[-1]["started_at"] == pytest.approx(time.time() - 2.5, abs=1.0)
 
 
 def test_a_trial_the_scheduler_stopped_keeps_its_start_and_report_times():
