@@ -280,14 +280,16 @@ class StopReporter:
 def recording(report: Callable[[dict], None] | None, curve: list[list[float]], seconds: list[float],
               start: float) -> Callable[[dict], None]:
     """A report callback that appends ``[iteration, loss]`` to ``curve`` and the seconds since
-    ``start`` (a ``time.perf_counter()``) to ``seconds`` before calling ``report`` with those seconds
-    added to the values (``"seconds"``: the attempt's own clock, for reporters that send it on)."""
+    ``start`` (a ``time.perf_counter()``) to ``seconds`` before calling ``report`` with the attempt's
+    record so far added to the values (copies of ``curve`` and ``seconds``, as ``"curve"`` and
+    ``"report_seconds"``: reporters that send them on keep no state of their own, and an in-process
+    retry, given fresh lists, starts its record again)."""
 
     def record(values: dict) -> None:
         curve.append([values["iteration"], float(values["loss"])])
         seconds.append(round(time.perf_counter() - start, 4))
         if report is not None:
-            report({**values, "seconds": seconds[-1]})
+            report({**values, "curve": [list(point) for point in curve], "report_seconds": list(seconds)})
 
     return record
 

@@ -116,25 +116,20 @@ def _set_trial_threads(setup: dict[str, Any]) -> None:
 
 def _intermediate_reporter(setup: dict[str, Any]) -> Any:
     """With a scheduler: a ``report`` callback that sends ``{"iteration", "loss", "curve"}`` to Tune
-    (not at ``max_t``: the final report carries that point), with ``report_seconds`` (the attempt's
-    seconds at each report, which :func:`search.local_executor.run_trial` adds to the values) and
-    ``started_at`` (Unix time of the attempt's start), so that a trial the scheduler stops keeps its
-    timing as a completed one does. Tune's scheduler may stop the trial inside ``tune.report`` (Ray
-    ends the trial's thread there)."""
+    (not at ``max_t``: the final report carries that point), with ``report_seconds`` and ``started_at``
+    (Unix time of the attempt's start), so that a trial the scheduler stops keeps its timing as a
+    completed one does. The curve and the seconds are the attempt's record that
+    :func:`search.early_stopping.recording` (in :func:`search.local_executor.run_trial`) adds to the
+    values. Tune's scheduler may stop the trial inside ``tune.report`` (Ray ends the trial's thread
+    there)."""
     if setup["scheduler"] == "none":
         return None
-    curve: list[list[float]] = []
-    seconds: list[float] = []
 
     def report(values: dict) -> None:
-        if curve and values["iteration"] <= curve[-1][0]:  # an in-process retry starts its curve again
-            curve.clear()
-            seconds.clear()
-        curve.append([values["iteration"], float(values["loss"])])
-        seconds.append(float(values.get("seconds", 0.0)))
         if values["iteration"] < setup["max_t"]:
+            seconds = values["report_seconds"]
             tune.report({"iteration": values["iteration"], "loss": float(values["loss"]), "reward": FLOOR_REWARD,
-                         "curve": json.dumps(curve), "report_seconds": json.dumps(seconds),
+                         "curve": json.dumps(values["curve"]), "report_seconds": json.dumps(seconds),
                          "started_at": time.time() - seconds[-1]})
 
     return report

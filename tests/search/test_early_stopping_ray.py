@@ -57,20 +57,44 @@ def test_ray_toy_search_with_asha_stops_trials_and_completes_the_budget(tmp_path
             assert [p[0] for p in r["extra"]["curve"]] == list(range(1, 13))  # the whole curve is recorded
 
 
+ANY_CODE = ("fpn:c5-c4-sep3d3-sep3-cat/b0-c5-sep5d6-skip-cat/c4-b1-sep3-skip-sum/c5-b2-sep3-dcn-cat/"
+            "c4-c4-skip-sep5d6-cat/b2-c5-sep5d6-skip-cat/c4-c3-dcn-sep3d3-cat+head:fcos")
+
+
+class _FailsOnceEvaluator:
+    """Reports a curve and fails with an error on its first attempt, then reports another to the end."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def evaluate(self, arch, seed=0, report=None):
+        from proxy_eval.result import TrialResult
+
+        self.attempts += 1
+        points = ((1, 3.0), (2, 2.0)) if self.attempts == 1 else ((1, 5.0), (2, 4.0), (3, 1.0))
+        for iteration, loss in points:
+            report({"iteration": iteration, "loss": loss})
+        if self.attempts == 1:
+            return TrialResult.failure("error", "first attempt fails")
+        return TrialResult(status="ok", reward=0.5, ap=0.5, loss=1.0, seconds=0.1)
+
+
 def test_the_trial_side_reports_its_curve_to_tune_but_not_the_last_point(monkeypatch):
     import search.ray_executor as ray_executor
+    from search.local_executor import run_trial
 
     sent = []
     monkeypatch.setattr(ray_executor.tune, "report", sent.append)
     assert ray_executor._intermediate_reporter({"scheduler": "none", "max_t": 3}) is None
     report = ray_executor._intermediate_reporter({"scheduler": "asha", "max_t": 3})
-    for iteration, loss, seconds in ((1, 3.0, 2.0), (2, 2.0, 3.0), (1, 5.0, 1.5), (2, 4.0, 2.5), (3, 1.0, 3.5)):
-        report({"iteration": iteration, "loss": loss, "seconds": seconds})  # an in-process retry restarts
+    result, attempts = run_trial(_FailsOnceEvaluator(), ANY_CODE, seed=0, retries=1, report=report)
+    assert result.status == "ok" and attempts == 2  # an in-process retry restarts its curve
     assert [(r["iteration"], r["loss"]) for r in sent] == [(1, 3.0), (2, 2.0), (1, 5.0), (2, 4.0)]  # not 3 = max_t
     assert json.loads(sent[-1]["curve"]) == [[1, 5.0], [2, 4.0]]
-    assert json.loads(sent[-1]["report_seconds"]) == [1.5, 2.5]  # the retry's own clock
-    assert sent[0]["started_at"] == pytest.approx(time.time() - 2.0, abs=1.0)  # now less the attempt's seconds
-    assert sent[-1]["started_at"] == pytest.approx(time.time() - 2.5, abs=1.0)
+    retry_seconds = json.loads(sent[-1]["report_seconds"])
+    assert len(retry_seconds) == 2 and retry_seconds == sorted(retry_seconds)  # the retry's own clock
+    assert sent[-1]["started_at"] == pytest.approx(time.time() - retry_seconds[-1], abs=1.0)
+    assert sent[-1]["started_at"] >= sent[0]["started_at"]  # the retry started after the first attempt
 
 
 def test_a_trial_the_scheduler_stopped_keeps_its_start_and_report_times():
