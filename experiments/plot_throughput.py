@@ -1,7 +1,8 @@
 """Candidates per GPU-hour of experiments/bench_search_throughput.py runs, as a bar chart and a table.
 
 Joins the ``results`` of one or more ``--json`` files of the bench (settings measured on the same
-machine: the first file's first setting is the baseline of the ratios), draws one bar per setting
+machine: the first file's first setting is the baseline of the ratios, unless ``--baseline`` names
+another, e.g. ``off:4:none`` where a call measured the fast setting first), draws one bar per setting
 with its ratio and a line at ``--target`` x the baseline, and prints a markdown table: each
 setting's rate, its ratio, its best candidate and how its rewards agree with the baseline's on the
 codes both trained to the end (the equal-quality check across calls; the bench's own comparison
@@ -20,7 +21,8 @@ from pathlib import Path
 
 def setting_label(result: dict) -> str:
     """``"MPS on, 16/GPU, asha"`` (with the setting's overrides, if any)."""
-    mps = {"off": "no MPS", "on": "MPS"}.get(result["mps"], result["mps"])
+    state = str(result["mps"])  # what set_mps did: "on", "off", "off (2 leftover worker(s) killed)", "as found"
+    mps = {"off": "no MPS", "on": "MPS"}.get(state.split(" ")[0], state)
     label = f"{mps}, {result['trials_per_device']}/GPU, {result['scheduler']}"
     return label + "".join(f"\n{o}" for o in result.get("overrides") or [])
 
@@ -32,13 +34,36 @@ def load_results(paths: list[Path]) -> list[dict]:
     return results
 
 
-def comparison_table(results: list[dict]) -> str:
-    """A markdown table of the settings against the first (see the module docstring); rows without
-    ``trials`` (benches before session 11) get no agreement figures."""
+def find_baseline(results: list[dict], setting: str | None) -> int:
+    """Index of the result measured as ``setting`` (``mps:trials:scheduler[:overrides]``, as the bench's
+    ``--settings``; the MPS state matched by its first word, so "off (2 leftover worker(s) killed)" is
+    ``off``, and "as found" is ``keep``); ``None``: the first. Raises ValueError unless exactly one
+    result matches."""
+    if setting is None:
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_search_throughput import parse_setting
+
+    def measured_as(result: dict) -> str:  # the bench records what set_mps did: "on", "off (...)", "as found"
+        mps_state = "keep" if result["mps"] == "as found" else str(result["mps"]).split(" ")[0]
+        return f"{mps_state}:{result['trials_per_device']}:{result['scheduler']}"
+
+    mps, k, scheduler, overrides = parse_setting(setting)
+    matches = [i for i, r in enumerate(results)
+               if measured_as(r) == f"{mps}:{k}:{scheduler}" and tuple(r.get("overrides") or ()) == overrides]
+    if len(matches) != 1:
+        measured = ", ".join(measured_as(r) for r in results)
+        raise ValueError(f"--baseline {setting}: {len(matches)} settings match (measured: {measured})")
+    return matches[0]
+
+
+def comparison_table(results: list[dict], baseline_index: int = 0) -> str:
+    """A markdown table of the settings against the baseline, ``results[baseline_index]`` (see the
+    module docstring); rows without ``trials`` (benches before session 11) get no agreement figures."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_search_throughput import reward_agreement
 
-    baseline = results[0]
+    baseline = results[baseline_index]
     lines = ["| setting | candidates (stopped) | per GPU-hour | vs baseline | best reward | best code | "
              "rho vs baseline (codes) | largest reward difference |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -56,16 +81,17 @@ def comparison_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], target: float, out: Path, title: str) -> None:
+def plot(results: list[dict], target: float, out: Path, title: str, baseline_index: int = 0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    baseline = results[0]["candidates_per_hour"]
+    baseline = results[baseline_index]["candidates_per_hour"]
     rates = [r["candidates_per_hour"] for r in results]
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(results), 4.2))
-    bars = ax.bar(range(len(results)), rates, color=["#888888"] + ["#3a7bd5"] * (len(results) - 1))
+    bars = ax.bar(range(len(results)), rates,
+                  color=["#888888" if i == baseline_index else "#3a7bd5" for i in range(len(results))])
     for bar, rate in zip(bars, rates):
         ax.annotate(f"{rate:.0f}\n{rate / baseline:.2f}x", (bar.get_x() + bar.get_width() / 2, rate),
                     ha="center", va="bottom", fontsize=8)
@@ -84,18 +110,21 @@ def plot(results: list[dict], target: float, out: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", nargs="+", type=Path, help="bench --json files, the baseline's first")
+    parser.add_argument("json", nargs="+", type=Path, help="bench --json files (without --baseline: the baseline's first)")
+    parser.add_argument("--baseline", default=None, metavar="MPS:K:SCHEDULER",
+                        help="the setting that is the reference of the ratios (default: the first measured)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--target", type=float, default=3.0, help="the goal, as a multiple of the baseline")
     parser.add_argument("--title", default="search throughput, end-to-end proxy, one GPU")
     args = parser.parse_args(argv)
     try:
         results = load_results(args.json)
+        baseline_index = find_baseline(results, args.baseline)
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    plot(results, args.target, args.out, args.title)
-    print(comparison_table(results))
+    plot(results, args.target, args.out, args.title, baseline_index)
+    print(comparison_table(results, baseline_index))
     print(f"wrote {args.out}")
     return 0
 

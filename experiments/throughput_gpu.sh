@@ -6,7 +6,8 @@
 # through experiments/bench_search_throughput.py. Session 10 ran it with
 # SETTINGS="off:4:none on:16:none on:8:none on:8:asha" and "on:8:asha on:16:asha" (README, "Search throughput"). Results: $OUT/bench.log
 # (the table), $OUT/bench.json (rewritten after every setting, so a cut call keeps what is done) and
-# $OUT/histories.tgz (each run's history.jsonl, also of a setting cut by LIMIT: its rate so far).
+# $OUT/histories.tgz (each run's history.jsonl, also of a setting cut by LIMIT or by the device's
+# limit: snapshotted every 10 s, its rate so far).
 #   carry: [".whl"]  (with Ray: experiments/gpu_env.sh says how Ray travels)
 #   command: bash experiments/throughput_gpu.sh
 # Env: SETTINGS ("off:4:none on:16:none:proxy_eval.cuda_graph=true on:16:asha:proxy_eval.cuda_graph=true on:16:none"), BUDGET (candidates per setting, 16),
@@ -33,11 +34,18 @@ if [ "$GRAPH_TEST" != 0 ]; then
   timeout 120 python3 -m pytest -q -m gpu tests/proxy_eval/test_end_to_end_proxy.py -k cuda_graph -p no:cacheprovider \
     > "$OUT/graph_test.log" 2>&1; echo "graph test rc=$?" | tee -a "$OUT/graph_test.log"
 fi
+# every run's history into $OUT every 10 s while the bench runs: a call cut by the device's own limit
+# (which gives the tar below no chance) keeps the trials finished so far
+(while sleep 10; do
+  tar czf "$OUT/.histories.tgz" /tmp/bench-search-*/*/history.jsonl 2>/dev/null && mv "$OUT/.histories.tgz" "$OUT/histories.tgz"
+done) &
+SNAPSHOTS=$!
 # shellcheck disable=SC2086
 timeout --kill-after=20 "$LIMIT" python3 experiments/bench_search_throughput.py --device cuda --executor ray \
   --budget "$BUDGET" $WARMUP_FLAG --settings $SETTINGS --json "$OUT/bench.json" \
   -- proxy_eval=end_to_end model.width=64 cache_dir=/tmp/throughput_cache "${EXTRA[@]}" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" | tee -a "$OUT/bench.log"
+kill "$SNAPSHOTS" 2>/dev/null; wait "$SNAPSHOTS" 2>/dev/null; rm -f "$OUT/.histories.tgz"
 # every run's history (a setting cut by LIMIT keeps the trials it finished: its rate so far)
 tar czf "$OUT/histories.tgz" /tmp/bench-search-*/*/history.jsonl 2>/dev/null
 grep '^|' "$OUT/bench.log"

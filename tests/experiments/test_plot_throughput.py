@@ -48,3 +48,28 @@ def test_the_table_checks_equal_quality_across_calls_code_by_code(tmp_path):
     table = plot_tool.comparison_table(plot_tool.load_results([base, fast])).splitlines()
     assert table[2] == "| no MPS, 4/GPU, none | 4 (0) | 300 | 1.00x | 0.3000 | a | - | - |"
     assert table[3] == "| MPS, 16/GPU, asha | 4 (1) | 960 | 3.20x | 0.3100 | a | 1.00 (3) | 0.0200 |"
+
+
+def test_baseline_named_by_its_setting_is_the_reference_when_measured_after_the_fast_setting(tmp_path, capsys):
+    # one call that measured the fast setting first (it pays the kernel compilation), then the baseline
+    bench = _bench(tmp_path / "a.json",
+                   ("on", 16, "none", 900.0, {"overrides": ["proxy_eval.cuda_graph=true"], "candidates": 32, "stopped": 0}),
+                   ("off (2 leftover worker(s) killed)", 4, "none", 300.0, {"candidates": 32, "stopped": 0}))
+    results = plot_tool.load_results([bench])
+    assert plot_tool.find_baseline(results, None) == 0
+    assert plot_tool.find_baseline(results, "off:4:none") == 1
+    assert plot_tool.find_baseline(results, "on:16:none:proxy_eval.cuda_graph=true") == 0
+    table = plot_tool.comparison_table(results, 1).splitlines()
+    assert table[2].startswith("| MPS, 16/GPU, none proxy_eval.cuda_graph=true | 32 (0) | 900 | 3.00x |")
+    assert table[3].startswith("| no MPS, 4/GPU, none | 32 (0) | 300 | 1.00x |")
+    out = tmp_path / "chart.png"
+    assert plot_tool.main([str(bench), "--baseline", "off:4:none", "--out", str(out)]) == 0
+    assert "| 900 | 3.00x |" in capsys.readouterr().out and out.exists()
+
+
+def test_a_baseline_setting_that_was_not_measured_is_exit_2_naming_what_was(tmp_path, capsys):
+    bench = _bench(tmp_path / "a.json", ("on", 16, "none", 900.0, {}), ("as found", 4, "none", 300.0, {}))
+    out = tmp_path / "chart.png"
+    assert plot_tool.main([str(bench), "--baseline", "off:4:none", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--baseline off:4:none: 0 settings match (measured: on:16:none, keep:4:none)" in err and not out.exists()
