@@ -19,10 +19,16 @@ import sys
 from pathlib import Path
 
 
+def measured_mps(result: dict) -> str:
+    """The setting's MPS state (``on``, ``off``, ``keep``) from what the bench recorded of the switch:
+    "on", "off", "off (2 leftover worker(s) killed)", "as found"."""
+    state = str(result["mps"])
+    return "keep" if state == "as found" else state.split(" ")[0]
+
+
 def setting_label(result: dict) -> str:
-    """``"MPS on, 16/GPU, asha"`` (with the setting's overrides, if any)."""
-    state = str(result["mps"])  # what set_mps did: "on", "off", "off (2 leftover worker(s) killed)", "as found"
-    mps = {"off": "no MPS", "on": "MPS"}.get(state.split(" ")[0], state)
+    """``"MPS, 16/GPU, asha"`` (with the setting's overrides, if any)."""
+    mps = {"off": "no MPS", "on": "MPS"}.get(measured_mps(result), str(result["mps"]))
     label = f"{mps}, {result['trials_per_device']}/GPU, {result['scheduler']}"
     return label + "".join(f"\n{o}" for o in result.get("overrides") or [])
 
@@ -36,17 +42,15 @@ def load_results(paths: list[Path]) -> list[dict]:
 
 def find_baseline(results: list[dict], setting: str | None) -> int:
     """Index of the result measured as ``setting`` (``mps:trials:scheduler[:overrides]``, as the bench's
-    ``--settings``; the MPS state matched by its first word, so "off (2 leftover worker(s) killed)" is
-    ``off``, and "as found" is ``keep``); ``None``: the first. Raises ValueError unless exactly one
-    result matches."""
+    ``--settings``; MPS as :func:`measured_mps` reads it); ``None``: the first. Raises ValueError
+    unless exactly one result matches."""
     if setting is None:
         return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_search_throughput import parse_setting
 
-    def measured_as(result: dict) -> str:  # the bench records what set_mps did: "on", "off (...)", "as found"
-        mps_state = "keep" if result["mps"] == "as found" else str(result["mps"]).split(" ")[0]
-        return f"{mps_state}:{result['trials_per_device']}:{result['scheduler']}"
+    def measured_as(result: dict) -> str:
+        return f"{measured_mps(result)}:{result['trials_per_device']}:{result['scheduler']}"
 
     mps, k, scheduler, overrides = parse_setting(setting)
     matches = [i for i, r in enumerate(results)
