@@ -18,6 +18,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_search_throughput import parse_setting, reward_agreement  # noqa: E402  (a sibling script)
+
 
 def measured_mps(result: dict) -> str:
     """The setting's MPS state (``on``, ``off``, ``keep``) from what the bench recorded of the switch:
@@ -46,8 +49,6 @@ def find_baseline(results: list[dict], setting: str | None) -> int:
     unless exactly one result matches."""
     if setting is None:
         return 0
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_search_throughput import parse_setting
 
     def measured_as(result: dict) -> str:
         return f"{measured_mps(result)}:{result['trials_per_device']}:{result['scheduler']}"
@@ -64,9 +65,6 @@ def find_baseline(results: list[dict], setting: str | None) -> int:
 def comparison_table(results: list[dict], baseline_index: int = 0) -> str:
     """A markdown table of the settings against the baseline, ``results[baseline_index]`` (see the
     module docstring); rows without ``trials`` (benches before session 11) get no agreement figures."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_search_throughput import reward_agreement
-
     baseline = results[baseline_index]
     lines = ["| setting | candidates (stopped) | per GPU-hour | vs baseline | best reward | best code | "
              "rho vs baseline (codes) | largest reward difference |", "|---|---|---|---|---|---|---|---|"]

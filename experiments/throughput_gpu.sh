@@ -34,18 +34,21 @@ if [ "$GRAPH_TEST" != 0 ]; then
   timeout 120 python3 -m pytest -q -m gpu tests/proxy_eval/test_end_to_end_proxy.py -k cuda_graph -p no:cacheprovider \
     > "$OUT/graph_test.log" 2>&1; echo "graph test rc=$?" | tee -a "$OUT/graph_test.log"
 fi
-# every run's history into $OUT every 10 s while the bench runs: a call cut by the device's own limit
-# (which gives the tar below no chance) keeps the trials finished so far
-(while sleep 10; do
+# every run's history (a setting cut by LIMIT keeps the trials it finished: its rate so far), written
+# whole before it replaces the last snapshot
+snapshot_histories() {
   tar czf "$OUT/.histories.tgz" /tmp/bench-search-*/*/history.jsonl 2>/dev/null && mv "$OUT/.histories.tgz" "$OUT/histories.tgz"
-done) &
+}
+# every 10 s while the bench runs: a call cut by the device's own limit (which gives the last snapshot
+# below no chance) keeps the trials finished so far
+(while sleep 10; do snapshot_histories; done) &
 SNAPSHOTS=$!
 # shellcheck disable=SC2086
 timeout --kill-after=20 "$LIMIT" python3 experiments/bench_search_throughput.py --device cuda --executor ray \
   --budget "$BUDGET" $WARMUP_FLAG --settings $SETTINGS --json "$OUT/bench.json" \
   -- proxy_eval=end_to_end model.width=64 cache_dir=/tmp/throughput_cache "${EXTRA[@]}" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" | tee -a "$OUT/bench.log"
-kill "$SNAPSHOTS" 2>/dev/null; wait "$SNAPSHOTS" 2>/dev/null; rm -f "$OUT/.histories.tgz"
-# every run's history (a setting cut by LIMIT keeps the trials it finished: its rate so far)
-tar czf "$OUT/histories.tgz" /tmp/bench-search-*/*/history.jsonl 2>/dev/null
+kill "$SNAPSHOTS" 2>/dev/null; wait "$SNAPSHOTS" 2>/dev/null
+snapshot_histories
+rm -f "$OUT/.histories.tgz"
 grep '^|' "$OUT/bench.log"
