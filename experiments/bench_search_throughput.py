@@ -58,6 +58,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -106,12 +107,15 @@ def summarize_run(rows: list[dict], wall: float, slots: int) -> dict[str, float]
             parts[key] += value
     busy = sum(float(r["seconds"] or 0.0) for r in trained)
     device_s = slots * wall  # device-slot seconds of the run
-    out = {"candidates": len(trained), "stopped": sum(r["status"] == "stopped" for r in trained),
-           "failed": sum(r["status"] not in ("ok", "stopped") for r in trained),
-           "wall_s": wall, "candidates_per_hour": 3600.0 * len(trained) / wall,
+    # a candidate is a trial that trained (to the end or until stopped); a failed trial is no candidate
+    # (session 14: a run whose 32 trials all failed at once had counted as the fastest setting)
+    candidates = sum(r["status"] in ("ok", "stopped") for r in trained)
+    out = {"candidates": candidates, "stopped": sum(r["status"] == "stopped" for r in trained),
+           "failed": len(trained) - candidates,
+           "wall_s": wall, "candidates_per_hour": 3600.0 * candidates / wall,
            # without the run's fixed start-up and tail (paid once per search, whatever its length):
            # the rate a longer search approaches (trial actors' first-trial setup still included)
-           "candidates_per_hour_after_startup": 3600.0 * len(trained) / span if span > 0 else math.nan,
+           "candidates_per_hour_after_startup": 3600.0 * candidates / span if span > 0 else math.nan,
            "startup_s": wall - span, "trial_s": busy,
            "best_reward": max((r["reward"] for r in trained if r["status"] == "ok"), default=math.nan),
            # proxy_eval.cuda_graph: trials that trained from a captured graph without a failed capture
@@ -125,6 +129,11 @@ def summarize_run(rows: list[dict], wall: float, slots: int) -> dict[str, float]
     out["trials"] = [{"code": r["code"], "status": r["status"], "reward": r["reward"],
                       "seconds": float(r["seconds"] or 0.0)} for r in trained]
     return out
+
+
+def rate_ratio(rate: float, reference: float) -> float:
+    """``rate / reference``; NaN where the reference trained nothing (all its trials failed)."""
+    return rate / reference if reference > 0 else math.nan
 
 
 def reward_agreement(first: list[dict], other: list[dict]) -> dict[str, float | int | None]:
@@ -210,23 +219,50 @@ def parse_setting(text: str) -> tuple[str, int, str, tuple[str, ...]]:
 RAY_WORKER_TITLE = "^ray::"
 
 
-def stop_leftover_processes(pattern: str, wait_s: float = 20.0) -> int:
-    """Wait up to ``wait_s`` for the processes whose command line matches ``pattern`` (``pgrep -f``) to
-    exit, then SIGKILL those left; returns how many were killed (0 without ``pgrep``)."""
-    import signal
+def pgrep(pattern: str) -> list[int]:
+    """The processes whose command line matches ``pattern`` (``pgrep -f``), this one excepted; [] without pgrep."""
     import subprocess
 
-    def pids() -> list[int]:
-        try:
-            found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            return []
-        return [int(p) for p in found.split() if p.isdigit() and int(p) != os.getpid()]
+    try:
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [int(p) for p in found.split() if p.isdigit() and int(p) != os.getpid()]
+
+
+# the MPS server, which nvidia-smi lists among the GPU's compute processes
+MPS_SERVER_NAME = "nvidia-cuda-mps-server"
+
+
+def gpu_clients() -> dict[int, str]:
+    """The GPU's compute processes but the MPS server and this one (pid -> name, as ``nvidia-smi
+    --query-compute-apps`` lists them); {} without nvidia-smi. After a run, every one is left over from
+    it: a trial worker Ray did not match by title, or a child it started (session 14's "clients
+    still attached" were not Ray workers)."""
+    import subprocess
+
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    clients = {}
+    for line in listed.splitlines():
+        pid, _, name = (part.strip() for part in line.partition(","))
+        if pid.isdigit() and int(pid) != os.getpid() and MPS_SERVER_NAME not in name:
+            clients[int(pid)] = name
+    return clients
+
+
+def stop_leftover_processes(find: Callable[[], Iterable[int]], wait_s: float = 20.0) -> int:
+    """Wait up to ``wait_s`` for the processes that ``find()`` lists to exit, then SIGKILL those
+    left; returns how many were killed."""
+    import signal
 
     deadline = time.monotonic() + wait_s
-    while pids() and time.monotonic() < deadline:
+    while list(find()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    left = pids()
+    left = list(find())
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -238,12 +274,13 @@ def stop_leftover_processes(pattern: str, wait_s: float = 20.0) -> int:
 def set_mps(state: str, timeout_s: float = 60.0, leftover: str = RAY_WORKER_TITLE) -> str:
     """Start (``on``) or stop (``off``) the CUDA Multi-Process Service of this machine; ``keep`` does
     nothing. Returns what happened, for the table; ``"... failed: why"`` where it could not (the
-    caller skips that setting: its trials would not run as the setting says).
+    caller skips that setting and every later one: the machine's MPS state is then unknown).
 
-    ``quit`` waits for every MPS client to exit, so a trial worker of the previous run still alive
-    would keep it waiting for ever (session 12 lost a GPU call there): such workers (``leftover``,
-    a ``pgrep -f`` pattern) get 20 s to exit and are then killed, and neither call waits longer than
-    ``timeout_s``."""
+    ``quit`` waits for every MPS client to exit, so a process of the previous run still holding the
+    GPU would keep it waiting for ever (session 12 lost a GPU call there): Ray's trial workers
+    (``leftover``, a ``pgrep -f`` pattern), then whatever else ``nvidia-smi`` lists on the GPU
+    (:func:`gpu_clients`), get 20 s to exit and are then killed, and ``quit`` waits no longer than
+    ``timeout_s``; if it still times out, the failure names the clients left."""
     import subprocess
 
     if state == "keep":
@@ -256,15 +293,17 @@ def set_mps(state: str, timeout_s: float = 60.0, leftover: str = RAY_WORKER_TITL
         # exit status 1 with "already running" is fine too
         running = done.returncode == 0 or "running" in (done.stderr + done.stdout).lower()
         return "on" if running else f"on failed: {(done.stderr or done.stdout).strip()[:80]}"
-    killed = stop_leftover_processes(leftover)
+    killed = stop_leftover_processes(lambda: pgrep(leftover))
+    killed += stop_leftover_processes(lambda: gpu_clients())
     try:
         subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return f"off failed: the MPS daemon did not quit in {timeout_s:.0f} s (clients still attached)"
+        clients = ", ".join(f"{pid} {name}" for pid, name in gpu_clients().items()) or "none that nvidia-smi lists"
+        return f"off failed: the MPS daemon did not quit in {timeout_s:.0f} s (clients still attached: {clients[:160]})"
     except OSError as err:
         return f"off failed: {type(err).__name__}: {str(err)[:80]}"
     time.sleep(2.0)  # the server exits after its clients; the next run's workers must not join it
-    return "off" if not killed else f"off ({killed} leftover worker(s) killed)"
+    return "off" if not killed else f"off ({killed} leftover process(es) killed)"
 
 
 def run_overrides(args: argparse.Namespace, k: int, scheduler: str, run_dir: Path) -> list[str]:
@@ -336,10 +375,12 @@ def main(argv: list[str] | None = None) -> None:
             args.json.write_text(json.dumps({"prepare_s": prepare_s, "argv": sys.argv[1:], "results": results,
                                              "skipped": skipped}, indent=1))
 
-    for index, (mps, k, scheduler, extra) in enumerate(settings):
-        mps_state = set_mps(mps)
+    mps_failure = None  # once a switch failed, the machine's MPS state is unknown (session 14: a daemon
+    for index, (mps, k, scheduler, extra) in enumerate(settings):  # left quitting hid the GPU from trials)
+        mps_state = set_mps(mps) if mps_failure is None else f"not switched after MPS {mps_failure}"
         if "failed" in mps_state:  # its trials would not run as the setting says: no row for it
-            print(f"  (setting {mps}:{k}:{scheduler} skipped: MPS {mps_state})", file=sys.stderr, flush=True)
+            mps_failure = mps_failure or mps_state
+            print(f"  (setting {mps}:{k}:{scheduler} skipped: {mps_state})", file=sys.stderr, flush=True)
             skipped.append({"setting": f"{mps}:{k}:{scheduler}", "overrides": list(extra), "why": mps_state})
             write_json()
             continue
@@ -354,12 +395,14 @@ def main(argv: list[str] | None = None) -> None:
                "gpu_peak_memory_mib": gpu.peak_memory_mib,
                **summarize_run(read_history(run_dir / "history.jsonl").rows, wall, k)}
         first = results[0] if results else out  # the reference of the ratios and the reward comparison
-        out["ratio"] = out["candidates_per_hour"] / first["candidates_per_hour"]
-        out["ratio_after_startup"] = out["candidates_per_hour_after_startup"] / first["candidates_per_hour_after_startup"]
+        out["ratio"] = rate_ratio(out["candidates_per_hour"], first["candidates_per_hour"])
+        out["ratio_after_startup"] = rate_ratio(out["candidates_per_hour_after_startup"],
+                                                first["candidates_per_hour_after_startup"])
         out["vs_first"] = reward_agreement(first["trials"], out["trials"])
         results.append(out)
         util = "-" if out["gpu_util"] is None else f"{out['gpu_util']:.0f}%"
-        print(f"| {mps_state} | {k} | {scheduler}{''.join(' ' + o for o in extra)} | {out['candidates']} ({out['stopped']}) | {wall:.1f} | "
+        failed = f", {out['failed']} failed" if out["failed"] else ""
+        print(f"| {mps_state} | {k} | {scheduler}{''.join(' ' + o for o in extra)} | {out['candidates']} ({out['stopped']}{failed}) | {wall:.1f} | "
               f"{out['candidates_per_hour']:.0f} | {out['ratio']:.2f}x | {out['startup_share']:.0%} | "
               f"{out['setup_share']:.0%} | {out['train_share']:.0%} | {out['eval_share']:.0%} | "
               f"{out['idle_share']:.0%} | {util} | {out['best_reward']:.4f} |", flush=True)

@@ -1,12 +1,15 @@
 """Candidates per GPU-hour of experiments/bench_search_throughput.py runs, as a bar chart and a table.
 
-Joins the ``results`` of one or more ``--json`` files of the bench (settings measured on the same
-machine: the first file's first setting is the baseline of the ratios, unless ``--baseline`` names
-another, e.g. ``off:4:none`` where a call measured the fast setting first), draws one bar per setting
-with its ratio and a line at ``--target`` x the baseline, and prints a markdown table: each
-setting's rate, its ratio, its best candidate and how its rewards agree with the baseline's on the
-codes both trained to the end (the equal-quality check across calls; the bench's own comparison
-covers one call):
+Joins the ``results`` of one or more ``--json`` files of the bench (one file per call; the calls on
+the same machine), draws one bar per setting with its ratio against its baseline and a line at
+``--target`` x the baseline, and prints a markdown table: each setting's rate, its ratio, its best
+candidate and how its rewards agree with its baseline's on the codes both trained to the end.
+
+The baseline: without ``--baseline``, the first file's first setting, for every row. With
+``--baseline SETTING`` (as the bench's ``--settings`` names it, e.g. ``off:4:none``, where a call
+measured the fast setting first): the one result measured so, for every row; or, where every file
+measured it once, each call's own, so that each ratio is side by side within one call (the issue's
+figure) even when the host's speed differs between calls:
 
     python experiments/plot_throughput.py experiments/early_stopping/throughput_gpu/call1-bench.json \\
         experiments/early_stopping/throughput_gpu/call2-bench.json --out experiments/early_stopping/throughput_gpu/throughput.png
@@ -24,7 +27,7 @@ from bench_search_throughput import parse_setting, reward_agreement  # noqa: E40
 
 def measured_mps(result: dict) -> str:
     """The setting's MPS state (``on``, ``off``, ``keep``) from what the bench recorded of the switch:
-    "on", "off", "off (2 leftover worker(s) killed)", "as found"."""
+    "on", "off", "off (2 leftover process(es) killed)" (before session 14 "worker(s)"), "as found"."""
     state = str(result["mps"])
     return "keep" if state == "as found" else state.split(" ")[0]
 
@@ -36,39 +39,49 @@ def setting_label(result: dict) -> str:
     return label + "".join(f"\n{o}" for o in result.get("overrides") or [])
 
 
-def load_results(paths: list[Path]) -> list[dict]:
-    results = [r for path in paths for r in json.loads(path.read_text())["results"]]
+def load_results(paths: list[Path]) -> tuple[list[dict], list[int]]:
+    """The results of every file, in order, and for each the index of the file it came from."""
+    results, sources = [], []
+    for index, path in enumerate(paths):
+        found = json.loads(path.read_text())["results"]
+        results += found
+        sources += [index] * len(found)
     if not results:
         raise ValueError("no settings in " + ", ".join(map(str, paths)))
-    return results
+    return results, sources
 
 
-def find_baseline(results: list[dict], setting: str | None) -> int:
-    """Index of the result measured as ``setting`` (``mps:trials:scheduler[:overrides]``, as the bench's
-    ``--settings``; MPS as :func:`measured_mps` reads it); ``None``: the first. Raises ValueError
-    unless exactly one result matches."""
+def measured_as(result: dict) -> str:
+    """``mps:trials:scheduler`` as the bench's ``--settings`` names it (MPS as :func:`measured_mps` reads it)."""
+    return f"{measured_mps(result)}:{result['trials_per_device']}:{result['scheduler']}"
+
+
+def find_baselines(results: list[dict], sources: list[int], setting: str | None) -> list[int]:
+    """For each result, the index of its baseline (see the module docstring). Raises ValueError where
+    ``setting`` matches no result, or several that are not one per file."""
     if setting is None:
-        return 0
-
-    def measured_as(result: dict) -> str:
-        return f"{measured_mps(result)}:{result['trials_per_device']}:{result['scheduler']}"
-
+        return [0] * len(results)
     mps, k, scheduler, overrides = parse_setting(setting)
     matches = [i for i, r in enumerate(results)
                if measured_as(r) == f"{mps}:{k}:{scheduler}" and tuple(r.get("overrides") or ()) == overrides]
-    if len(matches) != 1:
-        measured = ", ".join(measured_as(r) for r in results)
-        raise ValueError(f"--baseline {setting}: {len(matches)} settings match (measured: {measured})")
-    return matches[0]
+    if len(matches) == 1:
+        return [matches[0]] * len(results)
+    per_file = {sources[i]: i for i in matches}
+    if matches and len(per_file) == len(matches) == len(set(sources)):  # each call its own baseline
+        return [per_file[source] for source in sources]
+    measured = ", ".join(measured_as(r) for r in results)
+    raise ValueError(f"--baseline {setting}: {len(matches)} settings match, not one nor one per file "
+                     f"(measured: {measured})")
 
 
-def comparison_table(results: list[dict], baseline_index: int = 0) -> str:
-    """A markdown table of the settings against the baseline, ``results[baseline_index]`` (see the
-    module docstring); rows without ``trials`` (benches before session 11) get no agreement figures."""
-    baseline = results[baseline_index]
+def comparison_table(results: list[dict], baselines: list[int] | None = None) -> str:
+    """A markdown table of the settings, each against its baseline (``results[baselines[i]]``; default:
+    the first result for all); rows without ``trials`` (benches before session 11) get no agreement figures."""
+    baselines = baselines or [0] * len(results)
     lines = ["| setting | candidates (stopped) | per GPU-hour | vs baseline | best reward | best code | "
              "rho vs baseline (codes) | largest reward difference |", "|---|---|---|---|---|---|---|---|"]
-    for r in results:
+    for r, b in zip(results, baselines):
+        baseline = results[b]
         trials = r.get("trials") or []
         done = [t for t in trials if t["status"] == "ok"]
         best = max(done, key=lambda t: t["reward"]) if done else None
@@ -83,26 +96,36 @@ def comparison_table(results: list[dict], baseline_index: int = 0) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], target: float, out: Path, title: str, baseline_index: int = 0) -> None:
+def plot(results: list[dict], target: float, out: Path, title: str, baselines: list[int] | None = None,
+         call_labels: list[str] | None = None) -> None:
+    """One bar per result (baselines grey), its rate and ratio on top; the target line of each
+    baseline across the bars measured against it. ``call_labels``: a first line per bar (the call)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    baseline = results[baseline_index]["candidates_per_hour"]
+    baselines = baselines or [0] * len(results)
     rates = [r["candidates_per_hour"] for r in results]
+    references = [results[b]["candidates_per_hour"] for b in baselines]
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(results), 4.2))
     bars = ax.bar(range(len(results)), rates,
-                  color=["#888888" if i == baseline_index else "#3a7bd5" for i in range(len(results))])
-    for bar, rate in zip(bars, rates):
-        ax.annotate(f"{rate:.0f}\n{rate / baseline:.2f}x", (bar.get_x() + bar.get_width() / 2, rate),
+                  color=["#888888" if i in baselines else "#3a7bd5" for i in range(len(results))])
+    for bar, rate, reference in zip(bars, rates, references):
+        ax.annotate(f"{rate:.0f}\n{rate / reference:.2f}x", (bar.get_x() + bar.get_width() / 2, rate),
                     ha="center", va="bottom", fontsize=8)
-    ax.axhline(target * baseline, color="#c0392b", linestyle="--", linewidth=1)
-    ax.annotate(f"target {target:g}x", (len(results) - 0.5, target * baseline), ha="right", va="bottom",
-                color="#c0392b", fontsize=8)
-    ax.set_xticks(range(len(results)), [setting_label(r) for r in results], fontsize=7)
+    for b in sorted(set(baselines)):  # the target of each baseline, over the bars it is the reference of
+        spanned = [i for i, ref in enumerate(baselines) if ref == b]
+        level = target * results[b]["candidates_per_hour"]
+        ax.hlines(level, min(spanned) - 0.45, max(spanned) + 0.45, color="#c0392b", linestyle="--", linewidth=1)
+        ax.annotate(f"target {target:g}x", (min(spanned) - 0.45, level), ha="left", va="bottom",
+                    color="#c0392b", fontsize=8)
+    labels = [setting_label(r) for r in results]
+    if call_labels:
+        labels = [f"{call}\n{label}" for call, label in zip(call_labels, labels)]
+    ax.set_xticks(range(len(results)), labels, fontsize=7)
     ax.set_ylabel("candidates per GPU-hour")
-    ax.set_ylim(0, max(max(rates), target * baseline) * 1.25)
+    ax.set_ylim(0, max(max(rates), max(target * ref for ref in references)) * 1.25)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,19 +137,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", type=Path, help="bench --json files (without --baseline: the baseline's first)")
     parser.add_argument("--baseline", default=None, metavar="MPS:K:SCHEDULER",
-                        help="the setting that is the reference of the ratios (default: the first measured)")
+                        help="the setting that is the reference of the ratios: measured once, or once per file (each call's own); default: the first measured")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--target", type=float, default=3.0, help="the goal, as a multiple of the baseline")
     parser.add_argument("--title", default="search throughput, end-to-end proxy, one GPU")
     args = parser.parse_args(argv)
     try:
-        results = load_results(args.json)
-        baseline_index = find_baseline(results, args.baseline)
+        results, sources = load_results(args.json)
+        baselines = find_baselines(results, sources, args.baseline)
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    plot(results, args.target, args.out, args.title, baseline_index)
-    print(comparison_table(results, baseline_index))
+    calls = [args.json[source].stem for source in sources] if len(args.json) > 1 else None
+    plot(results, args.target, args.out, args.title, baselines, calls)
+    print(comparison_table(results, baselines))
     print(f"wrote {args.out}")
     return 0
 

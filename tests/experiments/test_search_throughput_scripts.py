@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import subprocess
 import time
@@ -166,13 +167,22 @@ def test_window_metric_on_a_study_without_window_curves_is_one_line_and_exit_2(t
     assert stop.value.code == 2 and "window_curves" in capsys.readouterr().err
 
 
-def fake_mps_control(tmp_path, monkeypatch, quit_sleep_s: float) -> None:
+def fake_mps_control(tmp_path, monkeypatch, quit_sleep_s: float, start_fails: bool = False,
+                     gpu_processes: tuple[tuple[int, str], ...] = ()) -> None:
     """An ``nvidia-cuda-mps-control`` on PATH whose ``quit`` takes ``quit_sleep_s`` (a daemon
-    waiting for clients that never leave)."""
+    waiting for clients that never leave) and whose ``-d`` fails if ``start_fails``; and an
+    ``nvidia-smi`` that lists ``gpu_processes`` (pid, name) as the GPU's compute processes while they
+    live (``nvidia-smi`` as the only name: listed always), so that no test sees the machine's own GPU."""
     tool = tmp_path / "bin" / "nvidia-cuda-mps-control"
     tool.parent.mkdir()
-    tool.write_text(f"#!/bin/sh\nif [ \"$1\" = -d ]; then exit 0; fi\ncat > /dev/null\nsleep {quit_sleep_s}\n")
+    start = "echo 'cannot start the daemon' >&2; exit 1" if start_fails else "exit 0"
+    tool.write_text(f"#!/bin/sh\nif [ \"$1\" = -d ]; then {start}; fi\ncat > /dev/null\nsleep {quit_sleep_s}\n")
     tool.chmod(0o755)
+    listing = "".join(f"echo '{pid}, {name}'\n" if name == "nvidia-smi" else
+                      f"kill -0 {pid} 2>/dev/null && echo '{pid}, {name}'\n" for pid, name in gpu_processes)
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\n{listing}exit 0\n")
+    smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tool.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(bench.time, "sleep", lambda s: None if s >= 2.0 else real_sleep(s))
 
@@ -197,7 +207,68 @@ def test_stopping_mps_kills_trial_workers_left_over_from_the_previous_run(tmp_pa
         real_sleep(0.3)
         monkeypatch.setattr(bench, "stop_leftover_processes",
                             functools.partial(bench.stop_leftover_processes, wait_s=0.5))
-        assert bench.set_mps("off", timeout_s=5.0, leftover=f"^{title}") == "off (1 leftover worker(s) killed)"
+        assert bench.set_mps("off", timeout_s=5.0, leftover=f"^{title}") == "off (1 leftover process(es) killed)"
         assert worker.wait(timeout=5) != 0  # killed, not left to finish its minute
     finally:
         worker.kill()
+
+
+def test_stopping_mps_kills_the_processes_left_on_the_gpu_but_not_the_mps_server(tmp_path, monkeypatch):
+    client = subprocess.Popen(["sleep", "60"])
+    server = subprocess.Popen(["sleep", "60"])
+    try:
+        fake_mps_control(tmp_path, monkeypatch, quit_sleep_s=0,
+                         gpu_processes=((server.pid, "/usr/bin/nvidia-cuda-mps-server"), (client.pid, "python3")))
+        monkeypatch.setattr(bench, "stop_leftover_processes",
+                            functools.partial(bench.stop_leftover_processes, wait_s=0.5))
+        assert bench.gpu_clients() == {client.pid: "python3"}
+        assert bench.set_mps("off", timeout_s=5.0, leftover="^no-such-process-title-xyz") == \
+            "off (1 leftover process(es) killed)"
+        assert client.wait(timeout=5) != 0  # killed
+        assert server.poll() is None  # the MPS server is the daemon's to stop
+    finally:
+        client.kill()
+        server.kill()
+
+
+def test_a_daemon_that_does_not_quit_is_reported_with_the_clients_still_attached(tmp_path, monkeypatch):
+    ghost = 4194999  # above any pid_max: listed by nvidia-smi, but no process to kill
+    fake_mps_control(tmp_path, monkeypatch, quit_sleep_s=30, gpu_processes=((ghost, "nvidia-smi"),))
+    monkeypatch.setattr(bench, "stop_leftover_processes",
+                        functools.partial(bench.stop_leftover_processes, wait_s=0.5))
+    state = bench.set_mps("off", timeout_s=1.0, leftover="^no-such-process-title-xyz")
+    assert state.startswith("off failed") and f"clients still attached: {ghost} nvidia-smi" in state
+
+
+def test_after_a_failed_mps_switch_no_later_setting_runs(tmp_path, monkeypatch, capsys):
+    import json
+
+    import search.run
+
+    fake_mps_control(tmp_path, monkeypatch, quit_sleep_s=0, start_fails=True)
+
+    def no_search(cfg):
+        raise AssertionError("a setting ran with the machine's MPS state unknown")
+
+    monkeypatch.setattr(search.run, "run_search", no_search)
+    out = tmp_path / "bench.json"
+    bench.main(["--executor", "ray", "--no-warmup", "--budget", "1", "--settings", "on:16:none", "off:4:none",
+                "keep:4:none", "--json", str(out), "--", "proxy_eval=end_to_end", f"cache_dir={tmp_path / 'cache'}"])
+    done = json.loads(out.read_text())
+    assert done["results"] == []
+    assert [s["setting"] for s in done["skipped"]] == ["on:16:none", "off:4:none", "keep:4:none"]
+    assert done["skipped"][0]["why"].startswith("on failed: cannot start the daemon")
+    assert all(s["why"].startswith("not switched after MPS on failed") for s in done["skipped"][1:])
+
+
+def test_failed_trials_are_not_candidates():
+    row = {"seconds": 10.0, "status": "ok", "reward": 0.5, "reused": False, "code": "fpn:x",
+           "extra": {"started_at": 100.0}}
+    failed = {**row, "code": "fpn:y", "status": "error", "reward": 0.0, "seconds": 0.1}
+    stopped = {**row, "code": "fpn:z", "status": "stopped", "reward": 0.0}
+    out = bench.summarize_run([row, failed, stopped], wall=36.0, slots=1)
+    assert (out["candidates"], out["stopped"], out["failed"]) == (2, 1, 1)
+    assert out["candidates_per_hour"] == pytest.approx(200.0)
+    nothing = bench.summarize_run([failed], wall=36.0, slots=1)
+    assert nothing["candidates"] == 0 and nothing["candidates_per_hour"] == 0.0
+    assert math.isnan(bench.rate_ratio(100.0, nothing["candidates_per_hour"]))
