@@ -237,8 +237,8 @@ MPS_SERVER_NAME = "nvidia-cuda-mps-server"
 def gpu_clients() -> dict[int, str]:
     """The GPU's compute processes but the MPS server and this one (pid -> name, as ``nvidia-smi
     --query-compute-apps`` lists them); {} without nvidia-smi. After a run, every one is left over from
-    it: a trial worker Ray did not match by title, or a child it started (session 14's "clients
-    still attached" were not Ray workers)."""
+    it: a trial worker not matched by Ray's title, or a process a trial started (in session 14 the
+    daemon still waited for clients after Ray's workers had been stopped)."""
     import subprocess
 
     try:
@@ -256,19 +256,20 @@ def gpu_clients() -> dict[int, str]:
 
 def stop_leftover_processes(find: Callable[[], Iterable[int]], wait_s: float = 20.0) -> int:
     """Wait up to ``wait_s`` for the processes that ``find()`` lists to exit, then SIGKILL those
-    left; returns how many were killed."""
+    left; returns how many were killed (a pid that no longer exists, or is not ours, is not counted)."""
     import signal
 
     deadline = time.monotonic() + wait_s
     while list(find()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    left = list(find())
-    for pid in left:
+    killed = 0
+    for pid in find():
         try:
             os.kill(pid, signal.SIGKILL)
+            killed += 1
         except OSError:
             pass
-    return len(left)
+    return killed
 
 
 def set_mps(state: str, timeout_s: float = 60.0, leftover: str = RAY_WORKER_TITLE) -> str:
@@ -294,7 +295,7 @@ def set_mps(state: str, timeout_s: float = 60.0, leftover: str = RAY_WORKER_TITL
         running = done.returncode == 0 or "running" in (done.stderr + done.stdout).lower()
         return "on" if running else f"on failed: {(done.stderr or done.stdout).strip()[:80]}"
     killed = stop_leftover_processes(lambda: pgrep(leftover))
-    killed += stop_leftover_processes(lambda: gpu_clients())
+    killed += stop_leftover_processes(gpu_clients)
     try:
         subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
