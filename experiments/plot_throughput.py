@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_search_throughput import parse_setting, reward_agreement  # noqa: E402  (a sibling script)
+from bench_search_throughput import parse_setting, rate_ratio, reward_agreement  # noqa: E402  (a sibling script)
 
 
 def measured_mps(result: dict) -> str:
@@ -30,6 +31,12 @@ def measured_mps(result: dict) -> str:
     "on", "off", "off (2 leftover process(es) killed)" (before session 14 "worker(s)"), "as found"."""
     state = str(result["mps"])
     return "keep" if state == "as found" else state.split(" ")[0]
+
+
+def ratio_text(rate: float, reference: float) -> str:
+    """``"4.10x"``; ``"-"`` where the reference trained nothing (every trial of it failed)."""
+    ratio = rate_ratio(rate, reference)
+    return "-" if math.isnan(ratio) else f"{ratio:.2f}x"
 
 
 def setting_label(result: dict) -> str:
@@ -91,7 +98,7 @@ def comparison_table(results: list[dict], baselines: list[int] | None = None) ->
         best_reward, best_code = (f"{best['reward']:.4f}", best["code"][:48]) if best else ("-", "-")
         label = setting_label(r).replace("\n", " ")
         lines.append(f"| {label} | {r.get('candidates', '?')} ({r.get('stopped', '?')}) | {r['candidates_per_hour']:.0f} | "
-                     f"{r['candidates_per_hour'] / baseline['candidates_per_hour']:.2f}x | {best_reward} | {best_code} | "
+                     f"{ratio_text(r['candidates_per_hour'], baseline['candidates_per_hour'])} | {best_reward} | {best_code} | "
                      f"{rho} | {diff} |")
     return "\n".join(lines)
 
@@ -112,7 +119,7 @@ def plot(results: list[dict], target: float, out: Path, title: str, baselines: l
     bars = ax.bar(range(len(results)), rates,
                   color=["#888888" if i in baselines else "#3a7bd5" for i in range(len(results))])
     for bar, rate, reference in zip(bars, rates, references):
-        ax.annotate(f"{rate:.0f}\n{rate / reference:.2f}x", (bar.get_x() + bar.get_width() / 2, rate),
+        ax.annotate(f"{rate:.0f}\n{ratio_text(rate, reference)}", (bar.get_x() + bar.get_width() / 2, rate),
                     ha="center", va="bottom", fontsize=8)
     for b in sorted(set(baselines)):  # the target of each baseline, over the bars it is the reference of
         spanned = [i for i, ref in enumerate(baselines) if ref == b]

@@ -102,3 +102,12 @@ def test_a_baseline_measured_twice_in_one_call_is_ambiguous(tmp_path, capsys):
     other = _bench(tmp_path / "b.json", ("on", 16, "none", 900.0, {}))
     assert plot_tool.main([str(bench), str(other), "--baseline", "off:4:none", "--out", str(tmp_path / "c.png")]) == 2
     assert "2 settings match" in capsys.readouterr().err
+
+
+def test_a_baseline_that_trained_nothing_gives_no_ratio_instead_of_a_crash(tmp_path, capsys):
+    # every baseline trial failed (the bench counts no candidate): the ratios are undefined, not infinite
+    bench = _bench(tmp_path / "a.json", ("off", 4, "none", 0.0, {"candidates": 0, "stopped": 0}),
+                   ("on", 16, "none", 900.0, {"candidates": 32, "stopped": 0}))
+    out = tmp_path / "chart.png"
+    assert plot_tool.main([str(bench), "--out", str(out)]) == 0
+    assert "| 900 | - |" in capsys.readouterr().out and out.exists()
