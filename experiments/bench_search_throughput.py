@@ -376,13 +376,18 @@ def main(argv: list[str] | None = None) -> None:
             args.json.write_text(json.dumps({"prepare_s": prepare_s, "argv": sys.argv[1:], "results": results,
                                              "skipped": skipped}, indent=1))
 
-    mps_failure = None  # once a switch failed, the machine's MPS state is unknown (session 14: a daemon
-    for index, (mps, k, scheduler, extra) in enumerate(settings):  # left quitting hid the GPU from trials)
-        mps_state = set_mps(mps) if mps_failure is None else f"not switched after MPS {mps_failure}"
-        if "failed" in mps_state:  # its trials would not run as the setting says: no row for it
-            mps_failure = mps_failure or mps_state
-            print(f"  (setting {mps}:{k}:{scheduler} skipped: {mps_state})", file=sys.stderr, flush=True)
-            skipped.append({"setting": f"{mps}:{k}:{scheduler}", "overrides": list(extra), "why": mps_state})
+    # the first failed MPS switch: after it the machine's MPS state is unknown and no setting runs
+    # (session 14: a daemon left half-way through quitting hid the GPU from the next setting's trials)
+    mps_failure = None
+    for index, (mps, k, scheduler, extra) in enumerate(settings):
+        why_skipped = f"not switched after MPS {mps_failure}" if mps_failure else None
+        if why_skipped is None:
+            mps_state = set_mps(mps)
+            if "failed" in mps_state:  # its trials would not run as the setting says: no row for it
+                mps_failure = why_skipped = mps_state
+        if why_skipped:
+            print(f"  (setting {mps}:{k}:{scheduler} skipped: {why_skipped})", file=sys.stderr, flush=True)
+            skipped.append({"setting": f"{mps}:{k}:{scheduler}", "overrides": list(extra), "why": why_skipped})
             write_json()
             continue
         run_dir = workdir / f"{index}-mps-{mps}-k{k}-{scheduler}"
